@@ -1,0 +1,142 @@
+"""Hugging Face-layout model folders on disk: read every tensor (single file or sharded), write atomically.
+
+A folder holds `config.json`, `model.safetensors` (or shards listed in `model.safetensors.index.json`)
+and optionally `tokenizer.json` and friends. Only safetensors are read: nothing is ever unpickled.
+Writes go to a temporary file or folder next to the target and are renamed into place, so a crash
+leaves either the old version or the new one, never half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+class ModelFolderError(RuntimeError):
+    """A model folder that is missing, incomplete or unreadable; the message names the file."""
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise ModelFolderError(f"{path} not found: a model folder needs config.json (Hugging Face layout)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"{path} is not valid JSON: {e}") from None
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a folder: the single file, or every shard named by the index."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFolderError(f"model folder {folder} does not exist")
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelFolderError(f"{index} is not a valid safetensors index ({e})") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    elif (folder / SINGLE_FILE).is_file():
+        files = [folder / SINGLE_FILE]
+    else:
+        found = sorted(p.name for p in folder.iterdir())
+        pickles = [n for n in found if n.endswith((".bin", ".pt", ".pth"))]
+        hint = f" (found pickle files {pickles}, which are never loaded: convert them to safetensors)" if pickles else ""
+        raise ModelFolderError(f"{folder} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}; it holds {found}")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ModelFolderError(f"{index} names shard(s) that do not exist: {missing}")
+    return files
+
+
+def read_tensors(folder: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors file(s), by key. A key found in two shards is an error."""
+    tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    for path in weight_files(folder):
+        try:
+            part = load_file(str(path), device=str(device))
+        except (SafetensorError, OSError) as e:
+            raise ModelFolderError(f"cannot read {path}: {e}") from None
+        for key, tensor in part.items():
+            if key in tensors:
+                raise ModelFolderError(f"key {key!r} appears in both {origin[key]} and {path}")
+            tensors[key], origin[key] = tensor, path
+    return tensors
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
+                        metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file` through a temporary file and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(contiguous, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_model_folder(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any],
+                       copy_from: str | Path | None = None) -> Path:
+    """Write `config.json` + `model.safetensors` as one atomic folder swap.
+
+    `copy_from` names a folder whose tokenizer files are copied along. An existing folder at the target
+    is replaced only once the new one is complete.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staging / SINGLE_FILE),
+                  metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if copy_from is not None:
+            for name in TOKENIZER_FILES:
+                source = Path(copy_from) / name
+                if source.is_file():
+                    shutil.copy2(source, staging / name)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(staging, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
