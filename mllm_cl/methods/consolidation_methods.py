@@ -1,0 +1,43 @@
+"""ModelMix and Spectral-Aware Consolidation (LLaVA-c) as CL methods: after each task, the weights the task
+produced are consolidated with the weights it started from, theta_t = consolidate(theta_{t-1}, theta_hat_t,
+alpha). The maths is in `mllm_cl.consolidation`; the frozen vision tower is never touched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mllm_cl import consolidation
+from mllm_cl.methods.base import Method, TaskContext
+
+
+class ModelMixMethod(Method):
+    name = "modelmix"
+    order = 90  # last: after LoRA has merged its adapters into the weights
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"{self.name}.alpha must be in [0, 1], got {alpha}")
+        self.alpha = alpha
+
+    def consolidate(self, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return consolidation.modelmix(old, new, self.alpha)
+
+    def after_task(self, ctx: TaskContext) -> None:
+        if not ctx.start_state:
+            raise RuntimeError(f"{self.name}: the stage did not record the weights the task started from")
+        state = ctx.model.state_dict()
+        new = {k: state[k].detach() for k in ctx.start_state}
+        old = {k: v.to(new[k].device) for k, v in ctx.start_state.items()}
+        merged = self.consolidate(old, new)
+        with torch.no_grad():
+            for key, value in merged.items():
+                state[key].copy_(value)
+        ctx.log[f"{self.name}_alpha"] = self.alpha
+
+
+class SACMethod(ModelMixMethod):
+    name = "sac"
+
+    def consolidate(self, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return consolidation.sac(old, new, self.alpha)
