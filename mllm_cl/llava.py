@@ -1,0 +1,147 @@
+"""LLaVA (Liu et al., 2023): a frozen CLIP vision tower, a projector, and a decoder LLM reading both.
+
+    pixels (N,3,H,W) -> vision tower (frozen) -> (N,P,d_vision) -> projector -> (N,P,d_llm) --+
+    input_ids (B,T), IMAGE_PLACEHOLDER_ID at the N*P image positions -> LLM embed -> (B,T,d_llm) --splice--> LLM
+
+The splice writes the projected patch features, flattened in order, into the placeholder positions
+(one masked_scatter for the whole batch), so text-only and image samples mix freely in one batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from mllm_cl.config import IMAGE_PLACEHOLDER_ID
+from mllm_cl.generation import GenerationOutput, generate
+from mllm_cl.llm import LanguageModel, LMOutput
+from mllm_cl.model_folder import CONFIG_FILE, ModelFolderError, atomic_save_tensors, read_config
+from mllm_cl.projector import Projector, build_projector
+from mllm_cl.vision import VisionTower
+from mllm_cl.weights import CheckpointMismatchError, load_llm, load_vision_tower, save_llm, save_vision_tower
+
+MODEL_TYPE = "mllm_cl_llava"
+PROJECTOR_FILE = "projector.safetensors"
+
+
+class LlavaModel(nn.Module):
+    def __init__(self, vision: VisionTower, projector: Projector, llm: LanguageModel) -> None:
+        super().__init__()
+        d_in, d_out = projector[0].in_features, projector[-1].out_features
+        if (d_in, d_out) != (vision.config.d_model, llm.config.d_model):
+            raise ValueError(f"the projector maps {d_in} -> {d_out}, but the vision tower gives "
+                             f"{vision.config.d_model} features and the LLM takes {llm.config.d_model}: build it with "
+                             f"build_projector(kind, {vision.config.d_model}, {llm.config.d_model})")
+        self.vision = vision.requires_grad_(False).eval()
+        self.projector = projector
+        self.llm = llm
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_image_tokens
+
+    def train(self, mode: bool = True) -> LlavaModel:
+        """Like nn.Module.train, but the frozen vision tower always stays in eval mode."""
+        super().train(mode)
+        self.vision.eval()
+        return self
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, num_image_tokens, d_llm); gradients reach the projector only."""
+        with torch.no_grad():
+            features = self.vision(pixel_values)  # (N, P, d_vision)
+        return self.projector(features.to(self.projector[0].weight.dtype))
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids with IMAGE_PLACEHOLDER_ID at image positions -> (B, T, d_llm) LLM input embeddings."""
+        is_image = input_ids == IMAGE_PLACEHOLDER_ID  # (B, T)
+        embeds = self.llm.embed(input_ids.masked_fill(is_image, 0))  # (B, T, D); image rows overwritten below
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        positions, expected = int(is_image.sum()), num_images * self.num_image_tokens
+        if positions != expected:
+            raise ValueError(f"the batch has {positions} image positions (IMAGE_PLACEHOLDER_ID) but {num_images} "
+                             f"image(s) x {self.num_image_tokens} tokens = {expected}: every <image> must expand to "
+                             f"exactly num_image_tokens placeholders, with one pixel_values row per image")
+        if expected == 0:
+            return embeds
+        features = self.encode_images(pixel_values).to(embeds.dtype)  # (N, P, D)
+        return embeds.masked_scatter(is_image.unsqueeze(-1), features)  # row-major: image n fills the n-th block
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, return_hidden: bool = False) -> LMOutput:
+        return self.llm(inputs_embeds=self.embed_inputs(input_ids, pixel_values), attention_mask=attention_mask,
+                        return_hidden=return_hidden)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, **gen_kwargs: Any) -> GenerationOutput:
+        """Continue each (left- or right-padded) prompt; `gen_kwargs` go to `mllm_cl.generation.generate`."""
+        return generate(self.llm, inputs_embeds=self.embed_inputs(input_ids, pixel_values),
+                        attention_mask=attention_mask, **gen_kwargs)
+
+
+def save_llava(model: LlavaModel, folder: str | Path, tokenizer_from: str | Path | None = None) -> Path:
+    """Write `config.json`, `projector.safetensors`, `llm/` (HF LLM, with the tokenizer) and `vision/` (HF CLIP).
+
+    Built in a temporary folder beside the target and swapped in whole: a crash never leaves a mix of old
+    and new parts.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        save_llm(model.llm, staging / "llm", tokenizer_from=tokenizer_from)
+        save_vision_tower(model.vision, staging / "vision")
+        atomic_save_tensors(staging / PROJECTOR_FILE, model.projector.state_dict(), metadata={"format": "pt"})
+        config = dict(model_type=MODEL_TYPE, projector=model.projector.kind, d_vision=model.vision.config.d_model,
+                      d_llm=model.llm.config.d_model, num_image_tokens=model.num_image_tokens)
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(staging, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_llava(folder: str | Path, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None) -> LlavaModel:
+    """A `LlavaModel` from a folder written by `save_llava`; every part is loaded strictly."""
+    folder = Path(folder)
+    config = read_config(folder)
+    if config.get("model_type") != MODEL_TYPE or "projector" not in config:
+        raise ModelFolderError(f"{folder / CONFIG_FILE} is not a LLaVA folder of this project (needs model_type "
+                               f"{MODEL_TYPE!r} and 'projector'); an LLM or CLIP folder loads with load_llm or "
+                               f"load_vision_tower")
+    llm = load_llm(folder / "llm", device, dtype)
+    vision = load_vision_tower(folder / "vision", device, dtype)
+    projector = build_projector(config["projector"], vision.config.d_model, llm.config.d_model)
+    path = folder / PROJECTOR_FILE
+    try:
+        tensors = load_file(str(path), device=str(device or "cpu"))
+    except (SafetensorError, OSError) as e:
+        raise ModelFolderError(f"cannot read {path}: {e}") from None
+    expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if found != expected:
+        raise CheckpointMismatchError(f"{path} does not hold the {config['projector']} projector "
+                                      f"{vision.config.d_model} -> {llm.config.d_model} that {folder / CONFIG_FILE} "
+                                      f"describes: expected {expected}, found {found}")
+    projector.load_state_dict(tensors, strict=True)
+    projector.to(device=device, dtype=dtype)
+    return LlavaModel(vision, projector, llm)
