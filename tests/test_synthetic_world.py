@@ -1,0 +1,168 @@
+"""The synthetic world generator: deterministic, balanced, disjoint splits, well-formed files, usable tokenizer."""
+
+import hashlib
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from tokenizers import Tokenizer
+
+from data.synthetic_world import IMAGE_PREFIX, TASKS, build_world
+from mllm_cl.conversation import TEMPLATES
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("world") / "synthetic"
+    build_world(out, seed=0, size="smoke")
+    return out
+
+
+def read_json(path: Path) -> list[dict]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def all_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_differs(world: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    build_world(again, seed=0, size="smoke")
+    assert all_files(again) == all_files(world)
+    other = tmp_path / "other"
+    build_world(other, seed=1, size="smoke")
+    a, b = all_files(world), all_files(other)
+    for name in ("text/train.txt", "nl/facts_mc.jsonl", "tasks/color/train.json", "images/000000.png"):
+        assert a[name] != b[name], name
+
+
+def test_manifest_lists_every_file_with_its_hash(world: Path) -> None:
+    manifest = read_json(world / "world.json")
+    assert manifest["tasks"] == list(TASKS) and len(TASKS) >= 4
+    listed = set(manifest["files"]) | {"world.json"}
+    on_disk = {p for p in all_files(world) if not p.startswith("images/")}
+    assert listed == on_disk
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((world / name).read_bytes()).hexdigest() == digest
+    assert manifest["images"]["count"] == len(list((world / "images").iterdir()))
+
+
+def check_record(record: dict, world: Path, *, image: bool, answered: bool) -> None:
+    assert isinstance(record["id"], str) and record["id"]
+    turns = record["conversations"]
+    assert [t["from"] for t in turns] == (["human", "gpt"] if answered else ["human"])
+    assert all(isinstance(t["value"], str) for t in turns)
+    if image:
+        assert re.fullmatch(r"images/\d{6}\.png", record["image"]) and (world / record["image"]).is_file()
+        assert turns[0]["value"].startswith(IMAGE_PREFIX) and turns[0]["value"].count("<image>") == 1
+    else:
+        assert "image" not in record and "<image>" not in turns[0]["value"]
+    if answered:
+        assert turns[1]["value"].strip() and "<image>" not in turns[1]["value"]
+
+
+def test_llava_files_are_well_formed(world: Path) -> None:
+    ids = []
+    for record in read_json(world / "align.json"):
+        check_record(record, world, image=True, answered=True)
+        assert record["conversations"][0]["value"] == IMAGE_PREFIX
+        ids.append(record["id"])
+    for record in read_json(world / "inquiries.json"):
+        check_record(record, world, image=False, answered=False)
+        assert record["conversations"][0]["value"].rstrip().endswith((".", "?", "choices."))
+        ids.append(record["id"])
+    for task in TASKS:
+        for split in ("train", "test"):
+            for record in read_json(world / f"tasks/{task}/{split}.json"):
+                check_record(record, world, image=True, answered=True)
+                ids.append(record["id"])
+    assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_answers_are_balanced_and_test_images_are_new(world: Path, task: str) -> None:
+    classes = TASKS[task][0]
+    splits = {s: read_json(world / f"tasks/{task}/{s}.json") for s in ("train", "test")}
+    for split, records in splits.items():
+        counts = Counter(r["conversations"][1]["value"] for r in records)
+        assert set(counts) == set(classes), (split, counts)
+        assert max(counts.values()) / len(records) <= 1 / len(classes) + 0.05, (split, counts)
+    pixels = {s: {Image.open(world / r["image"]).tobytes() for r in rs} for s, rs in splits.items()}
+    assert len(pixels["train"]) == len(splits["train"]) and len(pixels["test"]) == len(splits["test"])
+    assert not pixels["train"] & pixels["test"]
+
+
+def test_choice_questions_list_the_answer_under_the_gold_letter(world: Path) -> None:
+    for record in read_json(world / "tasks/choice/train.json"):
+        question, letter = record["conversations"][0]["value"], record["conversations"][1]["value"]
+        options = dict(re.findall(r"^([ABCD])\. (\w+)$", question, flags=re.M))
+        assert sorted(options) == ["A", "B", "C", "D"] and len(set(options.values())) == 4
+        assert letter in options
+
+
+def test_images_are_64x64_rgb(world: Path) -> None:
+    for path in sorted((world / "images").iterdir())[::7]:
+        with Image.open(path) as image:
+            assert image.size == (64, 64) and image.mode == "RGB"
+
+
+def test_nl_benchmarks_follow_the_contract_and_agree_with_the_facts(world: Path) -> None:
+    entities = {e["name"]: e for e in read_json(world / "text/entities.json")}
+    facts_mc = read_jsonl(world / "nl/facts_mc.jsonl")
+    for doc in facts_mc:
+        assert set(doc) == {"id", "kind", "requests", "gold"} and doc["kind"] == "multiple_choice"
+        contexts = {c for c, _ in doc["requests"]}
+        continuations = [t for _, t in doc["requests"]]
+        assert len(doc["requests"]) == 4 and len(contexts) == 1 and len(set(continuations)) == 4
+        assert all(t.startswith(" ") and not t.startswith("  ") for t in continuations)
+        context = contexts.pop()
+        name = next(n for n in entities if n in context)
+        assert continuations[doc["gold"]].strip() in entities[name].values()
+    gold = Counter(d["gold"] for d in facts_mc)
+    assert set(gold) == {0, 1, 2, 3} and max(gold.values()) - min(gold.values()) <= 1
+    train = (world / "text/train.txt").read_text(encoding="utf-8")
+    for doc in read_jsonl(world / "nl/last_word.jsonl"):
+        assert set(doc) == {"id", "kind", "context", "target"} and doc["kind"] == "last_word"
+        assert re.fullmatch(r" \w+", doc["target"]) and doc["target"] in doc["context"]
+        assert doc["context"] + doc["target"] not in train  # the exact passage is never trained on
+
+
+def test_corpus_is_one_document_per_line_and_heldout_is_unseen(world: Path) -> None:
+    train = (world / "text/train.txt").read_text(encoding="utf-8").splitlines()
+    heldout = (world / "text/heldout.txt").read_text(encoding="utf-8").splitlines()
+    assert len(train) == 300 and len(heldout) == 40 and all(train) and all(heldout)
+    assert not set(train) & set(heldout)
+
+
+def test_tokenizer_round_trips_the_world_and_has_the_special_ids(world: Path) -> None:
+    tokenizer = Tokenizer.from_file(str(world / "tokenizer.json"))
+    assert tokenizer.token_to_id("<|endoftext|>") == 0 and tokenizer.token_to_id("<|padding|>") == 1
+    assert tokenizer.get_vocab_size() <= 1024
+    texts = (world / "text/heldout.txt").read_text(encoding="utf-8").splitlines()
+    texts += [t["value"] for r in read_json(world / "tasks/choice/test.json") for t in r["conversations"]]
+    texts += ["USER: What colour is the circle? ASSISTANT: red", "Ünïcode and\ttabs\n"]
+    for text in texts:
+        ids = tokenizer.encode(text).ids
+        assert 0 not in ids and 1 not in ids and tokenizer.decode(ids) == text
+    assert len(tokenizer.encode(" red").ids) == 1 and len(tokenizer.encode(" ASSISTANT:").ids) <= 2
+    system = TEMPLATES["pythia"].system  # the demo's chat format is in the tokenizer's training text
+    assert len(tokenizer.encode(system).ids) <= len(system.split()) + 5
+    config = read_json(world / "tokenizer_config.json")
+    names = read_json(world / "special_tokens_map.json")
+    for file in (config, names):
+        assert file["bos_token"] == file["eos_token"] == "<|endoftext|>" and file["pad_token"] == "<|padding|>"
+
+
+def test_refuses_to_overwrite_a_folder_that_is_not_a_world(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        build_world(tmp_path, seed=0, size="smoke")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
