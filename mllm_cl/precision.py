@@ -1,0 +1,185 @@
+"""Hand-written mixed precision: the model computes in bf16/fp16, the optimizer updates fp32 master weights.
+
+How one step works (Micikevicius et al., 2018, "Mixed Precision Training"):
+
+    model params (bf16/fp16) --forward/backward--> grads (bf16/fp16, times the loss scale)
+        -> copied into fp32 master grads, divided by the loss scale
+        -> any inf/nan? skip the step (fp16: halve the scale)
+        -> clip the global norm of the fp32 grads
+        -> optimizer.step() on the fp32 masters (its state, e.g. Adam's moments, is fp32 too)
+        -> masters copied (rounded) back into the model's params
+
+Why fp32 masters: bf16 keeps 8 bits of mantissa, so a weight w only changes if the update is
+larger than about w/256; the many small updates of fine-tuning (lr 2e-5) would round away. They
+add up in the fp32 copy and reach the model once they matter.
+Why loss scaling (fp16 only): fp16's smallest normal number is 6e-5, and small gradients underflow
+to zero. Multiplying the loss by S (say 2^16) shifts every gradient up by S; dividing the fp32 copy
+by S undoes it. The scale is dynamic: an inf/nan gradient means S overflowed, so that step is
+skipped and S halved; after `growth_interval` clean steps S is doubled again. bf16 has fp32's
+exponent range and needs no scaling. In fp32 nothing is copied: the optimizer works on the
+params themselves. Frozen params (requires_grad=False) are cast to the compute dtype and get no
+master. Buffers (e.g. rotary tables) keep their dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class StepResult:
+    taken: bool  # False when an inf/nan gradient made us skip the optimizer step
+    grad_norm: float  # global norm of the unscaled fp32 gradients, before clipping
+    scale: float  # the loss scale used for this step
+
+
+def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:
+    """"auto" -> bf16 on a CUDA device that supports it (fp16 on older ones), fp32 on the CPU."""
+    if precision == "auto":
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {precision!r}")
+    return DTYPES[precision]
+
+
+class MixedPrecision:
+    """Casts `model` to `dtype` and keeps fp32 masters of its trainable params.
+
+    `loss_scale`: "dynamic", a number (a static scale) or None (no scaling); left at "default" it is
+    "dynamic" for fp16 and None for bf16 and fp32. Dynamic scaling starts at `init_scale`.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, loss_scale: str | float | None = "default",
+                 init_scale: float = 2.0 ** 16, growth_interval: int = 2000) -> None:
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be one of {list(DTYPES.values())}, got {dtype}")
+        if loss_scale == "default":
+            loss_scale = "dynamic" if dtype == torch.float16 else None
+        if not (loss_scale is None or loss_scale == "dynamic" or isinstance(loss_scale, (int, float))):
+            raise ValueError(f"loss_scale must be 'dynamic', a number or None, got {loss_scale!r}")
+        self.model = model
+        self.dtype = dtype
+        self.dynamic = loss_scale == "dynamic"
+        self.scale = float(init_scale if self.dynamic else (loss_scale or 1.0))
+        self.growth_interval = growth_interval
+        self.clean_steps = 0  # steps since the scale last changed
+        self.skipped_steps = 0
+        self.params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameter (every requires_grad is False): nothing to train")
+        if dtype == torch.float32:
+            self.masters = [p for _, p in self.params]  # no copies: the optimizer updates the params
+        else:
+            # masters from the params' current values, before they are rounded to the compute dtype
+            self.masters = [nn.Parameter(p.detach().float().clone()) for _, p in self.params]
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+
+    @property
+    def copies(self) -> bool:
+        return self.dtype != torch.float32
+
+    def named_master_params(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, fp32 master) for each trainable param: give these to the optimizer."""
+        return [(name, m) for (name, _), m in zip(self.params, self.masters)]
+
+    def master_params(self) -> list[torch.Tensor]:
+        return list(self.masters)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss.float() * self.scale).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None,
+             grad_multiplier: float = 1.0) -> StepResult:
+        """Unscale, check, clip, update the masters, copy them into the model. Grads are cleared after.
+
+        `grad_multiplier` multiplies the gradients on top of unscaling (the trainer uses it to
+        weight gradient accumulation by token counts).
+        """
+        scale = self.scale
+        factor = grad_multiplier / scale
+        with torch.no_grad():
+            if self.copies:
+                for (_, p), m in zip(self.params, self.masters):
+                    m.grad = None if p.grad is None else p.grad.float()
+                    p.grad = None
+            grads = [m.grad for m in self.masters if m.grad is not None]
+            if factor != 1.0:
+                for g in grads:
+                    g.mul_(factor)
+            if max_grad_norm is not None and max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.masters, max_grad_norm))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+        finite = math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+            if self.copies:
+                with torch.no_grad():
+                    for (_, p), m in zip(self.params, self.masters):
+                        p.copy_(m)
+        self.zero_grad()
+        self._update_scale(finite)
+        return StepResult(taken=finite, grad_norm=grad_norm, scale=scale)
+
+    def _update_scale(self, finite: bool) -> None:
+        if not finite:
+            self.skipped_steps += 1
+            self.clean_steps = 0
+            if self.dynamic:
+                self.scale /= 2.0
+            return
+        self.clean_steps += 1
+        if self.dynamic and self.clean_steps >= self.growth_interval:
+            self.scale *= 2.0
+            self.clean_steps = 0
+
+    def zero_grad(self) -> None:
+        for _, p in self.params:
+            p.grad = None
+        for m in self.masters:
+            m.grad = None
+
+    def scaler_state(self) -> dict[str, Any]:
+        return {"dtype": str(self.dtype).removeprefix("torch."), "dynamic": self.dynamic, "scale": self.scale,
+                "growth_interval": self.growth_interval, "clean_steps": self.clean_steps,
+                "skipped_steps": self.skipped_steps}
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"masters": {name: fp32 tensor} (empty in fp32), "scaler": {...}} - everything a resume needs."""
+        masters = {name: m.detach() for name, m in self.named_master_params()} if self.copies else {}
+        return {"masters": masters, "scaler": self.scaler_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        scaler = state["scaler"]
+        if scaler["dtype"] != self.scaler_state()["dtype"]:
+            raise ValueError(f"saved precision state is for {scaler['dtype']}, this run uses "
+                             f"{self.scaler_state()['dtype']}: resume with the same precision")
+        self.scale, self.clean_steps = float(scaler["scale"]), int(scaler["clean_steps"])
+        self.skipped_steps = int(scaler["skipped_steps"])
+        if not self.copies:
+            return
+        masters = state["masters"]
+        names = [name for name, _ in self.params]
+        if sorted(masters) != sorted(names):
+            missing, extra = sorted(set(names) - set(masters)), sorted(set(masters) - set(names))
+            raise ValueError(f"saved fp32 masters do not match the trainable params: missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}")
+        with torch.no_grad():
+            for (name, p), m in zip(self.params, self.masters):
+                if masters[name].shape != m.shape:
+                    raise ValueError(f"saved master {name!r} has shape {tuple(masters[name].shape)}, "
+                                     f"the param has {tuple(m.shape)}")
+                m.copy_(masters[name])
+                p.copy_(m)

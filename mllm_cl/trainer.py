@@ -1,0 +1,367 @@
+"""The one training loop: mixed precision, gradient accumulation, warmup + cosine AdamW, hooks, checkpoints, resume.
+
+Continual-learning methods plug in through `Hook` (as Avalanche's plugins do): each hook method is
+called at a fixed point of the loop, hooks in list order.
+
+    fit():  before_task(trainer)
+            for each optimizer step:
+                for each micro-batch:  loss = loss_fn(model, batch); loss = hook.loss(trainer, batch, loss); backward
+                after_backward(trainer)
+                unscale, clip, AdamW on the fp32 masters, log, checkpoint
+            after_task(trainer)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mllm_cl.checkpointing import disable_checkpointing, enable_checkpointing
+from mllm_cl.optim import build_optimizer, embedding_param_names, set_lr
+from mllm_cl.precision import MixedPrecision, resolve_dtype
+from mllm_cl.run_state import find_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint, set_rng_state
+
+LOG_FILE = "log.jsonl"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or, without loss scaling, the gradient) became inf/nan; the last good checkpoint is kept."""
+
+
+class Hook:
+    """A continual-learning method's entry points into the loop. Override what you need.
+
+    before_task   at the start of `fit()`, before the model is cast and the optimizer built (a hook
+                  may add params or snapshot the model here; on a resume it still sees the weights
+                  the trainer was constructed with, i.e. those of the start of the task)
+    loss          per micro-batch: return `loss` plus any extra term (e.g. a regulariser)
+    after_backward  once per optimizer step, after the last micro-batch's backward: the grads on the
+                  model's params are in the compute dtype, still multiplied by the loss scale
+                  (`trainer.precision.scale`) and not yet reweighted for accumulation (see `_accumulate`)
+    after_task    at the end of `fit()`, after the final checkpoint
+    """
+
+    def before_task(self, trainer: Trainer) -> None:
+        pass
+
+    def loss(self, trainer: Trainer, batch: Any, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def after_backward(self, trainer: Trainer) -> None:
+        pass
+
+    def after_task(self, trainer: Trainer) -> None:
+        pass
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 0  # optimizer steps; 0: `epochs` passes over the data
+    epochs: int = 1
+    global_batch_size: int = 8  # samples per optimizer step
+    micro_batch_size: int = 8  # samples per forward; gradient accumulation = global / micro
+    lrs: dict[str, float] = field(default_factory=lambda: {"": 1e-3})  # param-name prefix -> learning rate
+    weight_decay: float = 0.0  # never on biases and norms
+    decay_embeddings: bool = True  # False: no weight decay on nn.Embedding weights either
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0  # 0: no clipping
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
+    activation_checkpointing: bool = False  # on every block of each nn.ModuleList named `blocks`
+    log_every: int = 10
+    save_every: int = 0  # steps between checkpoints; 0: only at the end
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda if available
+    resume: bool = False  # continue from out_dir/checkpoint if there is one
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size <= 0 or self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size={self.global_batch_size} must be a positive multiple of "
+                             f"micro_batch_size={self.micro_batch_size}")
+        if self.steps < 0 or (self.steps == 0 and self.epochs <= 0):
+            raise ValueError(f"set steps > 0 or epochs > 0 (got steps={self.steps}, epochs={self.epochs})")
+        if self.log_every <= 0 or self.save_every < 0:
+            raise ValueError(f"log_every must be > 0 and save_every >= 0 (got {self.log_every}, {self.save_every})")
+
+    @property
+    def accumulation(self) -> int:
+        return self.global_batch_size // self.micro_batch_size
+
+
+LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, Any]]
+BatchesFn = Callable[[int], Sequence[Any]]
+
+
+class Trainer:
+    """Trains `model` on `loss_fn(model, batch) -> (loss, n_tokens)` over `batches_fn(epoch)`.
+
+    `loss` is the mean over the micro-batch's `n_tokens` supervised tokens (or samples); the step's
+    loss is their token-weighted mean, so accumulating micro-batches equals one large batch.
+    `batches_fn(epoch)` returns a sequence (len + indexing) of micro-batches, the same every time
+    it is called with the same epoch: a resume re-reads it from the saved position. Trailing
+    micro-batches that do not fill an optimizer step are dropped. Tensors in a batch (also inside
+    dicts, lists, tuples) are moved to the device.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batches_fn: BatchesFn, config: TrainConfig,
+                 hooks: Sequence[Hook] = (), out_dir: str | Path = "runs/train") -> None:
+        self.model, self.loss_fn, self.batches_fn = model, loss_fn, batches_fn
+        self.config, self.hooks, self.out_dir = config, list(hooks), Path(out_dir)
+        if config.device == "auto":
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(config.device)
+        self.step = 0  # optimizer steps taken
+        self.epoch, self.index = 0, 0  # data position: the next micro-batch is batches_fn(epoch)[index]
+        self.tokens = 0  # supervised tokens trained on
+        self.total_steps = 0
+        self.precision: MixedPrecision | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.checkpoint_path: Path | None = None  # the last checkpoint written or resumed from
+        self.last_record: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- set-up
+
+    def fit(self) -> dict[str, Any]:
+        """Run the whole task; returns the last log record."""
+        cfg = self.config
+        existing = find_checkpoint(self.out_dir)
+        if existing is not None and not cfg.resume:
+            raise FileExistsError(f"{existing} holds a checkpoint of an earlier run: set resume=True to continue "
+                                  f"it, or use another out_dir (or delete {self.out_dir}) to start afresh")
+        _seed_everything(cfg.seed)
+        self.model.to(self.device)
+        self.model.train()
+        for hook in self.hooks:
+            hook.before_task(self)
+        self.precision = MixedPrecision(self.model, resolve_dtype(cfg.precision, self.device))
+        no_decay = () if cfg.decay_embeddings else embedding_param_names(self.model)
+        self.optimizer = build_optimizer(self.precision.named_master_params(), cfg.lrs, cfg.weight_decay,
+                                         betas=tuple(cfg.betas), no_decay_names=no_decay)
+        self.total_steps = cfg.steps or cfg.epochs * (self._epoch_batches(0)[1] // cfg.accumulation)
+        blocks = _checkpoint_blocks(self.model) if cfg.activation_checkpointing else []
+        enable_checkpointing(blocks)
+        try:
+            if existing is not None:
+                self._resume(existing)
+            else:
+                self._start_log()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            self._loop()
+        finally:
+            disable_checkpointing(blocks)
+        for hook in self.hooks:
+            hook.after_task(self)
+        return self.last_record
+
+    def _epoch_batches(self, epoch: int) -> tuple[Sequence[Any], int]:
+        batches = self.batches_fn(epoch)
+        n = len(batches)
+        if n < self.config.accumulation:
+            raise ValueError(f"epoch {epoch} has {n} micro-batch(es), fewer than one optimizer step needs "
+                             f"(global_batch_size / micro_batch_size = {self.config.accumulation}): "
+                             "nothing to train on; check the data files and batch sizes")
+        return batches, n
+
+    # ---------------------------------------------------------------- the loop
+
+    def _loop(self) -> None:
+        cfg, accumulation = self.config, self.config.accumulation
+        batches, n_batches = self._epoch_batches(self.epoch)
+        start_time, start_step = time.perf_counter(), self.step
+        interval = {"loss": 0.0, "tokens": 0.0, "time": start_time, "grad_norm": 0.0, "steps": 0}
+        while self.step < self.total_steps:
+            if self.index + accumulation > n_batches:
+                self.epoch, self.index = self.epoch + 1, 0
+                batches, n_batches = self._epoch_batches(self.epoch)
+            set_lr(self.optimizer, self.step, self.total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
+            loss_sum, n_step, reference = self._accumulate(batches)
+            loss = loss_sum / n_step
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(f"step {self.step + 1}: the loss is {loss}; training stopped. "
+                                         f"{self._last_good()}")
+            for hook in self.hooks:
+                hook.after_backward(self)
+            result = self.precision.step(self.optimizer, cfg.max_grad_norm, grad_multiplier=reference / n_step)
+            if not result.taken and not self.precision.dynamic:
+                raise NonFiniteLossError(f"step {self.step + 1}: the loss is {loss:.4f} but the gradient norm is "
+                                         f"{result.grad_norm}; training stopped. {self._last_good()}")
+            self.step += 1
+            self.index += accumulation
+            self.tokens += int(n_step)
+            interval["loss"] += loss_sum
+            interval["tokens"] += n_step
+            interval["grad_norm"] += result.grad_norm if result.taken else 0.0
+            interval["steps"] += 1
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                self._log(interval, result.scale, start_time, start_step)
+                interval = {"loss": 0.0, "tokens": 0.0, "time": time.perf_counter(), "grad_norm": 0.0, "steps": 0}
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps:
+                self.save()
+
+    def _accumulate(self, batches: Sequence[Any]) -> tuple[float, float, float]:
+        """Forward + backward over one step's micro-batches; returns (sum of n_i loss_i, N, R).
+
+        Micro-batch i is back-propagated with weight n_i / R, R = (tokens of the first one) x
+        accumulation, a guess of the step's total N fixed before any backward; `precision.step`
+        then multiplies the grads by R / N, so the step's grad is that of sum_i n_i loss_i / N.
+        """
+        loss_sum = torch.zeros((), device=self.device)
+        n_step = reference = 0.0
+        first = self.index
+        for i in range(first, first + self.config.accumulation):
+            batch = _to_device(batches[i], self.device)
+            loss, n_tokens = self.loss_fn(self.model, batch)
+            for hook in self.hooks:
+                loss = hook.loss(self, batch, loss)
+            n = float(n_tokens)
+            if n == 0:
+                continue
+            if not reference:
+                reference = n * self.config.accumulation
+            self.precision.backward(loss * (n / reference))
+            loss_sum += loss.detach().float() * n
+            n_step += n
+        if n_step == 0:
+            raise ValueError(f"step {self.step + 1}: micro-batches {first}..{first + self.config.accumulation - 1} "
+                             f"of epoch {self.epoch} have no supervised token (n_tokens = 0 in each): refusing "
+                             "to train on nothing; check the labels/loss mask of these samples")
+        return float(loss_sum), n_step, reference
+
+    # ---------------------------------------------------------------- progress
+
+    def _start_log(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / LOG_FILE).write_text("")
+
+    def _log(self, interval: dict[str, float], scale: float, start_time: float, start_step: int) -> None:
+        now = time.perf_counter()
+        elapsed = now - start_time
+        seconds_per_step = elapsed / max(1, self.step - start_step)
+        group_lrs = {g["prefix"]: g["lr"] for g in self.optimizer.param_groups}
+        lrs = {prefix: group_lrs[prefix] for prefix in self.config.lrs if prefix in group_lrs}  # config order
+        record = {
+            "step": self.step, "total_steps": self.total_steps, "epoch": self.epoch,
+            "loss": interval["loss"] / interval["tokens"], "lr": next(iter(lrs.values())), "lrs": lrs,
+            "grad_norm": interval["grad_norm"] / interval["steps"], "tokens": self.tokens,
+            "tokens_per_s": interval["tokens"] / max(now - interval["time"], 1e-9),
+            "elapsed_s": elapsed, "eta_s": seconds_per_step * (self.total_steps - self.step),
+            "gpu_mem_gib": (torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+                            if self.device.type == "cuda" else None),
+            "loss_scale": scale, "skipped_steps": self.precision.skipped_steps,
+        }
+        self.last_record = record
+        with open(self.out_dir / LOG_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        line = (f"step {self.step}/{self.total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                f"{record['tokens_per_s']:,.0f} tok/s | eta {_duration(record['eta_s'])}")
+        if record["gpu_mem_gib"] is not None:
+            line += f" | mem {record['gpu_mem_gib']:.1f} GiB"
+        if self.precision.dynamic:
+            line += f" | scale {scale:g} | skipped {record['skipped_steps']}"
+        print(line, flush=True)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _names(self) -> dict[int, str]:
+        return {id(m): name for name, m in self.precision.named_master_params()}
+
+    def save(self) -> Path:
+        """Write out_dir/checkpoint (atomically) for the current step."""
+        precision_state = self.precision.state_dict()
+        state = {"step": self.step, "total_steps": self.total_steps, "epoch": self.epoch, "index": self.index,
+                 "tokens": self.tokens, "scaler": precision_state["scaler"], "config": asdict(self.config)}
+        weights = {name: p.detach() for name, p in self.precision.params}
+        self.checkpoint_path = save_checkpoint(self.out_dir, weights=weights, masters=precision_state["masters"],
+                                               optimizer=self.optimizer, names=self._names(), state=state)
+        return self.checkpoint_path
+
+    def _resume(self, folder: Path) -> None:
+        saved = load_checkpoint(folder)
+        state = saved["state"]
+        before, now = _comparable(state["config"]), _comparable(asdict(self.config))
+        keys = sorted(set(before) | set(now))
+        changed = {k: (before.get(k), now.get(k)) for k in keys if before.get(k) != now.get(k)}
+        if changed or state["total_steps"] != self.total_steps:
+            raise ValueError(f"cannot resume from {folder}: settings differ from the saved run (saved, now): "
+                             f"{changed or {'total_steps': (state['total_steps'], self.total_steps)}}; resume "
+                             "with the same settings, or start afresh in another out_dir")
+        params = dict(self.precision.params)
+        weights = saved["weights"]
+        if sorted(weights) != sorted(params):
+            missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+            raise ValueError(f"cannot resume from {folder}: trainable params missing from it {missing[:5]}, "
+                             f"saved but not trainable now {extra[:5]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                if weights[name].shape != p.shape:
+                    raise ValueError(f"cannot resume from {folder}: {name!r} has shape {tuple(weights[name].shape)} "
+                                     f"there and {tuple(p.shape)} in the model")
+                p.copy_(weights[name])
+        self.precision.load_state_dict({"masters": saved["masters"], "scaler": state["scaler"]})
+        load_optimizer_state(self.optimizer, self._names(), saved["optimizer_tensors"], saved["optimizer_meta"])
+        set_rng_state(state["rng"], saved["rng_tensors"])
+        self.step, self.epoch, self.index, self.tokens = state["step"], state["epoch"], state["index"], state["tokens"]
+        self.checkpoint_path = folder
+        log = self.out_dir / LOG_FILE
+        kept = [line for line in (log.read_text().splitlines() if log.is_file() else [])
+                if line and json.loads(line)["step"] <= self.step]
+        log.write_text("".join(line + "\n" for line in kept))
+        self.last_record = json.loads(kept[-1]) if kept else {}
+        print(f"resumed from {folder} at step {self.step}/{self.total_steps} (epoch {self.epoch}, "
+              f"micro-batch {self.index})", flush=True)
+
+    def _last_good(self) -> str:
+        if self.checkpoint_path is None:
+            return "No checkpoint was written yet."
+        return f"The last good checkpoint, {self.checkpoint_path}, is kept."
+
+
+# ---------------------------------------------------------------- helpers
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resumed run must share with the saved one (logging, saving and device may change)."""
+    return {k: v for k, v in config.items() if k not in ("resume", "device", "log_every", "save_every")}
+
+
+def _checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
+    blocks = [block for name, module in model.named_modules()
+              if name.rsplit(".", 1)[-1] == "blocks" and isinstance(module, nn.ModuleList) for block in module]
+    if not blocks:
+        raise ValueError("activation_checkpointing=True, but the model has no nn.ModuleList named 'blocks' to "
+                         "checkpoint; set activation_checkpointing=False")
+    return blocks
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

@@ -1,0 +1,235 @@
+"""The training loop on a tiny regression model: exact resume, non-finite loss, hooks, accumulation, log."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllm_cl.optim import lr_at
+from mllm_cl.run_state import load_checkpoint
+from mllm_cl.trainer import Hook, NonFiniteLossError, TrainConfig, Trainer
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, dropout: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(F.gelu(self.fc(x)))
+
+
+class TinyModel(nn.Module):
+    def __init__(self, dropout: float = 0.1, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(4, 16)
+        self.blocks = nn.ModuleList(Block(16, dropout) for _ in range(2))
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x.to(self.inp.weight.dtype))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x).float()
+
+
+def _dataset(n: int = 32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(42)
+    x = torch.randn(n, 4, generator=g)
+    y = (x[:, :1] - 0.5 * x[:, 1:2]).sin()
+    mask = (torch.rand(n, generator=g) > 0.3).float()  # per-sample "supervised" flag, like a label mask
+    mask[:4] = 1.0
+    return {"x": x, "y": y, "mask": mask}
+
+
+def batches_fn(micro: int, n: int = 32):
+    data = _dataset(n)
+
+    def batches(epoch: int) -> list[dict[str, torch.Tensor]]:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))  # same list for the same epoch
+        return [{k: v[order[i:i + micro]] for k, v in data.items()} for i in range(0, n, micro)]
+
+    return batches
+
+
+def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    err = ((model(batch["x"]) - batch["y"]) ** 2).squeeze(-1)
+    n = batch["mask"].sum()
+    return (err * batch["mask"]).sum() / n.clamp(min=1), n
+
+
+def _config(**kw) -> TrainConfig:
+    base = dict(steps=6, global_batch_size=8, micro_batch_size=4, lrs={"head.": 3e-2, "": 1e-2}, weight_decay=0.1,
+                warmup_ratio=0.2, log_every=2, save_every=2, precision="fp32", device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+def _train(out_dir: Path, hooks=(), model=None, micro: int = 4, **kw) -> tuple[TinyModel, Trainer]:
+    model = model or TinyModel()
+    trainer = Trainer(model, loss_fn, batches_fn(micro), _config(micro_batch_size=micro, **kw), hooks, out_dir)
+    trainer.fit()
+    return model, trainer
+
+
+class Interrupt(Hook):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def loss(self, trainer, batch, loss):
+        if trainer.step == self.at_step:
+            raise KeyboardInterrupt
+        return loss
+
+
+def _assert_equal_weights(a: nn.Module, b: nn.Module) -> None:
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_exact(tmp_path: Path, precision: str) -> None:
+    # 6 steps of 2 micro-batches, 8 micro-batches per epoch; the checkpoint of step 4 sits at the
+    # very end of epoch 0, so the resumed run must first move on to epoch 1
+    full, _ = _train(tmp_path / "full", precision=precision)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "cut", hooks=[Interrupt(at_step=5)], precision=precision)  # dies in step 6
+    state = json.loads((tmp_path / "cut/checkpoint/state.json").read_text())
+    assert (state["step"], state["epoch"], state["index"]) == (4, 0, 8)
+    resumed, trainer = _train(tmp_path / "cut", model=TinyModel(seed=1), resume=True, precision=precision)
+    assert trainer.step == 6 and trainer.epoch == 1
+    _assert_equal_weights(full, resumed)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut/log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]
+    full_log = (tmp_path / "full/log.jsonl").read_text().splitlines()
+    resumed_log = (tmp_path / "cut/log.jsonl").read_text().splitlines()
+    assert [json.loads(a)["loss"] for a in full_log] == [json.loads(b)["loss"] for b in resumed_log]
+
+
+def test_resume_refuses_changed_settings_and_fresh_run_refuses_old_checkpoint(tmp_path: Path) -> None:
+    _train(tmp_path, steps=2)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        _train(tmp_path, steps=2)
+    _, trainer = _train(tmp_path, steps=2, resume=True)  # already complete: nothing more to do
+    assert trainer.step == 2 and trainer.last_record["step"] == 2
+    with pytest.raises(ValueError, match="weight_decay"):
+        _train(tmp_path, steps=2, resume=True, weight_decay=0.0)
+
+
+def test_activation_checkpointing_gives_the_same_run(tmp_path: Path) -> None:
+    plain, _ = _train(tmp_path / "plain", steps=3)
+    checkpointed, _ = _train(tmp_path / "ckpt", steps=3, activation_checkpointing=True)
+    for (name, x), y in zip(plain.state_dict().items(), checkpointed.state_dict().values()):
+        assert torch.allclose(x, y, rtol=0, atol=1e-6), name
+    assert "forward" not in checkpointed.blocks[0].__dict__  # switched off again after fit()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    class Poison(Hook):
+        def loss(self, trainer, batch, loss):
+            return loss * float("nan") if trainer.step == 2 else loss
+
+    model = TinyModel()
+    with pytest.raises(NonFiniteLossError, match=r"step 3: the loss is nan.*checkpoint") as info:
+        _train(tmp_path, hooks=[Poison()], model=model)
+    assert str(tmp_path / "checkpoint") in str(info.value)
+    saved = load_checkpoint(tmp_path / "checkpoint")
+    assert saved["state"]["step"] == 2
+    for name, p in model.named_parameters():  # the poisoned step was never applied
+        assert torch.equal(saved["weights"][name], p), name
+
+
+class Recorder(Hook):
+    def __init__(self, name: str, events: list) -> None:
+        self.name, self.events = name, events
+
+    def before_task(self, trainer):
+        self.events.append((self.name, "before_task"))
+
+    def loss(self, trainer, batch, loss):
+        self.events.append((self.name, "loss"))
+        return loss
+
+    def after_backward(self, trainer):
+        self.events.append((self.name, "after_backward"))
+
+    def after_task(self, trainer):
+        self.events.append((self.name, "after_task"))
+
+
+def test_hooks_are_called_in_order(tmp_path: Path) -> None:
+    events: list = []
+    _train(tmp_path, hooks=[Recorder("a", events), Recorder("b", events)], steps=2)
+    step = [("a", "loss"), ("b", "loss")] * 2 + [("a", "after_backward"), ("b", "after_backward")]
+    assert events == [("a", "before_task"), ("b", "before_task"), *step, *step, ("a", "after_task"),
+                      ("b", "after_task")]
+
+
+def test_a_loss_hook_term_changes_the_gradient(tmp_path: Path) -> None:
+    class L2(Hook):  # adds 0.5 * ||head.weight||^2, whose gradient is head.weight itself
+        def loss(self, trainer, batch, loss):
+            return loss + 0.5 * trainer.model.head.weight.pow(2).sum()
+
+    class GradProbe(Hook):
+        def __init__(self) -> None:
+            self.grad = self.weight = None
+
+        def after_backward(self, trainer):
+            self.grad = trainer.model.head.weight.grad.clone()
+            self.weight = trainer.model.head.weight.detach().clone()
+
+    probes = [GradProbe(), GradProbe()]
+    _train(tmp_path / "plain", hooks=[probes[0]], steps=1, global_batch_size=4)
+    _train(tmp_path / "l2", hooks=[L2(), probes[1]], steps=1, global_batch_size=4)
+    assert torch.equal(probes[0].weight, probes[1].weight)
+    assert torch.allclose(probes[1].grad - probes[0].grad, probes[0].weight, atol=1e-6)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
+    # micro-batches hold different numbers of supervised samples: the step must weight them by count
+    kw = dict(steps=3, global_batch_size=16, warmup_ratio=0.0)
+    accumulated, _ = _train(tmp_path / "acc", model=TinyModel(dropout=0.0), micro=4, **kw)
+    big, _ = _train(tmp_path / "big", model=TinyModel(dropout=0.0), micro=16, **kw)
+    for (name, x), y in zip(accumulated.state_dict().items(), big.state_dict().values()):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), name
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("acc", "big")]
+    for a, b in zip(*logs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["tokens"] == b["tokens"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    naive, _ = _train(tmp_path / "naive", model=TinyModel(dropout=0.0), micro=16, **kw)
+    assert torch.equal(naive.head.weight, big.head.weight)  # and the comparison is deterministic
+
+
+def test_log_has_the_documented_fields(tmp_path: Path, capsys) -> None:
+    _train(tmp_path, steps=5)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 5]
+    fields = {"step", "total_steps", "epoch", "loss", "lr", "lrs", "grad_norm", "tokens", "tokens_per_s",
+              "elapsed_s", "eta_s", "gpu_mem_gib", "loss_scale", "skipped_steps"}
+    for r in records:
+        assert set(r) == fields
+        assert r["total_steps"] == 5 and r["loss"] > 0 and r["tokens_per_s"] > 0 and r["gpu_mem_gib"] is None
+        assert r["lrs"]["head."] == pytest.approx(lr_at(r["step"] - 1, 5, 3e-2, 0.2))
+        assert r["lr"] == r["lrs"]["head."] and r["skipped_steps"] == 0 and r["loss_scale"] == 1.0
+    epoch_1 = batches_fn(4)(1)
+    assert records[-1]["eta_s"] == 0
+    assert records[-1]["tokens"] == _dataset()["mask"].sum() + epoch_1[0]["mask"].sum() + epoch_1[1]["mask"].sum()
+    out = capsys.readouterr().out
+    assert "step 2/5 | loss " in out and "tok/s | eta " in out
+
+
+def test_no_supervised_tokens_or_no_batches_is_an_error(tmp_path: Path) -> None:
+    def no_tokens(model, batch):
+        return model(batch["x"]).sum() * 0, 0
+
+    trainer = Trainer(TinyModel(), no_tokens, batches_fn(4), _config(), [], tmp_path / "a")
+    with pytest.raises(ValueError, match="no supervised token"):
+        trainer.fit()
+    trainer = Trainer(TinyModel(), loss_fn, lambda epoch: [], _config(), [], tmp_path / "b")
+    with pytest.raises(ValueError, match="nothing to train on"):
+        trainer.fit()
