@@ -14,3 +14,6 @@ test:
 
 clean:
 	rm -rf runs data/synthetic .pytest_cache
+
+data:
+	$(PYTHON) data/fetch_offline.py

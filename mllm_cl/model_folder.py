@@ -88,6 +88,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -103,6 +104,7 @@ def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
     try:
         contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(contiguous, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -119,6 +121,7 @@ def write_model_folder(folder: str | Path, tensors: dict[str, torch.Tensor], con
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    os.chmod(staging, 0o755)  # mkdtemp creates 0700; a model folder is meant to be shared
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staging / SINGLE_FILE),
                   metadata={"format": "pt"})
