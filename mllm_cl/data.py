@@ -7,6 +7,7 @@ file, the entry and the fix; with `skip_bad=True` such entries are skipped and c
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import json
 import os
@@ -292,6 +293,10 @@ class TextOnlyInquiries(torch.utils.data.Dataset):
             question = turns[0]["value"]
             if question.strip():
                 ids = render_inquiry(tokenizer, question, template)[:max_len]
+                if not ids:
+                    raise DataError(f"{self.path}: {where}: the inquiry renders to no token with template "
+                                    f"{getattr(template, 'name', template)!r} (it drops the user's text): "
+                                    "use a chat template such as pythia or vicuna_v1", "empty_text")
                 self.inquiries.append(torch.tensor(ids, dtype=torch.long))
         if not self.inquiries:
             raise DataError(f"{self.path} holds no text-only entry (one without \"image\") to use as an inquiry",
@@ -349,3 +354,26 @@ def batches(dataset: Any, batch_size: int, seed: int, epoch: int, start_index: i
         return
     yield from torch.utils.data.DataLoader(dataset, batch_sampler=index_batches, num_workers=num_workers,
                                            collate_fn=functools.partial(collate, pad_id=dataset.pad_id))
+
+
+class EpochBatches(collections.abc.Sequence):
+    """One epoch's collated micro-batches as a sequence (len + indexing), for the trainer.
+
+    Batch i holds samples order[i*B:(i+1)*B] of the epoch's seeded order, collated on demand, so the same
+    (seed, epoch) always gives the same batches and a resumed run can jump straight to its saved position.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, seed: int, epoch: int) -> None:
+        if len(dataset) == 0:
+            raise DataError("the dataset is empty: nothing to train on", "empty")
+        self.dataset, self.batch_size = dataset, batch_size
+        self.order = epoch_order(len(dataset), seed, epoch)
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | None]:  # type: ignore[override]
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        indices = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        return collate([self.dataset[int(i)] for i in indices], self.dataset.pad_id)

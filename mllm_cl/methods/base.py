@@ -10,6 +10,7 @@ Hooks are called by the continual stage (Avalanche-style) in this order for each
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -110,6 +111,14 @@ def build_methods(names: list[str], options: dict[str, dict[str, Any]] | None = 
                 expanded.append(part)
     unknown_options = sorted(set(options) - set(expanded))
     if unknown_options:
-        raise ValueError(f"options given for method(s) {unknown_options} that are not in methods={expanded}")
-    methods = [registry[name](**options.get(name, {})) for name in expanded]
+        raise ValueError(f"options given for method(s) {unknown_options} that are not in methods={expanded}; "
+                         f"a composite's options go under its parts' names ({COMPOSITES})")
+    methods = []
+    for name in expanded:
+        accepted = list(inspect.signature(registry[name]).parameters)
+        given = options.get(name, {})
+        if not isinstance(given, dict) or set(given) - set(accepted):
+            takes = f"only {', '.join(accepted)}" if accepted else "no option"
+            raise ValueError(f"method_options[{name!r}] = {given!r}: {name} takes {takes}")
+        methods.append(registry[name](**given))
     return sorted(methods, key=lambda m: m.order)

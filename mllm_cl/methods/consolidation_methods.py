@@ -28,7 +28,8 @@ class ModelMixMethod(Method):
             raise RuntimeError(f"{self.name}: the stage did not record the weights the task started from")
         state = ctx.model.state_dict()
         new = {k: state[k].detach() for k in ctx.start_state}
-        old = {k: v.to(new[k].device) for k, v in ctx.start_state.items()}
+        # the trainer may have cast the model to its compute dtype: consolidate in the dtype the weights now have
+        old = {k: v.to(new[k].device, new[k].dtype) for k, v in ctx.start_state.items()}
         merged = self.consolidate(old, new)
         with torch.no_grad():
             for key, value in merged.items():

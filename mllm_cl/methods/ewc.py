@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 from mllm_cl.methods.base import Method, TaskContext
+from mllm_cl.methods.lora_layers import LoRALinear
 
 
 def ewc_penalty(named_params: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor],
@@ -27,9 +29,23 @@ def ewc_penalty(named_params: dict[str, torch.Tensor], fisher: dict[str, torch.T
     return total
 
 
+def plain_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters under their plain (unadapted) names. A LoRA-wrapped layer gives its effective
+    weight W + scale * B A, so the penalty on a later LoRA task reaches the adapters."""
+    params = {n: p for n, p in model.named_parameters() if not n.endswith((".lora_a", ".lora_b"))}
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoRALinear):
+            params[f"{name}.weight"] = params.pop(f"{name}.base.weight") + layer.delta_weight()
+            if layer.base.bias is not None:
+                params[f"{name}.bias"] = params.pop(f"{name}.base.bias")
+    return params
+
+
 class EWC(Method):
     name = "ewc"
-    order = 60  # after LoRA has merged, so the Fisher is estimated on plain weights
+    # After LoRA merges (10) and consolidation (90): the Fisher and the anchor are taken on the weights the next
+    # task starts from, the same weights a resumed run replays this hook on.
+    order = 95
 
     def __init__(self, weight: float = 100.0, decay: float = 0.9, fisher_batches: int = 16) -> None:
         self.weight, self.decay, self.fisher_batches = weight, decay, fisher_batches
@@ -39,7 +55,7 @@ class EWC(Method):
     def loss(self, ctx: TaskContext, batch: dict, output: Any, loss: torch.Tensor) -> torch.Tensor:
         if not self.fisher:
             return loss
-        params = dict(ctx.model.named_parameters())
+        params = plain_parameters(ctx.model)
         term = 0.5 * self.weight * ewc_penalty(params, self.fisher, self.anchor)
         ctx.log["ewc_last"] = float(term.detach())
         return loss + term

@@ -32,6 +32,7 @@ class LoRALinear(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
+        self.train(base.training)  # a layer wrapped in an eval-mode model must not start dropping out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = self.dropout(x) @ self.lora_a.t() @ self.lora_b.t()

@@ -23,6 +23,9 @@ from mllm_cl.methods.base import Method, TaskContext
 def hidden_state_distance(current: torch.Tensor, previous: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean over real tokens and hidden dims of (current - previous)^2; (B, T, D), (B, T, D), (B, T)."""
     keep = attention_mask.bool()
+    if not bool(keep.any()):
+        raise ValueError("uir: an inquiry batch has no real (non-padding) token; check the inquiries file and the "
+                         "template (one that drops the user's text, like 'plain', leaves every inquiry empty)")
     diff = current.float()[keep] - previous.float()[keep]  # (n_real, D)
     return diff.pow(2).mean()
 
@@ -46,9 +49,9 @@ class UIR(Method):
         mask = inquiry["attention_mask"].to(ctx.device)
         if bool((input_ids == IMAGE_PLACEHOLDER_ID).any()):
             raise ValueError("uir inquiries must be text-only, but a batch holds image placeholders")
-        current = ctx.model.llm(input_ids, attention_mask=mask, return_hidden=True).hidden
+        current = ctx.model.llm.hidden_states(input_ids, mask)  # (B, T, D); no output head needed
         with torch.no_grad():
-            previous = ctx.previous_model().llm(input_ids, attention_mask=mask, return_hidden=True).hidden
+            previous = ctx.previous_model().llm.hidden_states(input_ids, mask)
         term = hidden_state_distance(current, previous, mask)
         ctx.log["uir_last"] = float(term.detach())
         return loss + self.weight * term
