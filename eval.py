@@ -1,0 +1,127 @@
+"""Evaluate a model folder on the NL (language) and VL (vision-language) suites, or write a run's report.
+
+    python eval.py MODEL_DIR --suite nl|vl|all [--tasks a,b] [--limit N] [--json OUT.json] [--batch-size B]
+                   [--device cpu|cuda] [--dtype float32|bfloat16] [--nl-dir DIR] [--vl-dir DIR]
+    python eval.py --report RUN_DIR [RUN_DIR ...] [--out DIR]
+
+MODEL_DIR is a Hugging Face-layout LLM folder (ours or one written by transformers) or a LLaVA folder of
+this project (config.json "model_type": "mllm_cl_llava"; the NL suite then scores its LLM alone).
+NL tasks are `<dir>/<task>.jsonl`, VL tasks `<dir>/tasks/<task>/test.json` (see mllm_cl/evaluation.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from mllm_cl.errors import USER_ERRORS
+from mllm_cl.evaluation import (NL_DIRS, NL_PATTERN, VL_DIRS, VL_PATTERN, EvalDataError, TaskResult,
+                                evaluate_nl_suite, evaluate_vl_suite, find_tasks)
+from mllm_cl.llava import MODEL_TYPE, load_llava
+from mllm_cl.model_folder import read_config
+from mllm_cl.report import ReportInputError, write_report
+from mllm_cl.tokenizer import load_tokenizer
+from mllm_cl.weights import load_llm
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", nargs="?", type=Path, help="LLM or LLaVA model folder")
+    parser.add_argument("--suite", choices=("nl", "vl", "all"), default="all",
+                        help="all = nl, plus vl when MODEL_DIR is a LLaVA folder")
+    parser.add_argument("--tasks", help="comma-separated task names (default: every task file found)")
+    parser.add_argument("--limit", type=int, help="only the first N documents of each task, in file order")
+    parser.add_argument("--json", type=Path, help="write {task: {acc, acc_norm | perplexity, n}} here")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--nl-dir", type=Path,
+                        help=f"folder of NL task files (default: {', '.join(map(str, NL_DIRS))})")
+    parser.add_argument("--vl-dir", type=Path, help=f"folder holding tasks/<task>/test.json and the images "
+                                                    f"(default: {', '.join(map(str, VL_DIRS))})")
+    parser.add_argument("--template", default="pythia", help="chat template of VL prompts (as trained with)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="longest VL answer generated")
+    parser.add_argument("--report", nargs="+", type=Path, metavar="RUN_DIR", help="write the report of run folders")
+    parser.add_argument("--out", type=Path, help="with --report: where REPORT.md and the plots go (default: the "
+                                                 "first RUN_DIR)")
+    args = parser.parse_args(argv)
+    if (args.model_dir is None) == (args.report is None):
+        parser.error("give either MODEL_DIR or --report RUN_DIR [RUN_DIR ...]")
+    if args.limit is not None and args.limit < 1 or args.batch_size < 1:
+        parser.error("--limit and --batch-size must be at least 1")
+    return args
+
+
+def print_table(results: list[TaskResult]) -> None:
+    print(f"{'task':<24} {'n':>6} {'acc':>7} {'acc_norm':>9} {'perplexity':>11} {'examples/s':>11}")
+    for r in results:
+        norm = f"{r.metrics['acc_norm']:.4f}" if "acc_norm" in r.metrics else "-"
+        ppl = f"{r.metrics['perplexity']:.3f}" if "perplexity" in r.metrics else "-"
+        print(f"{r.task:<24} {r.metrics['n']:>6} {r.metrics['acc']:>7.4f} {norm:>9} {ppl:>11} "
+              f"{r.examples_per_s:>11.1f}")
+
+
+def split_tasks(names: list[str], nl_dirs: list[Path], suite: str) -> tuple[list[str], list[str]]:
+    """With --suite all, a named task is NL if an NL file has its name, else VL."""
+    if suite != "all":
+        return (names, []) if suite == "nl" else ([], names)
+    nl = [t for t in names if any((d / NL_PATTERN.format(task=t)).is_file() for d in nl_dirs)]
+    return nl, [t for t in names if t not in nl]
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    is_llava = read_config(args.model_dir).get("model_type") == MODEL_TYPE
+    if args.suite == "vl" and not is_llava:
+        raise EvalDataError(f"--suite vl needs a LLaVA folder (config.json \"model_type\": \"{MODEL_TYPE}\"); "
+                            f"{args.model_dir} is a language model: use --suite nl")
+    llm_dir = args.model_dir / "llm" if is_llava else args.model_dir
+    tokenizer = load_tokenizer(llm_dir)
+    llava = load_llava(args.model_dir, device, dtype).eval() if is_llava else None
+    llm = llava.llm if llava is not None else load_llm(llm_dir, device, dtype).eval()
+
+    nl_dirs = [args.nl_dir] if args.nl_dir else list(NL_DIRS)
+    vl_dirs = [args.vl_dir] if args.vl_dir else list(VL_DIRS)
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    nl_names, vl_names = split_tasks(names, nl_dirs, args.suite) if names else (None, None)
+    results: list[TaskResult] = []
+    if args.suite in ("nl", "all") and (nl_names is None or nl_names):
+        results += evaluate_nl_suite(llm, tokenizer, find_tasks(nl_dirs, NL_PATTERN, nl_names),
+                                     max_seq_len=llm.config.max_seq_len, batch_size=args.batch_size, limit=args.limit)
+    if args.suite == "all" and llava is None:
+        if vl_names:
+            raise EvalDataError(f"VL task(s) {vl_names} need a LLaVA folder; {args.model_dir} is a language model")
+        print(f"(VL suite skipped: {args.model_dir} is a language model, not a LLaVA folder)")
+    if args.suite in ("vl", "all") and llava is not None and (vl_names is None or vl_names):
+        results += evaluate_vl_suite(llava, tokenizer, find_tasks(vl_dirs, VL_PATTERN, vl_names),
+                                     template=args.template, batch_size=args.batch_size,
+                                     max_new_tokens=args.max_new_tokens, limit=args.limit)
+    print_table(results)
+    return {r.task: r.metrics for r in results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.report is not None:
+            print(f"wrote {write_report(args.report, args.out or args.report[0])}")
+            return 0
+        metrics = evaluate(args)
+    except (*USER_ERRORS, ReportInputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
