@@ -22,14 +22,14 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gguf_to_hf import GGUFError, convert as convert_gguf  # its neighbour; puts the repository on sys.path
+
+from mllm_cl.model_folder import staged_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "data" / ".cache"
@@ -121,20 +121,6 @@ class Archive:
     def read(self, inner: str) -> bytes:
         with self.open(self.find(inner)) as f:
             return f.read()
-
-
-@contextmanager
-def staged_folder(target: Path) -> Iterator[Path]:
-    """Build a folder next to `target` and move it into place only once it is complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    staging.chmod(0o755)
-    try:
-        yield staging
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -274,8 +274,9 @@ def build_world(out: str | Path, seed: int = 0, size: str = "demo", image_size: 
     facts_mc = text.make_facts_mc(entities, sizes["facts_mc"], rng)
     last_word = text.make_last_word(entities, keys, rng)
     (root / "text").mkdir()
-    (root / "text/train.txt").write_text("".join(d + "\n" for d in train_docs), encoding="utf-8")
-    (root / "text/heldout.txt").write_text("".join(d + "\n" for d in heldout_docs), encoding="utf-8")
+    # One document per paragraph (blank-line separated), the layout mllm_cl.data.TextCorpus reads.
+    (root / "text/train.txt").write_text("".join(d + "\n\n" for d in train_docs), encoding="utf-8")
+    (root / "text/heldout.txt").write_text("".join(d + "\n\n" for d in heldout_docs), encoding="utf-8")
     write_json(root, "text/entities.json", [e.facts() for e in entities])
     write_json(root, "nl/facts_mc.jsonl", facts_mc, jsonl=True)
     write_json(root, "nl/last_word.jsonl", last_word, jsonl=True)

@@ -10,9 +10,6 @@ The splice writes the projected patch features, flattened in order, into the pla
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +21,7 @@ from torch import nn
 from mllm_cl.config import IMAGE_PLACEHOLDER_ID
 from mllm_cl.generation import GenerationOutput, generate
 from mllm_cl.llm import LanguageModel, LMOutput
-from mllm_cl.model_folder import CONFIG_FILE, ModelFolderError, atomic_save_tensors, read_config
+from mllm_cl.model_folder import CONFIG_FILE, ModelFolderError, atomic_save_tensors, read_config, staged_folder
 from mllm_cl.projector import Projector, build_projector
 from mllm_cl.vision import VisionTower
 from mllm_cl.weights import CheckpointMismatchError, load_llm, load_vision_tower, save_llm, save_vision_tower
@@ -95,28 +92,14 @@ def save_llava(model: LlavaModel, folder: str | Path, tokenizer_from: str | Path
     Built in a temporary folder beside the target and swapped in whole: a crash never leaves a mix of old
     and new parts.
     """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    try:
+    with staged_folder(folder) as staging:
         save_llm(model.llm, staging / "llm", tokenizer_from=tokenizer_from)
         save_vision_tower(model.vision, staging / "vision")
         atomic_save_tensors(staging / PROJECTOR_FILE, model.projector.state_dict(), metadata={"format": "pt"})
         config = dict(model_type=MODEL_TYPE, projector=model.projector.kind, d_vision=model.vision.config.d_model,
                       d_llm=model.llm.config.d_model, num_image_tokens=model.num_image_tokens)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(staging, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)
 
 
 def load_llava(folder: str | Path, device: torch.device | str | None = None,

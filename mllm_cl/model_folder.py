@@ -8,10 +8,12 @@ leaves either the old version or the new one, never half a file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +113,29 @@ def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
         raise
 
 
+@contextlib.contextmanager
+def staged_folder(folder: str | Path) -> Iterator[Path]:
+    """Build a folder in a staging folder beside `folder`; swap it in whole when the block ends without error.
+
+    On an error the staging folder is removed and `folder` is left as it was. During the swap the previous
+    version sits at `.NAME.old` for an instant, so a reader that finds no `folder` can fall back to it.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    os.chmod(staging, 0o755)  # mkdtemp creates 0700; a model folder is meant to be shared
+    try:
+        yield staging
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(staging, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # already gone after a successful swap
+
+
 def write_model_folder(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any],
                        copy_from: str | Path | None = None) -> Path:
     """Write `config.json` + `model.safetensors` as one atomic folder swap.
@@ -118,11 +143,7 @@ def write_model_folder(folder: str | Path, tensors: dict[str, torch.Tensor], con
     `copy_from` names a folder whose tokenizer files are copied along. An existing folder at the target
     is replaced only once the new one is complete.
     """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    os.chmod(staging, 0o755)  # mkdtemp creates 0700; a model folder is meant to be shared
-    try:
+    with staged_folder(folder) as staging:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staging / SINGLE_FILE),
                   metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -131,15 +152,4 @@ def write_model_folder(folder: str | Path, tensors: dict[str, torch.Tensor], con
                 source = Path(copy_from) / name
                 if source.is_file():
                     shutil.copy2(source, staging / name)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(staging, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)

@@ -15,10 +15,7 @@ previous checkpoint or the new one, never a mix.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from mllm_cl.model_folder import staged_folder
 
 CHECKPOINT_DIR = "checkpoint"
 _OPTIMIZER_FLAGS = ("fused", "foreach", "capturable", "differentiable")  # how to run, not what to resume
@@ -127,8 +126,7 @@ def save_checkpoint(out_dir: str | Path, *, weights: dict[str, torch.Tensor], ma
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     folder = out_dir / CHECKPOINT_DIR
-    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{CHECKPOINT_DIR}.", suffix=".tmp"))
-    try:
+    with staged_folder(folder) as staging:
         _save(staging / "weights.safetensors", weights)
         if masters:
             _save(staging / "masters.safetensors", masters)
@@ -138,15 +136,6 @@ def save_checkpoint(out_dir: str | Path, *, weights: dict[str, torch.Tensor], ma
         rng_json, rng_tensors = rng_state()
         _save(staging / "rng.safetensors", rng_tensors)
         (staging / "state.json").write_text(json.dumps({**state, "rng": rng_json}, indent=1) + "\n")
-        old = out_dir / f".{CHECKPOINT_DIR}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(staging, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder
 
 

@@ -135,9 +135,10 @@ def test_nl_benchmarks_follow_the_contract_and_agree_with_the_facts(world: Path)
         assert doc["context"] + doc["target"] not in train  # the exact passage is never trained on
 
 
-def test_corpus_is_one_document_per_line_and_heldout_is_unseen(world: Path) -> None:
-    train = (world / "text/train.txt").read_text(encoding="utf-8").splitlines()
-    heldout = (world / "text/heldout.txt").read_text(encoding="utf-8").splitlines()
+def test_corpus_is_one_document_per_paragraph_and_heldout_is_unseen(world: Path) -> None:
+    train = (world / "text/train.txt").read_text(encoding="utf-8").split("\n\n")[:-1]
+    heldout = (world / "text/heldout.txt").read_text(encoding="utf-8").split("\n\n")[:-1]
+    assert all("\n" not in d for d in train + heldout)
     assert len(train) == 300 and len(heldout) == 40 and all(train) and all(heldout)
     assert not set(train) & set(heldout)
 
@@ -146,7 +147,7 @@ def test_tokenizer_round_trips_the_world_and_has_the_special_ids(world: Path) ->
     tokenizer = Tokenizer.from_file(str(world / "tokenizer.json"))
     assert tokenizer.token_to_id("<|endoftext|>") == 0 and tokenizer.token_to_id("<|padding|>") == 1
     assert tokenizer.get_vocab_size() <= 1024
-    texts = (world / "text/heldout.txt").read_text(encoding="utf-8").splitlines()
+    texts = (world / "text/heldout.txt").read_text(encoding="utf-8").split("\n\n")[:-1]
     texts += [t["value"] for r in read_json(world / "tasks/choice/test.json") for t in r["conversations"]]
     texts += ["USER: What colour is the circle? ASSISTANT: red", "Ünïcode and\ttabs\n"]
     for text in texts:

@@ -1,0 +1,194 @@
+"""Consolidate a model trained on a new task into the model it started from (ModelMix or SAC, LLaVA-c 4.1).
+
+    python consolidate.py OLD NEW --method sac --alpha 0.2 --out DIR
+    python consolidate.py OLD NEW --method sac --sweep 0:1:0.1 --out DIR \\
+        --eval-cmd "python eval.py {model} --suite nl --json {json}"
+
+OLD and NEW are Hugging Face-layout LLM folders, or LLaVA folders (config.json with "model_type":
+"mllm_cl_llava", llm/, vision/, projector.safetensors) whose LLM and projector are consolidated and whose
+frozen vision tower is copied from NEW. The output keeps NEW's config and tokenizer. A sweep writes
+DIR/alpha_0.10/ ... and, with --eval-cmd, runs it on every point ({model}: the folder, {json}: where the
+command writes {"task": {"acc": ...}, ...}), prints an alpha x task table and writes DIR/sweep.json.
+The SVDs are computed once per sweep; each alpha only picks windows and rebuilds the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from mllm_cl.consolidation import ConsolidationMismatchError, decompose_updates, modelmix, sac_from_spectra
+from mllm_cl.model_folder import (CONFIG_FILE, ModelFolderError, atomic_save_tensors, atomic_write_text, read_config,
+                                  read_tensors, write_model_folder)
+
+LLAVA_TYPE = "mllm_cl_llava"
+PROJECTOR_FILE = "projector.safetensors"
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def parse_alphas(text: str) -> list[float]:
+    """`0,0.1,0.5` or `start:stop:step` (stop included) -> a list of alphas in [0, 1]."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(part) for part in text.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            count = math.floor((stop - start) / step + 1e-9)
+            alphas = [round(start + i * step, 10) for i in range(count + 1)]
+        else:
+            alphas = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SystemExit(f"--sweep {text!r}: expected a comma list (0,0.1,0.5) or start:stop:step (0:1:0.1)")
+    bad = [a for a in alphas if not 0.0 <= a <= 1.0]
+    if not alphas or bad:
+        raise SystemExit(f"--sweep {text!r}: alphas must lie in [0, 1]; got {alphas}")
+    return alphas
+
+
+def point_name(alpha: float) -> str:
+    return f"alpha_{alpha:.2f}" if abs(alpha * 100 - round(alpha * 100)) < 1e-9 else f"alpha_{alpha:.6g}"
+
+
+def is_llava(folder: Path) -> bool:
+    return read_config(folder).get("model_type") == LLAVA_TYPE
+
+
+def read_model(folder: Path) -> dict[str, torch.Tensor]:
+    """Every consolidated tensor of a folder; a LLaVA folder's keys are prefixed `llm/` and `projector/`."""
+    if not is_llava(folder):
+        return read_tensors(folder)
+    tensors = {f"llm/{k}": v for k, v in read_tensors(folder / "llm").items()}
+    path = folder / PROJECTOR_FILE
+    try:
+        tensors.update({f"projector/{k}": v for k, v in load_file(str(path)).items()})
+    except (SafetensorError, OSError) as e:
+        raise ModelFolderError(f"cannot read {path}: {e}") from None
+    return tensors
+
+
+def write_model(out: Path, tensors: dict[str, torch.Tensor], new: Path) -> None:
+    """Write `tensors` in NEW's layout, with NEW's config, tokenizer and (LLaVA) vision tower."""
+    if not is_llava(new):
+        write_model_folder(out, tensors, read_config(new), copy_from=new)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        llm = {k.removeprefix("llm/"): v for k, v in tensors.items() if k.startswith("llm/")}
+        write_model_folder(staging / "llm", llm, read_config(new / "llm"), copy_from=new / "llm")
+        projector = {k.removeprefix("projector/"): v for k, v in tensors.items() if k.startswith("projector/")}
+        atomic_save_tensors(staging / PROJECTOR_FILE, projector, metadata={"format": "pt"})
+        shutil.copytree(new / "vision", staging / "vision")
+        shutil.copy2(new / CONFIG_FILE, staging / CONFIG_FILE)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def run_eval(command: str, model: Path, json_path: Path) -> dict[str, float]:
+    """Run the user's eval command on one model and read its {"task": {"acc": ...}} JSON."""
+    filled = command.replace("{model}", shlex.quote(str(model))).replace("{json}", shlex.quote(str(json_path)))
+    log(f"  eval: {filled}")
+    result = subprocess.run(filled, shell=True)
+    if result.returncode != 0:
+        raise SystemExit(f"--eval-cmd failed with exit code {result.returncode} on {model}: {filled}")
+    try:
+        data = json.loads(json_path.read_text())
+        return {task: float(entry["acc"]) for task, entry in data.items()}
+    except FileNotFoundError:
+        raise SystemExit(f"--eval-cmd did not write {json_path}: {filled}") from None
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"{json_path}: expected a JSON object "
+                         f"{{\"task\": {{\"acc\": number}}, ...}} ({e!r})") from None
+
+
+def format_table(points: list[dict]) -> str:
+    tasks = list(dict.fromkeys(task for point in points for task in point["results"]))
+    width = max([8] + [len(t) for t in tasks])
+    lines = ["alpha".ljust(7) + "".join(t.rjust(width + 2) for t in tasks)]
+    for point in points:
+        cells = [point["results"].get(t) for t in tasks]
+        lines.append(f"{point['alpha']:<7.3g}" + "".join(
+            ("-" if c is None else f"{c:.2f}").rjust(width + 2) for c in cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("old", type=Path, help="the model before the task")
+    parser.add_argument("new", type=Path, help="the model trained on the task, starting from OLD")
+    parser.add_argument("--method", choices=("sac", "modelmix"), default="sac")
+    points = parser.add_mutually_exclusive_group()
+    points.add_argument("--alpha", type=float, default=0.2, help="weight of the new model (default 0.2)")
+    points.add_argument("--sweep", help="alphas: 0,0.1,0.5 or start:stop:step; one folder each under --out")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--eval-cmd", help="run on every sweep point; {model} and {json} are filled in")
+    parser.add_argument("--rank", type=int, help="the updates have at most this rank (merged LoRA): faster SVDs")
+    parser.add_argument("--device", help="where the SVDs run (default: cuda if available, else cpu)")
+    args = parser.parse_args(argv)
+    if args.eval_cmd and not args.sweep:
+        parser.error("--eval-cmd needs --sweep (a single alpha can be evaluated with eval.py directly)")
+    if args.eval_cmd and ("{model}" not in args.eval_cmd or "{json}" not in args.eval_cmd):
+        parser.error("--eval-cmd must contain {model} (the model folder) and {json} (the results file to write)")
+    if not 0.0 <= args.alpha <= 1.0:
+        parser.error(f"--alpha must lie in [0, 1], got {args.alpha}")
+    alphas = parse_alphas(args.sweep) if args.sweep else [args.alpha]
+    names = [point_name(a) for a in alphas]
+    if len(set(names)) != len(names):
+        parser.error(f"--sweep gives repeated alphas: {alphas}")
+
+    try:
+        if is_llava(args.old) != is_llava(args.new):
+            raise SystemExit(f"{args.old} and {args.new} are not the same kind of folder (LLaVA vs LLM)")
+        start = time.perf_counter()
+        old, new = read_model(args.old), read_model(args.new)
+        log(f"read {len(old)} tensors from each model ({time.perf_counter() - start:.1f} s)")
+        spectra = None
+        if args.method == "sac":
+            start = time.perf_counter()
+            log("decomposing the updates (once for all alphas):")
+            spectra = decompose_updates(old, new, rank=args.rank, device=args.device, log=log)
+            log(f"{len(spectra)} matrices decomposed in {time.perf_counter() - start:.1f} s")
+        results = []
+        for alpha, name in zip(alphas, names):
+            start = time.perf_counter()
+            target = args.out / name if args.sweep else args.out
+            merged = sac_from_spectra(old, new, spectra, alpha) if spectra is not None else modelmix(old, new, alpha)
+            write_model(target, merged, args.new)
+            del merged
+            log(f"{args.method} alpha={alpha:g} -> {target} ({time.perf_counter() - start:.1f} s)")
+            if args.eval_cmd:
+                scores = run_eval(args.eval_cmd, target, args.out / f"{name}.json")
+                results.append({"alpha": alpha, "folder": name, "results": scores})
+                summary = {"method": args.method, "old": str(args.old), "new": str(args.new), "points": results}
+                atomic_write_text(args.out / "sweep.json", json.dumps(summary, indent=2) + "\n")  # kept per point
+    except ModelFolderError as e:
+        raise SystemExit(f"error: {e}") from None
+    except ConsolidationMismatchError as e:
+        raise SystemExit(f"error: {args.old} and {args.new}: {e}") from None
+    if args.eval_cmd:
+        log(format_table(results))
+        log(f"wrote {args.out / 'sweep.json'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The continual stage: VL tasks learned one after another, CL methods plugged in, NL and VL measured after each.
+
+For task t (paper 1's framing: the LLM's text pre-training was task 1, so these are tasks 2, 3, ...):
+
+    start state θ_{t-1} kept  ->  methods.before_task  ->  train on the task (+ replayed samples)
+        with loss = task loss (+ each method's term)  ->  methods.after_task (merge, consolidate, Fisher)
+        ->  save task_k/model  ->  evaluate NL and every task's VL test set  ->  task_k/eval.json
+
+An interrupted run resumes: finished tasks are recognised by their eval.json, and the methods' state (replay
+buffers, Fisher estimates) is rebuilt by replaying their hooks on each finished task's saved model, which is
+exact because those hooks depend only on that model and the seeded data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from mllm_cl.data import EpochBatches, TextOnlyInquiries, batches
+from mllm_cl.evaluation_nl import evaluate_nl_documents, read_nl_documents
+from mllm_cl.evaluation_vl import evaluate_vl_examples, read_vl_test_set
+from mllm_cl.llava import LlavaModel, load_llava, save_llava
+from mllm_cl.losses import causal_lm_loss, supervised_token_count
+from mllm_cl.methods import TaskContext, build_methods
+from mllm_cl.model_folder import atomic_write_text
+from mllm_cl.precision import resolve_dtype
+from mllm_cl.stages import StageConfig, StageError, device_of, multimodal_dataset, require
+from mllm_cl.tokenizer import Tokenizer, load_tokenizer
+from mllm_cl.trainer import Trainer
+
+
+class SampleList(torch.utils.data.Dataset):
+    """A task's training samples as (dataset, index) pairs, so replayed samples of earlier tasks can join."""
+
+    def __init__(self, pairs: list[tuple[Any, int]], pad_id: int) -> None:
+        if not pairs:
+            raise StageError("a continual task has no training sample")
+        self.pairs, self.pad_id = pairs, pad_id
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        dataset, i = self.pairs[index]
+        return dataset[i]
+
+
+def endless(dataset: Any, batch_size: int, seed: int, device: torch.device) -> Iterator[dict]:
+    """Seeded batches of `dataset`, epoch after epoch, moved to `device`."""
+    epoch = 0
+    while True:
+        for batch in batches(dataset, batch_size, seed, epoch):
+            yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        epoch += 1
+
+
+def run_continual(cfg: StageConfig) -> Path:
+    require(cfg, "init", "tasks")
+    names = [t.name for t in cfg.tasks]
+    if len(set(names)) != len(names) or not all(names):
+        raise StageError(f"continual tasks need distinct, non-empty names; got {names}")
+    out = Path(cfg.out_dir)
+    device = device_of(cfg)
+    tokenizer = load_tokenizer(Path(cfg.init) / "llm")
+    model = load_llava(cfg.init, device=device)
+    methods = build_methods(cfg.methods, cfg.method_options)
+    vision_config = model.vision.config
+    datasets = {t.name: multimodal_dataset(cfg, t.train, t.image_folder, tokenizer, cfg.template, vision_config)
+                for t in cfg.tasks}
+    inquiries = TextOnlyInquiries(cfg.inquiries, tokenizer, cfg.template, cfg.max_len) if cfg.inquiries else None
+    results_path = out / "results.json"
+    results: dict[str, Any] = {"methods": cfg.methods, "tasks": names, "after_task": []}
+    start = time.time()
+    initial = out / "initial_eval.json"
+    if not initial.is_file():
+        atomic_write_text(initial, json.dumps(evaluate_model(model, tokenizer, cfg), indent=2) + "\n")
+    results["initial"] = json.loads(initial.read_text())
+
+    for index, task in enumerate(cfg.tasks):
+        task_dir = out / f"task_{index + 1}_{task.name}"
+        done = (task_dir / "eval.json").is_file() and (task_dir / "model").is_dir()
+        if done:
+            model = load_llava(task_dir / "model", device=device)
+        ctx = TaskContext(task_index=index, task_name=task.name, model=model, device=device,
+                          train_samples=[(datasets[task.name], i) for i in range(len(datasets[task.name]))],
+                          compute_dtype=resolve_dtype(cfg.train.precision, device))
+        ctx.loss_fn = lambda m, b, ctx=ctx: causal_lm_loss(
+            m(b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b.get("pixel_values")).logits,
+            b["labels"], ctx.soft_target_a)
+        ctx.task_batches = lambda n, data=datasets[task.name]: _take(
+            endless(data, cfg.train.micro_batch_size, cfg.train.seed, device), n)
+        if inquiries is not None:
+            ctx.inquiry_batches = lambda: endless(inquiries, cfg.train.micro_batch_size, cfg.train.seed + 1, device)
+        ctx.take_start_state()
+        if any(m.needs_previous for m in methods) and not done:
+            ctx.snapshot_previous()
+        for method in methods:
+            method.before_task(ctx)
+        if not done:
+            _train_task(cfg, ctx, methods, tokenizer.pad_id, task_dir)
+        for method in methods:
+            method.after_task(ctx)
+        if done:
+            print(f"task {index + 1} ({task.name}) already finished: replayed the methods' hooks on its model")
+        else:
+            save_llava(model, task_dir / "model", tokenizer_from=Path(cfg.init) / "llm")
+            scores = evaluate_model(model, tokenizer, cfg)
+            scores["method_log"] = ctx.log
+            atomic_write_text(task_dir / "eval.json", json.dumps(scores, indent=2) + "\n")
+        results["after_task"].append(json.loads((task_dir / "eval.json").read_text()))
+        results["wall_seconds"] = time.time() - start
+        atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
+    return out / f"task_{len(cfg.tasks)}_{cfg.tasks[-1].name}" / "model"
+
+
+@torch.no_grad()
+def evaluate_model(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig) -> dict[str, dict[str, dict]]:
+    """NL skill of the LLM alone on every NL file, VL accuracy on every task's test split."""
+    was_training = model.training
+    model.eval()
+    nl = {}
+    for path in cfg.eval.nl_files:
+        docs = read_nl_documents(path, cfg.eval.nl_limit or None)
+        nl[Path(path).stem] = evaluate_nl_documents(model.llm, tokenizer, docs, max_seq_len=model.llm.config.max_seq_len,
+                                                    batch_size=cfg.eval.batch_size)
+    vl = {}
+    for task in cfg.tasks:
+        examples = read_vl_test_set(task.test, task.image_folder or None, cfg.eval.vl_limit or None)
+        vl[task.name] = evaluate_vl_examples(model, tokenizer, examples, template=cfg.template,
+                                             batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+    model.train(was_training)
+    return {"nl": nl, "vl": vl}
+
+
+def _take(iterator: Iterator[dict], n: int) -> Iterator[dict]:
+    for _, batch in zip(range(n), iterator):
+        yield batch
+
+
+def _train_task(cfg: StageConfig, ctx: TaskContext, methods: list, pad_id: int, task_dir: Path) -> None:
+    data = SampleList(ctx.train_samples, pad_id)
+
+    def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+        output = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch.get("pixel_values"))
+        loss = causal_lm_loss(output.logits, batch["labels"], ctx.soft_target_a)
+        for method in methods:
+            loss = method.loss(ctx, batch, output, loss)
+        return loss, supervised_token_count(batch["labels"])
+
+    print(f"task {ctx.task_index + 1} ({ctx.task_name}): {len(data)} samples, methods "
+          f"{[m.name for m in methods]}", flush=True)
+    micro, seed = cfg.train.micro_batch_size, cfg.train.seed
+    Trainer(ctx.model, loss_fn, lambda epoch: EpochBatches(data, micro, seed, epoch), cfg.train,
+            out_dir=task_dir).fit()

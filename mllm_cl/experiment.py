@@ -1,0 +1,175 @@
+"""The papers' experiment end to end: shared stages once, then the continual task sequence once per method.
+
+    world (synthetic, generated if missing)
+      -> pretrain-text  (task 1: the LLM's language pre-training; skipped when `llm` is a model folder)
+      -> pretrain-vision (a small CLIP tower; skipped when `vision` is a model folder)
+      -> align (projector only)
+      -> for each method run: continual over the VL tasks, NL and VL measured after every task
+      -> results.json + REPORT.md with tables and plots
+
+Every stage writes into its own folder under `out_dir` and is skipped when its model is already there, so
+an interrupted experiment picks up where it stopped (an unfinished stage resumes from its checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mllm_cl import metrics
+from mllm_cl.config import LLM_PRESETS, VISION_PRESETS
+from mllm_cl.model_folder import atomic_write_text
+from mllm_cl.stages import EvalSpec, StageConfig, StageError, TaskSpec, run_stage
+from mllm_cl.trainer import TrainConfig
+
+
+def _train(**kw: Any) -> Any:
+    return field(default_factory=lambda: TrainConfig(**kw))
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "demo"
+    out_dir: str = "runs/demo"
+    world: str = "data/synthetic"  # the synthetic world's folder (images, tasks, NL files, tokenizer)
+    world_size: str = "demo"  # generated with this size when `world` holds no world.json ("" : never generate)
+    world_seed: int = 0
+    llm: str = "tiny"  # a preset (pre-trained here on the world's text) or an HF LLM folder
+    vision: str = "clip-tiny"  # a preset (pre-trained here on the world's captions) or an HF CLIP folder
+    tokenizer: str = ""  # default: the world's tokenizer.json when `llm` is a preset, else the LLM folder's
+    projector: str = "mlp2x_gelu"
+    template: str = "pythia"
+    max_len: int = 256
+    text_corpus: str = ""  # default: <world>/text/train.txt
+    align_file: str = ""  # default: <world>/align.json
+    inquiries: str = ""  # default: <world>/inquiries.json
+    tasks: list[TaskSpec] = field(default_factory=list)  # default: the world's tasks (see world_tasks)
+    world_tasks: list[str] = field(default_factory=list)  # which of the world's tasks, in order (default: all)
+    nl_files: list[str] = field(default_factory=list)  # default: <world>/nl/*.jsonl
+    pretrain_text: TrainConfig = _train(epochs=1, global_batch_size=16, micro_batch_size=16, lrs={"": 3e-3})
+    pretrain_vision: TrainConfig = _train(epochs=2, global_batch_size=64, micro_batch_size=64, lrs={"": 1e-3})
+    align: TrainConfig = _train(epochs=1, global_batch_size=32, micro_batch_size=32, lrs={"": 1e-3})
+    task_train: TrainConfig = _train(epochs=1, global_batch_size=16, micro_batch_size=16, lrs={"": 1e-3})
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    methods: dict[str, list[str]] = field(default_factory=lambda: {"naive": ["naive"]})  # run name -> methods
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> options, every run
+    device: str = "auto"
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
+    start = time.time()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world = ensure_world(cfg)
+    cfg = with_world_defaults(cfg, world)
+    llm = shared_stage(cfg, "pretrain-text", out / "pretrain_text", cfg.pretrain_text, llm=cfg.llm,
+                       train_file=cfg.text_corpus, skip=cfg.llm not in LLM_PRESETS, given=cfg.llm)
+    vision = shared_stage(cfg, "pretrain-vision", out / "pretrain_vision", cfg.pretrain_vision, vision=cfg.vision,
+                          train_file=cfg.align_file, image_folder=str(world), skip=cfg.vision not in VISION_PRESETS,
+                          given=cfg.vision)
+    aligned = shared_stage(cfg, "align", out / "align", cfg.align, llm=str(llm), vision=str(vision),
+                           tokenizer=cfg.tokenizer or str(llm), train_file=cfg.align_file, image_folder=str(world))
+    runs = {}
+    for run_name, methods in cfg.methods.items():
+        options = {m: o for m, o in cfg.method_options.items() if m in expand(methods)}
+        stage = base_stage(cfg, "continual", out / "methods" / run_name, cfg.task_train, init=str(aligned),
+                           tasks=cfg.tasks, inquiries=cfg.inquiries, methods=methods, method_options=options)
+        print(f"\n=== method run {run_name!r}: {methods} ===", flush=True)
+        run_stage(stage)
+        runs[run_name] = json.loads((out / "methods" / run_name / "results.json").read_text())
+    results = summarise(cfg, runs, wall_seconds=time.time() - start)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    from mllm_cl.report import write_report
+
+    write_report(results, out)
+    print(f"\n{cfg.name}: wrote {out / 'results.json'} and {out / 'REPORT.md'} in {results['wall_seconds']:.0f}s")
+    return results
+
+
+def expand(methods: list[str]) -> set[str]:
+    from mllm_cl.methods.base import COMPOSITES
+
+    return {part for m in methods for part in COMPOSITES.get(m, (m,))}
+
+
+def ensure_world(cfg: ExperimentConfig) -> Path:
+    world = Path(cfg.world)
+    if not (world / "world.json").is_file():
+        if not cfg.world_size:
+            raise StageError(f"{world} holds no world.json and world_size is empty: generate it with "
+                             f"`python data/synthetic_world.py --out {world}`")
+        from data.synthetic_world import build_world
+
+        print(f"generating the synthetic world ({cfg.world_size}, seed {cfg.world_seed}) into {world}", flush=True)
+        build_world(world, seed=cfg.world_seed, size=cfg.world_size)
+    return world
+
+
+def with_world_defaults(cfg: ExperimentConfig, world: Path) -> ExperimentConfig:
+    """Fill every data path left empty from the world's manifest."""
+    manifest = json.loads((world / "world.json").read_text())
+    unknown = sorted(set(cfg.world_tasks) - set(manifest["tasks"]))
+    if unknown:
+        raise StageError(f"world_tasks names {unknown}, which {world} does not have; it has {manifest['tasks']}")
+    tasks = cfg.tasks or [TaskSpec(name=t, train=str(world / f"tasks/{t}/train.json"),
+                                   test=str(world / f"tasks/{t}/test.json"), image_folder=str(world))
+                          for t in cfg.world_tasks or manifest["tasks"]]
+    nl_files = cfg.nl_files or [str(p) for p in sorted((world / "nl").glob("*.jsonl"))]
+    tokenizer = cfg.tokenizer or (str(world / "tokenizer.json") if cfg.llm in LLM_PRESETS else "")
+    return replace(cfg, tasks=tasks, eval=replace(cfg.eval, nl_files=nl_files), tokenizer=tokenizer,
+                   text_corpus=cfg.text_corpus or str(world / "text/train.txt"),
+                   align_file=cfg.align_file or str(world / "align.json"),
+                   inquiries=cfg.inquiries or str(world / "inquiries.json"))
+
+
+def base_stage(cfg: ExperimentConfig, stage: str, out: Path, train: TrainConfig, **fields: Any) -> StageConfig:
+    settings = dict(llm=cfg.llm, vision=cfg.vision, projector=cfg.projector, tokenizer=cfg.tokenizer,
+                    template=cfg.template, max_len=cfg.max_len, eval=cfg.eval)
+    return StageConfig(stage=stage, out_dir=str(out), train=replace(train, device=cfg.device, resume=True),
+                       **{**settings, **fields})
+
+
+def shared_stage(cfg: ExperimentConfig, stage: str, out: Path, train: TrainConfig, skip: bool = False,
+                 given: str = "", **fields: Any) -> Path:
+    """Run a stage shared by every method, unless its model exists already (or a given folder replaces it)."""
+    if skip:
+        print(f"{stage}: using the given model {given}")
+        return Path(given)
+    model = out / "model"
+    if model.is_dir():
+        print(f"{stage}: reusing {model}")
+        return model
+    print(f"\n=== {stage} ===", flush=True)
+    return run_stage(base_stage(cfg, stage, out, train, **fields))
+
+
+def summarise(cfg: ExperimentConfig, runs: dict[str, dict], wall_seconds: float) -> dict[str, Any]:
+    """Per method: the accuracy matrix, NL omega after each task, NL Delta and VL harmonic mean (percent)."""
+    task_names = [t.name for t in cfg.tasks]
+    methods = {}
+    for run_name, run in runs.items():
+        base_nl = nl_accuracies(run["initial"])
+        omega_base = metrics.nl_omega(base_nl)
+        matrix = [[100.0 * after["vl"][t]["acc"] for t in task_names] for after in run["after_task"]]
+        nl_after = [metrics.nl_omega(nl_accuracies(after)) for after in run["after_task"]]
+        methods[run_name] = {
+            "methods": run["methods"], "task_names": task_names, "acc_matrix": matrix,
+            "nl_base": omega_base, "nl_after_task": nl_after, "nl_delta": metrics.nl_delta(omega_base, nl_after[-1]),
+            "nl_tasks_final": nl_accuracies(run["after_task"][-1]), "nl_tasks_base": base_nl,
+            "vl_after_task": [metrics.average_accuracy(matrix, k) for k in range(len(matrix))],
+            "vl_hmean": metrics.vl_hmean(matrix[-1]),
+            "forgetting": metrics.forgetting(matrix), "bwt": metrics.backward_transfer(matrix),
+        }
+    return {"name": cfg.name, "wall_seconds": wall_seconds, "date": datetime.now(timezone.utc).isoformat(),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "tasks": task_names,
+            "nl_files": cfg.eval.nl_files, "methods": methods}
+
+
+def nl_accuracies(scores: dict[str, Any]) -> dict[str, float]:
+    """{NL task: accuracy in percent} from one evaluation's scores."""
+    return {task: 100.0 * m["acc"] for task, m in scores["nl"].items()}

@@ -1,0 +1,355 @@
+"""REPORT.md with tables and PNG plots (drawn with Pillow only) from the results of continual-learning runs.
+
+Input: a results dict, or paths to JSON files / run folders holding `results.json`, each in this format
+(accuracies in percent; every field optional except that a method needs at least one):
+
+    {"methods": {"naive": {"nl_delta": 7.83,                 # paper 1's Delta (positive = forgotten)
+                           "vl_hmean": 5.29,                 # harmonic mean of the VL benchmarks
+                           "acc_matrix": [[...], ...],       # A[k][j]: task j after task k (NaN/None: not yet)
+                           "task_names": ["vqa", "gqa"],     # names of the tasks, the columns of acc_matrix
+                           "nl_after_task": [31.2, 28.4],    # NL omega after each task
+                           "vl_after_task": [40.1, 52.3]},   # VL hmean after each task
+                 "soft_targets": {...}}}
+
+A file may also hold a single method as {"method": "naive", "nl_delta": ..., ...}. Later files win.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from mllm_cl.metrics import accuracy_matrix, average_accuracy, backward_transfer, forgetting
+
+FIGURE_SIZE = (800, 520)  # every PNG, in pixels
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf"]
+# Heat-map colours from 0% to 100% (dark blue -> teal -> yellow, in the spirit of viridis).
+HEAT_STOPS = [(0.0, (68, 1, 84)), (0.25, (59, 82, 139)), (0.5, (33, 145, 140)), (0.75, (94, 201, 98)),
+              (1.0, (253, 231, 37))]
+FIELDS = ("nl_delta", "vl_hmean", "acc_matrix", "task_names", "nl_after_task", "vl_after_task")
+
+
+class ReportInputError(ValueError):
+    """Results that do not follow the documented format; the message names the file, method and field."""
+
+
+# ---------------------------------------------------------------- input
+
+def load_results(sources: dict | str | Path | Sequence[str | Path]) -> dict[str, dict[str, Any]]:
+    """Method name -> its validated fields, from a results dict or from files / run folders."""
+    if isinstance(sources, dict):
+        return _methods_of(sources, "results")
+    paths = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    methods: dict[str, dict[str, Any]] = {}
+    for path in map(Path, paths):
+        file = path / "results.json" if path.is_dir() else path
+        try:
+            data = json.loads(file.read_text())
+        except FileNotFoundError:
+            raise ReportInputError(f"{file} does not exist (give results JSON files or run folders with "
+                                   f"results.json)") from None
+        except json.JSONDecodeError as e:
+            raise ReportInputError(f"{file} is not valid JSON: {e}") from None
+        methods.update(_methods_of(data, str(file)))
+    if not methods:
+        raise ReportInputError(f"no methods found in {[str(p) for p in paths]}")
+    return methods
+
+
+def _methods_of(data: Any, where: str) -> dict[str, dict[str, Any]]:
+    if isinstance(data, dict) and "method" in data:
+        data = {"methods": {data["method"]: {k: v for k, v in data.items() if k != "method"}}}
+    if not isinstance(data, dict) or not isinstance(data.get("methods"), dict):
+        raise ReportInputError(f'{where}: expected {{"methods": {{name: {{...}}}}}} or {{"method": name, ...}}')
+    return {name: _check_method(entry, f"{where}: method {name!r}") for name, entry in data["methods"].items()}
+
+
+def _number(value: Any, where: str) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ReportInputError(f"{where}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _check_method(entry: Any, where: str) -> dict[str, Any]:
+    if not isinstance(entry, dict):
+        raise ReportInputError(f"{where}: expected an object with fields {list(FIELDS)}")
+    unknown = sorted(set(entry) - set(FIELDS))
+    if unknown:
+        raise ReportInputError(f"{where}: unknown field(s) {unknown}; known: {list(FIELDS)}")
+    out: dict[str, Any] = {}
+    for field in ("nl_delta", "vl_hmean"):
+        if field in entry:
+            out[field] = _number(entry[field], f"{where}, {field}")
+    for field in ("nl_after_task", "vl_after_task"):
+        if field in entry:
+            if not isinstance(entry[field], list):
+                raise ReportInputError(f"{where}, {field}: expected a list of numbers")
+            out[field] = [_number(v, f"{where}, {field}[{i}]") for i, v in enumerate(entry[field])]
+    if "acc_matrix" in entry:
+        rows = entry["acc_matrix"]
+        if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
+            raise ReportInputError(f"{where}, acc_matrix: expected a list of rows")
+        matrix = [[_number(v, f"{where}, acc_matrix[{k}][{j}]") for j, v in enumerate(r)] for k, r in enumerate(rows)]
+        try:
+            out["acc_matrix"] = accuracy_matrix(matrix)
+        except ValueError as e:
+            raise ReportInputError(f"{where}, acc_matrix: {e}") from None
+    if "task_names" in entry:
+        out["task_names"] = [str(name) for name in entry["task_names"]]
+    if "acc_matrix" in out:
+        size = out["acc_matrix"].shape[0]
+        names = out.setdefault("task_names", [f"task {j + 1}" for j in range(size)])
+        if len(names) != size:
+            raise ReportInputError(f"{where}: {len(names)} task_names for a {size} x {size} acc_matrix")
+    return out
+
+
+# ---------------------------------------------------------------- drawing
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> str:
+    """`text`, cut with an ellipsis until it is at most `width` pixels wide."""
+    while len(text) > 1 and _text_size(draw, text, font)[0] > width:
+        text = text[:-2] + "…"
+    return text
+
+
+def _figure(title: str) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    image = Image.new("RGB", FIGURE_SIZE, "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((FIGURE_SIZE[0] // 2, 22), title, fill="black", font=_font(22), anchor="mm")
+    return image, draw
+
+
+def _vertical_label(image: Image.Image, text: str, x: int, y: int, font: ImageFont.ImageFont) -> None:
+    """Paste `text` rotated by 90 degrees, centred on (x, y)."""
+    draw = ImageDraw.Draw(image)
+    width, height = _text_size(draw, text, font)
+    label = Image.new("RGB", (width + 8, height + 8), "white")
+    ImageDraw.Draw(label).text((4, 4), text, fill="black", font=font, anchor="lt")
+    label = label.rotate(90, expand=True)
+    image.paste(label, (x - label.width // 2, y - label.height // 2))
+
+
+def _ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round tick values covering [low, high]: steps of 1, 2, 2.5 or 5 times a power of ten."""
+    if high <= low:
+        high = low + 1.0
+    raw = (high - low) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    first = math.floor(low / step) * step
+    return [first + i * step for i in range(int(math.ceil((high - first) / step - 1e-9)) + 1)]
+
+
+def _heat_colour(value: float) -> tuple[int, int, int]:
+    t = min(1.0, max(0.0, value / 100.0))
+    for (t0, c0), (t1, c1) in zip(HEAT_STOPS, HEAT_STOPS[1:]):
+        if t <= t1:
+            w = (t - t0) / (t1 - t0)
+            return tuple(round(a + w * (b - a)) for a, b in zip(c0, c1))
+    return HEAT_STOPS[-1][1]
+
+
+def _value_axis(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], ticks: list[float],
+                font: ImageFont.ImageFont) -> Callable[[float], float]:
+    """Grid lines and labels for `ticks` on the left of the plot `box`; returns value -> y pixel."""
+    left, top, right, bottom = box
+    low, high = ticks[0], ticks[-1]
+
+    def y_of(value: float) -> float:
+        return bottom - (value - low) / (high - low) * (bottom - top)
+
+    for tick in ticks:
+        y = y_of(tick)
+        draw.line([(left, y), (right, y)], fill="#e0e0e0")
+        draw.text((left - 8, y), f"{tick:g}", fill="black", font=font, anchor="rm")
+    draw.line([(left, top), (left, bottom)], fill="black")
+    return y_of
+
+
+def heatmap_figure(matrix: np.ndarray, task_names: list[str], title: str) -> Image.Image:
+    """The accuracy matrix as coloured cells with their values, rows 'after task', columns 'task'."""
+    image, draw = _figure(title)
+    small, label_font = _font(13), _font(16)
+    size = matrix.shape[0]
+    cell = min(120, (FIGURE_SIZE[1] - 150) // size, (FIGURE_SIZE[0] - 330) // size)
+    left = (FIGURE_SIZE[0] - size * cell - 290) // 2 + 170  # 170 px of row labels, 120 of legend, centred
+    top = 60
+    for k in range(size):
+        for j in range(size):
+            x, y = left + j * cell, top + k * cell
+            value = matrix[k, j]
+            if math.isfinite(value):
+                colour = _heat_colour(value)
+                ink = "black" if 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 140 else "white"
+                draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=colour)
+                draw.text((x + cell // 2, y + cell // 2), f"{value:.1f}", fill=ink, font=_font(min(16, cell // 3)),
+                          anchor="mm")
+            else:
+                draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill="#eeeeee")
+    for i, name in enumerate(task_names):
+        draw.text((left - 8, top + i * cell + cell // 2), _fit(draw, name, small, 120), fill="black",
+                  font=small, anchor="rm")
+        draw.text((left + i * cell + cell // 2, top + size * cell + 6), _fit(draw, name, small, cell - 4),
+                  fill="black", font=small, anchor="mt")
+    draw.text((left + size * cell // 2, top + size * cell + 34), "task", fill="black", font=label_font, anchor="mt")
+    _vertical_label(image, "after task", left - 150, top + size * cell // 2, label_font)
+    # colour legend: a vertical bar from 0% (bottom) to 100% (top)
+    bar_left, bar_top, bar_height = left + size * cell + 40, top, size * cell
+    for dy in range(bar_height):
+        draw.line([(bar_left, bar_top + dy), (bar_left + 20, bar_top + dy)],
+                  fill=_heat_colour(100.0 * (1 - dy / max(1, bar_height - 1))))
+    for tick in (0, 25, 50, 75, 100):
+        y = bar_top + (1 - tick / 100) * (bar_height - 1)
+        draw.line([(bar_left + 20, y), (bar_left + 25, y)], fill="black")
+        draw.text((bar_left + 29, y), f"{tick}%", fill="black", font=small, anchor="lm")
+    draw.text((bar_left + 10, bar_top - 8), "accuracy", fill="black", font=small, anchor="md")
+    return image
+
+
+def bar_figure(values: dict[str, float], title: str, ylabel: str) -> Image.Image:
+    """One bar per method with its value printed on it; negative values hang below the zero line."""
+    image, draw = _figure(title)
+    font, label_font = _font(14), _font(16)
+    box = (100, 60, FIGURE_SIZE[0] - 30, FIGURE_SIZE[1] - 80)
+    finite = [v for v in values.values() if math.isfinite(v)]
+    ticks = _ticks(min([0.0] + finite), max([0.0] + finite) * 1.1 or 1.0)
+    y_of = _value_axis(draw, box, ticks, font)
+    slot = (box[2] - box[0]) / max(1, len(values))
+    for i, (name, value) in enumerate(values.items()):
+        x0, x1 = box[0] + i * slot + slot * 0.2, box[0] + (i + 1) * slot - slot * 0.2
+        centre = (x0 + x1) / 2
+        if math.isfinite(value):
+            draw.rectangle([x0, min(y_of(0), y_of(value)), x1, max(y_of(0), y_of(value))],
+                           fill=PALETTE[i % len(PALETTE)])
+            anchor, y = ("md", y_of(value) - 4) if value >= 0 else ("ma", y_of(value) + 4)
+            draw.text((centre, y), f"{value:.2f}", fill="black", font=font, anchor=anchor)
+        draw.text((centre, box[3] + 8), _fit(draw, name, font, int(slot) - 4), fill="black", font=font, anchor="ma")
+    draw.line([(box[0], y_of(0)), (box[2], y_of(0))], fill="black")
+    draw.text(((box[0] + box[2]) // 2, box[3] + 36), "method", fill="black", font=label_font, anchor="ma")
+    _vertical_label(image, ylabel, 30, (box[1] + box[3]) // 2, label_font)
+    return image
+
+
+def line_figure(series: dict[str, list[float]], x_labels: list[str], title: str, ylabel: str) -> Image.Image:
+    """One line per method over the tasks, with a legend."""
+    image, draw = _figure(title)
+    font, label_font = _font(14), _font(16)
+    box = (100, 60, FIGURE_SIZE[0] - 190, FIGURE_SIZE[1] - 80)
+    finite = [v for values in series.values() for v in values if math.isfinite(v)] or [0.0]
+    ticks = _ticks(min(finite) - 1, max(finite) + 1)
+    y_of = _value_axis(draw, box, ticks, font)
+    points = max(len(v) for v in series.values())
+    x_labels = x_labels if len(x_labels) == points else [str(i + 1) for i in range(points)]
+
+    def x_of(i: int) -> float:
+        return box[0] + 30 + i * (box[2] - box[0] - 60) / max(1, points - 1)
+
+    for i, label in enumerate(x_labels):
+        draw.text((x_of(i), box[3] + 8), _fit(draw, label, font, int(x_of(1) - x_of(0)) - 4 if points > 1 else 200),
+                  fill="black", font=font, anchor="ma")
+    draw.line([(box[0], box[3]), (box[2], box[3])], fill="black")
+    for n, (name, values) in enumerate(series.items()):
+        colour = PALETTE[n % len(PALETTE)]
+        xy = [(x_of(i), y_of(v)) for i, v in enumerate(values) if math.isfinite(v)]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=3)
+        for x, y in xy:
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+        legend_y = box[1] + 10 + 24 * n
+        draw.line([(box[2] + 20, legend_y), (box[2] + 50, legend_y)], fill=colour, width=3)
+        draw.text((box[2] + 58, legend_y), _fit(draw, name, font, FIGURE_SIZE[0] - box[2] - 64), fill="black",
+                  font=font, anchor="lm")
+    draw.text(((box[0] + box[2]) // 2, box[3] + 36), "after task", fill="black", font=label_font, anchor="ma")
+    _vertical_label(image, ylabel, 30, (box[1] + box[3]) // 2, label_font)
+    return image
+
+
+# ---------------------------------------------------------------- the report
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.2f}"
+
+
+def _file_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def write_report(run_dirs_or_results: dict | str | Path | Sequence[str | Path], out_dir: str | Path) -> Path:
+    """Write out_dir/REPORT.md and its PNG plots; returns the path of REPORT.md."""
+    methods = load_results(run_dirs_or_results)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = ["# Continual-learning report", "",
+          "Accuracies in percent. NL Delta = omega(base) - omega(now): positive = forgotten (paper 1). "
+          "VL hmean = harmonic mean of the VL benchmarks. BWT and forgetting from the accuracy matrix.", ""]
+    rows = []
+    for name, m in methods.items():
+        matrix = m.get("acc_matrix")
+        rows.append([name, _cell(m.get("nl_delta")), _cell(m.get("vl_hmean")),
+                     _cell(average_accuracy(matrix) if matrix is not None else None),
+                     _cell(backward_transfer(matrix) if matrix is not None and len(matrix) > 1 else None),
+                     _cell(float(np.mean(forgetting(matrix))) if matrix is not None and len(matrix) > 1 else None)])
+    md += ["## Summary", "", _table(["method", "NL Delta", "VL hmean", "final avg acc", "BWT", "mean forgetting"],
+                                    rows), ""]
+
+    for field, title, ylabel in (("nl_delta", "NL forgetting (Delta) per method", "NL Delta (points)"),
+                                 ("vl_hmean", "VL harmonic mean per method", "VL hmean (%)")):
+        values = {name: m[field] for name, m in methods.items() if field in m}
+        if values:
+            bar_figure(values, title, ylabel).save(out / f"{field}.png")
+            md += [f"![{title}]({field}.png)", ""]
+    for field, title, ylabel in (("nl_after_task", "NL score after each task", "NL omega (%)"),
+                                 ("vl_after_task", "VL score after each task", "VL hmean (%)")):
+        series = {name: m[field] for name, m in methods.items() if m.get(field)}
+        if series:
+            names = next((m["task_names"] for m in methods.values() if "task_names" in m), [])
+            line_figure(series, names, title, ylabel).save(out / f"{field}.png")
+            md += [f"## {title}", "", f"![{title}]({field}.png)", ""]
+            points = max(len(v) for v in series.values())
+            headers = ["method"] + (names if len(names) == points else [str(i + 1) for i in range(points)])
+            md += [_table(headers, [[name] + [_cell(v) for v in values] + ["-"] * (points - len(values))
+                                    for name, values in series.items()]), ""]
+
+    for name, m in methods.items():
+        if "acc_matrix" not in m:
+            continue
+        matrix, names = m["acc_matrix"], m["task_names"]
+        file = f"acc_matrix_{_file_name(name)}.png"
+        heatmap_figure(matrix, names, f"Accuracy matrix: {name}").save(out / file)
+        table_rows = [[f"after {names[k]}"] + [_cell(matrix[k, j]) if j <= k else "-" for j in range(len(names))]
+                      for k in range(len(names))]
+        if len(names) > 1:
+            table_rows.append(["forgetting"] + [_cell(f) for f in forgetting(matrix)] + ["-"])
+        md += [f"## Accuracy matrix: {name}", "", _table(["after task \\ task"] + names, table_rows), "",
+               f"![accuracy matrix of {name}]({file})", ""]
+    report = out / "REPORT.md"
+    report.write_text("\n".join(md))
+    return report

@@ -1,0 +1,61 @@
+"""Continual-learning metrics on a hand-computed accuracy matrix."""
+
+import math
+
+import pytest
+
+from mllm_cl.metrics import (accuracy_matrix, average_accuracy, backward_transfer, forgetting, harmonic_mean,
+                             nl_delta, nl_omega, vl_hmean)
+
+NAN = float("nan")
+# A[k][j]: accuracy on task j after learning task k (NaN: task not learned yet)
+A = [[80.0, NAN, NAN],
+     [60.0, 90.0, NAN],
+     [70.0, 45.0, 50.0]]
+
+
+def test_average_accuracy():
+    assert average_accuracy(A, 0) == 80.0
+    assert average_accuracy(A, 1) == 75.0  # (60 + 90) / 2
+    assert average_accuracy(A) == pytest.approx(55.0)  # (70 + 45 + 50) / 3
+
+
+def test_forgetting_is_best_earlier_minus_final():
+    # task 0: best of rows 0..1 is 80, final 70 -> 10; task 1: best of row 1 is 90, final 45 -> 45
+    assert forgetting(A) == [10.0, 45.0]
+    assert forgetting([[50.0]]) == []
+
+
+def test_backward_transfer():
+    # ((70 - 80) + (45 - 90)) / 2 = -27.5
+    assert backward_transfer(A) == -27.5
+    assert backward_transfer([[10.0, NAN], [30.0, 5.0]]) == 20.0  # learning task 1 helped task 0
+    with pytest.raises(ValueError, match="two tasks"):
+        backward_transfer([[50.0]])
+
+
+def test_harmonic_mean_with_a_zero():
+    assert harmonic_mean([50.0, 25.0]) == pytest.approx(2 / (1 / 50 + 1 / 25))  # 33.33
+    # a zero counts as 0.1%: 2 / (1/50 + 1/0.1) = 2 / 10.02
+    assert harmonic_mean([50.0, 0.0]) == pytest.approx(0.1996007984)
+    assert harmonic_mean({"a": 0.0}, zero_as=1.0) == 1.0
+    for bad in ([], [-1.0], [math.nan]):
+        with pytest.raises(ValueError):
+            harmonic_mean(bad)
+
+
+def test_paper_scores_and_delta_sign():
+    base = nl_omega({"wsc273": 60.0, "winogrande": 50.0, "arc_easy": 40.0, "arc_challenge": 20.0})
+    assert base == pytest.approx(4 / (1 / 60 + 1 / 50 + 1 / 40 + 1 / 20))
+    worse = nl_omega([55.0, 45.0, 35.0, 15.0])
+    assert nl_delta(base, worse) > 0  # forgotten
+    assert nl_delta(base, nl_omega([65.0, 55.0, 45.0, 25.0])) < 0  # positive backward transfer
+    assert nl_delta(40.0, 32.17) == pytest.approx(7.83)
+    assert vl_hmean({"easy_vqa": 80.0, "gqa": 20.0}) == pytest.approx(32.0)
+
+
+def test_bad_matrices_are_named():
+    with pytest.raises(ValueError, match="square"):
+        accuracy_matrix([[1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"entry \[1\]\[0\]"):
+        average_accuracy([[1.0, NAN], [NAN, 2.0]])

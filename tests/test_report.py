@@ -1,0 +1,66 @@
+"""REPORT.md and its PNG plots from a small fake results dict."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mllm_cl.report import FIGURE_SIZE, ReportInputError, heatmap_figure, load_results, write_report
+
+RESULTS = {"methods": {
+    "naive": {"nl_delta": 7.83, "vl_hmean": 5.29, "acc_matrix": [[80, None], [60, 90]],
+              "task_names": ["easy_vqa", "colour_qa"], "nl_after_task": [30.1, 24.8], "vl_after_task": [40, 55]},
+    "soft targets": {"nl_delta": -0.5, "vl_hmean": 10.57, "acc_matrix": [[78, None], [75, 88]],
+                     "task_names": ["easy_vqa", "colour_qa"], "nl_after_task": [32.0, 29.8]},
+}}
+
+
+def test_report_renders_tables_and_plots(tmp_path):
+    report = write_report(RESULTS, tmp_path)
+    text = report.read_text()
+    assert "| naive | 7.83 | 5.29 | 75.00 | -20.00 | 20.00 |" in text  # avg (60+90)/2, BWT 60-80, forgetting 20
+    assert "| soft targets | -0.50 | 10.57 | 81.50 | -3.00 | 3.00 |" in text
+    assert "| after colour_qa | 60.00 | 90.00 |" in text
+    assert "| naive | 30.10 | 24.80 |" in text and "| soft targets | 32.00 | 29.80 |" in text
+    expected = ["nl_delta.png", "vl_hmean.png", "nl_after_task.png", "vl_after_task.png", "acc_matrix_naive.png",
+                "acc_matrix_soft_targets.png"]
+    for name in expected:
+        assert f"({name})" in text
+        with Image.open(tmp_path / name) as image:
+            assert image.size == FIGURE_SIZE == (800, 520)
+            assert image.mode == "RGB"
+            assert len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 10  # not a blank canvas
+
+
+def test_heatmap_colours_follow_the_values():
+    image = np.asarray(heatmap_figure(np.array([[0.0, np.nan], [50.0, 100.0]]), ["a", "b"], "t"))
+    size, cell = 2, 120
+    left = (FIGURE_SIZE[0] - size * cell - 290) // 2 + 170
+
+    def corner(k, j):  # a pixel near the top-left of cell [k][j]
+        return image[60 + k * cell + 5, left + j * cell + 5]
+
+    assert corner(0, 0).astype(int).sum() < corner(1, 0).astype(int).sum() < corner(1, 1).astype(int).sum()
+    assert tuple(corner(0, 1)) == (238, 238, 238)  # not measured: grey
+
+
+def test_results_from_files_and_run_folders(tmp_path):
+    (tmp_path / "run_a").mkdir()
+    (tmp_path / "run_a" / "results.json").write_text(json.dumps({"method": "lora", "nl_delta": 1.69}))
+    (tmp_path / "b.json").write_text(json.dumps(RESULTS))
+    methods = load_results([tmp_path / "run_a", tmp_path / "b.json"])
+    assert list(methods) == ["lora", "naive", "soft targets"]
+    assert methods["lora"] == {"nl_delta": 1.69}
+    assert write_report([tmp_path / "run_a"], tmp_path / "out").is_file()
+
+
+def test_bad_input_is_named(tmp_path):
+    with pytest.raises(ReportInputError, match=r"method 'x', nl_delta: expected a number"):
+        load_results({"methods": {"x": {"nl_delta": "high"}}})
+    with pytest.raises(ReportInputError, match=r"unknown field\(s\) \['acc'\]"):
+        load_results({"methods": {"x": {"acc": 1}}})
+    with pytest.raises(ReportInputError, match="3 task_names for a 2 x 2"):
+        load_results({"methods": {"x": {"acc_matrix": [[1, None], [2, 3]], "task_names": ["a", "b", "c"]}}})
+    with pytest.raises(ReportInputError, match="results.json"):
+        load_results([tmp_path / "nowhere.json"])
