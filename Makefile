@@ -13,7 +13,7 @@ setup:
 	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
 
 test:
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest tests
 
 # The papers' experiment on the synthetic world: nothing downloaded, a few minutes on 2 CPU cores.
 demo:

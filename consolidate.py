@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from safetensors.torch import load_file
 
 from mllm_cl.consolidation import ConsolidationMismatchError, decompose_updates, modelmix, sac_from_spectra
 from mllm_cl.model_folder import (CONFIG_FILE, ModelFolderError, atomic_save_tensors, atomic_write_text, read_config,
-                                  read_tensors, write_model_folder)
+                                  read_tensors, staged_folder, write_model_folder)
 
 LLAVA_TYPE = "mllm_cl_llava"
 PROJECTOR_FILE = "projector.safetensors"
@@ -87,21 +85,13 @@ def write_model(out: Path, tensors: dict[str, torch.Tensor], new: Path) -> None:
     if not is_llava(new):
         write_model_folder(out, tensors, read_config(new), copy_from=new)
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with staged_folder(out) as staging:
         llm = {k.removeprefix("llm/"): v for k, v in tensors.items() if k.startswith("llm/")}
         write_model_folder(staging / "llm", llm, read_config(new / "llm"), copy_from=new / "llm")
         projector = {k.removeprefix("projector/"): v for k, v in tensors.items() if k.startswith("projector/")}
         atomic_save_tensors(staging / PROJECTOR_FILE, projector, metadata={"format": "pt"})
         shutil.copytree(new / "vision", staging / "vision")
         shutil.copy2(new / CONFIG_FILE, staging / CONFIG_FILE)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def run_eval(command: str, model: Path, json_path: Path) -> dict[str, float]:

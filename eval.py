@@ -23,7 +23,7 @@ from mllm_cl.evaluation import (NL_DIRS, NL_PATTERN, VL_DIRS, VL_PATTERN, EvalDa
                                 evaluate_nl_suite, evaluate_vl_suite, find_tasks)
 from mllm_cl.llava import MODEL_TYPE, load_llava
 from mllm_cl.model_folder import read_config
-from mllm_cl.report import ReportInputError, write_report
+from mllm_cl.report import write_report
 from mllm_cl.tokenizer import load_tokenizer
 from mllm_cl.weights import load_llm
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {write_report(args.report, args.out or args.report[0])}")
             return 0
         metrics = evaluate(args)
-    except (*USER_ERRORS, ReportInputError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json is not None:
