@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=[*STAGES, "experiment"])
     parser.add_argument("--config", help="JSON file with the stage's or experiment's settings")
     parser.add_argument("overrides", nargs="*", help="key=value settings applied after the config file")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         if args.stage == "experiment":
             config = load_json(ExperimentConfig, args.config) if args.config else ExperimentConfig()

@@ -69,9 +69,10 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     cfg = with_world_defaults(cfg, world)
     llm = shared_stage(cfg, "pretrain-text", out / "pretrain_text", cfg.pretrain_text, llm=cfg.llm,
                        train_file=cfg.text_corpus, skip=cfg.llm not in LLM_PRESETS, given=cfg.llm)
+    # The tower learns from the world's captions, so its text side reads them with the world's tokenizer.
     vision = shared_stage(cfg, "pretrain-vision", out / "pretrain_vision", cfg.pretrain_vision, vision=cfg.vision,
-                          train_file=cfg.align_file, image_folder=str(world), skip=cfg.vision not in VISION_PRESETS,
-                          given=cfg.vision)
+                          tokenizer=str(world / "tokenizer.json"), train_file=cfg.align_file,
+                          image_folder=str(world), skip=cfg.vision not in VISION_PRESETS, given=cfg.vision)
     aligned = shared_stage(cfg, "align", out / "align", cfg.align, llm=str(llm), vision=str(vision),
                            tokenizer=cfg.tokenizer or str(llm), train_file=cfg.align_file, image_folder=str(world))
     runs = {}

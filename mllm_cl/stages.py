@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mllm_cl.clip_text import CLIPContrastive, TextTowerConfig, save_clip
+from mllm_cl.clip_text import CLIPContrastive, TextTowerConfig, clip_config_hf, save_clip
 from mllm_cl.config import LLM_PRESETS, VISION_PRESETS, VisionConfig, llm_preset, to_dict, vision_preset
 from mllm_cl.data import ConversationDataset, DataError, EpochBatches, TextCorpus, read_records
 from mllm_cl.llava import LlavaModel, load_llava, save_llava
@@ -210,6 +210,10 @@ def pretrain_vision(cfg: StageConfig) -> Path:
                                   d_ff=vision_config.d_ff, eos_token_id=tokenizer.eos_id,
                                   pad_token_id=tokenizer.pad_id)
     model = CLIPContrastive(VisionTower(vision_config), text_config)
+    try:
+        clip_config_hf(model)  # a config transformers would read differently fails here, before any training
+    except ValueError as e:
+        raise StageError(f"pretrain-vision with tokenizer {cfg.tokenizer or cfg.llm}: {e}") from None
     data = CaptionImages(cfg.train_file, cfg.image_folder, tokenizer, vision_config.image_size, text_config.max_seq_len)
     out = Path(cfg.out_dir)
 
