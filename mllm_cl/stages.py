@@ -21,7 +21,8 @@ import torch
 
 from mllm_cl.clip_text import CLIPContrastive, TextTowerConfig, clip_config_hf, save_clip
 from mllm_cl.config import LLM_PRESETS, VISION_PRESETS, VisionConfig, llm_preset, to_dict, vision_preset
-from mllm_cl.data import ConversationDataset, DataError, EpochBatches, TextCorpus, read_records
+from mllm_cl.data import (ConversationDataset, DataError, EpochBatches, TextCorpus, load_image, read_records,
+                          validate_entry)
 from mllm_cl.llava import LlavaModel, load_llava, save_llava
 from mllm_cl.llm import LanguageModel
 from mllm_cl.losses import causal_lm_loss, supervised_token_count
@@ -174,9 +175,7 @@ class CaptionImages(torch.utils.data.Dataset):
     """(image, caption ids) pairs from a LLaVA alignment file, for contrastive pre-training."""
 
     def __init__(self, path: str, image_folder: str, tokenizer: Tokenizer, image_size: int, max_len: int) -> None:
-        from mllm_cl.data import load_image, validate_entry
-
-        self.load_image, self.image_size, self.pad_id = load_image, image_size, tokenizer.pad_id
+        self.image_size, self.pad_id = image_size, tokenizer.pad_id
         self.items = []
         for where, record in read_records(path):
             if isinstance(record, DataError):
@@ -195,7 +194,7 @@ class CaptionImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image, ids = self.items[index]
-        return {"input_ids": ids, "pixel_values": self.load_image(image, self.image_size)}
+        return {"input_ids": ids, "pixel_values": load_image(image, self.image_size)}
 
 
 def pretrain_vision(cfg: StageConfig) -> Path:

@@ -7,16 +7,9 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaFo
 from mllm_cl.generation import generate, sample_next
 from mllm_cl.weights import load_llm
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 101
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool overhead (much of the run time on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=["neox", "llama"])

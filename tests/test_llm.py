@@ -8,16 +8,9 @@ from mllm_cl.config import LLMConfig
 from mllm_cl.llm import LanguageModel, count_parameters
 from mllm_cl.weights import load_llm
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 97
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool overhead (much of the run time on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def hf_model(kind: str) -> torch.nn.Module:

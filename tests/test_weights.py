@@ -11,16 +11,9 @@ from mllm_cl.config import LLMConfig
 from mllm_cl.llm import LanguageModel
 from mllm_cl.weights import CheckpointMismatchError, load_llm, save_llm
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 89
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool overhead (much of the run time on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def neox_folder(path, **kw):
