@@ -88,9 +88,7 @@ def run_continual(cfg: StageConfig) -> Path:
         ctx = TaskContext(task_index=index, task_name=task.name, model=model, device=device,
                           train_samples=[(datasets[task.name], i) for i in range(len(datasets[task.name]))],
                           compute_dtype=resolve_dtype(cfg.train.precision, device))
-        ctx.loss_fn = lambda m, b, ctx=ctx: causal_lm_loss(
-            m(b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b.get("pixel_values")).logits,
-            b["labels"], ctx.soft_target_a)
+        ctx.loss_fn = lambda m, b, ctx=ctx: task_loss(m, b, ctx.soft_target_a)[1]
         ctx.task_batches = lambda n, data=datasets[task.name]: _take(
             endless(data, cfg.train.micro_batch_size, cfg.train.seed, device), n)
         if inquiries is not None:
@@ -136,6 +134,12 @@ def evaluate_model(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig) ->
     return {"nl": nl, "vl": vl}
 
 
+def task_loss(model: torch.nn.Module, batch: dict, soft_target_a: float) -> tuple[Any, torch.Tensor]:
+    """The model's output on a batch and its next-token loss (Soft Targets when a > 0)."""
+    output = model(batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch.get("pixel_values"))
+    return output, causal_lm_loss(output.logits, batch["labels"], soft_target_a)
+
+
 def _take(iterator: Iterator[dict], n: int) -> Iterator[dict]:
     for _, batch in zip(range(n), iterator):
         yield batch
@@ -145,9 +149,7 @@ def _train_task(cfg: StageConfig, ctx: TaskContext, methods: list, pad_id: int, 
     data = SampleList(ctx.train_samples, pad_id)
 
     def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-        output = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                       pixel_values=batch.get("pixel_values"))
-        loss = causal_lm_loss(output.logits, batch["labels"], ctx.soft_target_a)
+        output, loss = task_loss(model, batch, ctx.soft_target_a)
         for method in methods:
             loss = method.loss(ctx, batch, output, loss)
         return loss, supervised_token_count(batch["labels"])
