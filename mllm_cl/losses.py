@@ -22,28 +22,32 @@ class NoSupervisedTokensError(ValueError):
     """A batch whose labels are all IGNORE_INDEX: training on it would silently learn nothing."""
 
 
-def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Position t predicts token t+1: (B, T, V), (B, T) -> (B*(T-1), V), (B*(T-1),)."""
-    logits = logits[:, :-1].reshape(-1, logits.size(-1))
-    labels = labels[:, 1:].reshape(-1)
-    return logits, labels
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Position t is scored against token t+1: labels shifted left by one, IGNORE_INDEX at the end (B, T).
+
+    Shifting the labels rather than slicing the logits keeps the (B, T, V) logits contiguous, so no copy of
+    the largest tensor of the step is made.
+    """
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, soft_target_a: float = 0.0) -> torch.Tensor:
     """Mean next-token loss over supervised positions; logits are upcast to fp32 for the log-softmax."""
-    logits, labels = shift_for_next_token(logits, labels)
-    keep = labels != IGNORE_INDEX
+    targets = next_token_labels(labels).reshape(-1)  # (B*T,)
+    keep = targets != IGNORE_INDEX
     if not bool(keep.any()):
         raise NoSupervisedTokensError("the batch has no supervised token (every label is IGNORE_INDEX)")
-    logits, labels = logits[keep].float(), labels[keep]
+    logits = logits.reshape(-1, logits.size(-1)).float()  # (B*T, V)
     if soft_target_a == 0.0:
-        return F.cross_entropy(logits, labels)
-    log_probs = torch.log_softmax(logits, dim=-1)  # (n, V)
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    log_probs = torch.log_softmax(logits, dim=-1)
     n_classes = log_probs.size(-1)
-    target = log_probs.gather(1, labels[:, None]).squeeze(1)  # (n,)
+    target = log_probs.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # (B*T,); ignored rows masked below
     others = log_probs.sum(dim=-1) - target
     per_token = -(1.0 - soft_target_a) * target - soft_target_a / (n_classes - 1) * others
-    return per_token.mean()
+    return (per_token * keep).sum() / keep.sum()
 
 
 def supervised_token_count(labels: torch.Tensor) -> int:

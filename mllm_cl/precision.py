@@ -115,9 +115,8 @@ class MixedPrecision:
                     m.grad = None if p.grad is None else p.grad.float()
                     p.grad = None
             grads = [m.grad for m in self.masters if m.grad is not None]
-            if factor != 1.0:
-                for g in grads:
-                    g.mul_(factor)
+            if factor != 1.0 and grads:
+                torch._foreach_mul_(grads, factor)  # one multi-tensor kernel instead of a launch per param
             if max_grad_norm is not None and max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.masters, max_grad_norm))
             else:
@@ -127,8 +126,7 @@ class MixedPrecision:
             optimizer.step()
             if self.copies:
                 with torch.no_grad():
-                    for (_, p), m in zip(self.params, self.masters):
-                        p.copy_(m)
+                    torch._foreach_copy_([p for _, p in self.params], self.masters)  # rounds to the compute dtype
         self.zero_grad()
         self._update_scale(finite)
         return StepResult(taken=finite, grad_norm=grad_norm, scale=scale)
