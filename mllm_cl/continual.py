@@ -21,14 +21,14 @@ from typing import Any, Iterator
 import torch
 
 from mllm_cl.data import EpochBatches, TextOnlyInquiries, batches
-from mllm_cl.evaluation_nl import evaluate_nl_documents, read_nl_documents
+from mllm_cl.evaluation import evaluate_nl_suite
 from mllm_cl.evaluation_vl import evaluate_vl_examples, read_vl_test_set
 from mllm_cl.llava import LlavaModel, load_llava, save_llava
-from mllm_cl.losses import causal_lm_loss, supervised_token_count
+from mllm_cl.losses import supervised_token_count
 from mllm_cl.methods import TaskContext, build_methods
 from mllm_cl.model_folder import atomic_write_text
 from mllm_cl.precision import resolve_dtype
-from mllm_cl.stages import StageConfig, StageError, device_of, multimodal_dataset, require
+from mllm_cl.stages import StageConfig, StageError, device_of, forward_loss, multimodal_dataset, require
 from mllm_cl.tokenizer import Tokenizer, load_tokenizer
 from mllm_cl.trainer import Trainer
 
@@ -88,7 +88,7 @@ def run_continual(cfg: StageConfig) -> Path:
         ctx = TaskContext(task_index=index, task_name=task.name, model=model, device=device,
                           train_samples=[(datasets[task.name], i) for i in range(len(datasets[task.name]))],
                           compute_dtype=resolve_dtype(cfg.train.precision, device))
-        ctx.loss_fn = lambda m, b, ctx=ctx: task_loss(m, b, ctx.soft_target_a)[1]
+        ctx.loss_fn = lambda m, b, ctx=ctx: forward_loss(m, b, ctx.soft_target_a)[1]
         ctx.task_batches = lambda n, data=datasets[task.name]: _take(
             endless(data, cfg.train.micro_batch_size, cfg.train.seed, device), n)
         if inquiries is not None:
@@ -120,11 +120,10 @@ def evaluate_model(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig) ->
     """NL skill of the LLM alone on every NL file, VL accuracy on every task's test split."""
     was_training = model.training
     model.eval()
-    nl = {}
-    for path in cfg.eval.nl_files:
-        docs = read_nl_documents(path, cfg.eval.nl_limit or None)
-        nl[Path(path).stem] = evaluate_nl_documents(model.llm, tokenizer, docs, max_seq_len=model.llm.config.max_seq_len,
-                                                    batch_size=cfg.eval.batch_size)
+    nl_files = {Path(path).stem: Path(path) for path in cfg.eval.nl_files}
+    nl = {r.task: r.metrics for r in evaluate_nl_suite(model.llm, tokenizer, nl_files,
+                                                       max_seq_len=model.llm.config.max_seq_len,
+                                                       batch_size=cfg.eval.batch_size, limit=cfg.eval.nl_limit or None)}
     vl = {}
     for task in cfg.tasks:
         examples = read_vl_test_set(task.test, task.image_folder or None, cfg.eval.vl_limit or None)
@@ -132,12 +131,6 @@ def evaluate_model(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig) ->
                                              batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
     model.train(was_training)
     return {"nl": nl, "vl": vl}
-
-
-def task_loss(model: torch.nn.Module, batch: dict, soft_target_a: float) -> tuple[Any, torch.Tensor]:
-    """The model's output on a batch and its next-token loss (Soft Targets when a > 0)."""
-    output = model(batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch.get("pixel_values"))
-    return output, causal_lm_loss(output.logits, batch["labels"], soft_target_a)
 
 
 def _take(iterator: Iterator[dict], n: int) -> Iterator[dict]:
@@ -149,7 +142,7 @@ def _train_task(cfg: StageConfig, ctx: TaskContext, methods: list, pad_id: int, 
     data = SampleList(ctx.train_samples, pad_id)
 
     def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-        output, loss = task_loss(model, batch, ctx.soft_target_a)
+        output, loss = forward_loss(model, batch, ctx.soft_target_a)
         for method in methods:
             loss = method.loss(ctx, batch, output, loss)
         return loss, supervised_token_count(batch["labels"])

@@ -137,11 +137,16 @@ def stage_tokenizer(cfg: StageConfig) -> Tokenizer:
     return load_tokenizer(source)
 
 
-def lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    """The LLaVA loss: next-token cross-entropy over supervised tokens, and how many there were."""
+def forward_loss(model: torch.nn.Module, batch: dict, soft_target_a: float = 0.0) -> tuple[Any, torch.Tensor]:
+    """The model's output on a batch and its next-token loss over supervised tokens (Soft Targets when a > 0)."""
     kwargs = {"pixel_values": batch["pixel_values"]} if batch.get("pixel_values") is not None else {}
     output = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
-    return causal_lm_loss(output.logits, batch["labels"]), supervised_token_count(batch["labels"])
+    return output, causal_lm_loss(output.logits, batch["labels"], soft_target_a)
+
+
+def lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """The LLaVA loss, and how many supervised tokens it covers (what the trainer weighs micro-batches by)."""
+    return forward_loss(model, batch)[1], supervised_token_count(batch["labels"])
 
 
 def train(cfg: StageConfig, model: torch.nn.Module, dataset: Any, loss_fn: Any, out: Path) -> Trainer:
