@@ -1,8 +1,10 @@
 """Training throughput: our decoder against Hugging Face's `GPTNeoXForCausalLM`, in one process, same shapes.
 
 Both get random weights, the same batch, bf16 compute and fused AdamW. Ours uses the hand-written mixed
-precision (bf16 params, fp32 masters) and activation checkpointing; Hugging Face uses `torch.autocast` over
-fp32 params and its own gradient checkpointing, as in DESIGN.md section 7. Prints tokens/s, MFU, peak memory
+precision (bf16 params, fp32 masters), activation checkpointing, the chunked head + cross-entropy
+(`losses.head_cross_entropy`) and, with `--compile inductor` (the GPU default), `torch.compile`d blocks;
+Hugging Face uses `torch.autocast` over fp32 params and its own gradient checkpointing, as in DESIGN.md
+section 7. Prints tokens/s, MFU, peak memory
 and the ratio ours / HF; never asserts. Also times a full LLaVA step (frozen CLIP ViT-L/14-336 + mlp2x_gelu +
 Pythia-410M, 576 image + 512 text tokens).
 
@@ -25,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mllm_cl.checkpointing import enable_checkpointing  # noqa: E402
 from mllm_cl.config import IMAGE_PLACEHOLDER_ID, llm_preset, vision_preset  # noqa: E402
 from mllm_cl.llava import LlavaModel  # noqa: E402
-from mllm_cl.llm import LanguageModel  # noqa: E402
-from mllm_cl.losses import causal_lm_loss  # noqa: E402
+from mllm_cl.llm import LanguageModel, compile_blocks  # noqa: E402
 from mllm_cl.optim import build_optimizer  # noqa: E402
 from mllm_cl.precision import MixedPrecision  # noqa: E402
 from mllm_cl.projector import build_projector  # noqa: E402
+from mllm_cl.stages import forward_loss  # noqa: E402
 from mllm_cl.vision import VisionTower  # noqa: E402
 
 H100_BF16_PEAK = 989e12
@@ -54,6 +56,7 @@ def timed(step, steps: int, warmup: int, device: torch.device) -> float:
 
 
 def reset_memory(device: torch.device) -> None:
+    torch._dynamo.reset()  # each configuration compiles afresh instead of filling dynamo's recompile limit
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -64,14 +67,14 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 
 
-def ours_step_fn(model: torch.nn.Module, dtype: torch.dtype, batch: dict, device: torch.device):
+def ours_step_fn(model: torch.nn.Module, dtype: torch.dtype, batch: dict, compile_backend: str):
     precision = MixedPrecision(model, dtype)
     optimizer = build_optimizer(precision.named_master_params(), {"": 1e-4}, weight_decay=0.1)
+    if compile_backend:
+        compile_blocks(model.llm if isinstance(model, LlavaModel) else model, compile_backend)
 
     def step() -> None:
-        output = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                       **({"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}))
-        precision.backward(causal_lm_loss(output.logits, batch["labels"]))
+        precision.backward(forward_loss(model, batch)[1])
         precision.step(optimizer, 1.0)
 
     return step
@@ -114,7 +117,7 @@ def bench_llm(name: str, args: argparse.Namespace, device: torch.device, dtype: 
         params = n_params(model)
         if checkpointing:
             enable_checkpointing(model.blocks)
-        seconds = timed(ours_step_fn(model, dtype, batch, device), args.steps, args.warmup, device)
+        seconds = timed(ours_step_fn(model, dtype, batch, args.compile), args.steps, args.warmup, device)
         ours_tps, ours_mem = tokens / seconds, peak_gib(device)
         del model
         line = (f"{name:12s} ckpt={'on ' if checkpointing else 'off'} ours {ours_tps:10,.0f} tok/s "
@@ -152,7 +155,7 @@ def bench_llava(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         labels = torch.cat([torch.full_like(image[:, :1].expand(-1, n_image + 1), -100), text[:, 1:]], dim=1)
         pixels = torch.randn(args.batch, 3, vision_config.image_size, vision_config.image_size, device=device)
         batch = {"input_ids": ids, "labels": labels, "pixel_values": pixels.to(dtype)}
-        seconds = timed(ours_step_fn(model, dtype, batch, device), args.steps, args.warmup, device)
+        seconds = timed(ours_step_fn(model, dtype, batch, args.compile), args.steps, args.warmup, device)
         print(f"llava-410m   ckpt={'on ' if checkpointing else 'off'} ours {args.batch / seconds:8.1f} samples/s "
               f"({args.batch * ids.size(1) / seconds:10,.0f} tok/s) peak {peak_gib(device):5.1f} GiB "
               f"| HF reference (DESIGN.md 7, H100): {'56.4 samples/s, 17.7' if checkpointing else '84.4 samples/s, 31.1'}"
@@ -169,12 +172,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10 if cuda else 3)
     parser.add_argument("--warmup", type=int, default=3 if cuda else 1)
     parser.add_argument("--no-hf", action="store_true", help="time ours only")
+    parser.add_argument("--compile", default="inductor" if cuda else "",
+                        help="torch.compile backend for our blocks ('' for eager); its compile time is warm-up")
     parser.add_argument("--llava", action=argparse.BooleanOptionalAction, default=cuda)
     args = parser.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
-          f"batch {args.batch} x {args.seq} tokens, {str(dtype).removeprefix('torch.')}", flush=True)
+          f"batch {args.batch} x {args.seq} tokens, {str(dtype).removeprefix('torch.')}, "
+          f"ours compiled: {args.compile or 'no'}", flush=True)
     for name in args.models.split(","):
         bench_llm(name, args, device, dtype)
     if args.llava:

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import torch
 
+from mllm_cl.config import to_dict
 from mllm_cl.data import EpochBatches, TextOnlyInquiries, batches
 from mllm_cl.evaluation import evaluate_nl_suite
 from mllm_cl.evaluation_vl import evaluate_vl_examples, read_vl_test_set
@@ -75,10 +76,7 @@ def run_continual(cfg: StageConfig) -> Path:
     results_path = out / "results.json"
     results: dict[str, Any] = {"methods": cfg.methods, "tasks": names, "after_task": []}
     start = time.time()
-    initial = out / "initial_eval.json"
-    if not initial.is_file():
-        atomic_write_text(initial, json.dumps(evaluate_model(model, tokenizer, cfg), indent=2) + "\n")
-    results["initial"] = json.loads(initial.read_text())
+    results["initial"] = initial_evaluation(model, tokenizer, cfg)
 
     for index, task in enumerate(cfg.tasks):
         task_dir = out / f"task_{index + 1}_{task.name}"
@@ -115,6 +113,25 @@ def run_continual(cfg: StageConfig) -> Path:
     return out / f"task_{len(cfg.tasks)}_{cfg.tasks[-1].name}" / "model"
 
 
+def initial_evaluation(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig) -> dict[str, Any]:
+    """The scores of `init` before any task, cached in `cfg.initial_eval` (default <out_dir>/initial_eval.json).
+
+    Runs that start from the same model with the same evaluation (the experiment's method runs) share one
+    file; the cache is used only when it was made from the same `init`, evaluation settings and test files.
+    """
+    path = Path(cfg.initial_eval or Path(cfg.out_dir) / "initial_eval.json")
+    setup = {"init": str(Path(cfg.init).resolve()), "eval": to_dict(cfg.eval),
+             "tests": {t.name: [t.test, t.image_folder] for t in cfg.tasks}}
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("setup") == setup:
+            return cached
+    scores = {**evaluate_model(model, tokenizer, cfg), "setup": setup}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
 @torch.no_grad()
 def evaluate_model(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig) -> dict[str, dict[str, dict]]:
     """NL skill of the LLM alone on every NL file, VL accuracy on every task's test split."""
@@ -140,9 +157,10 @@ def _take(iterator: Iterator[dict], n: int) -> Iterator[dict]:
 
 def _train_task(cfg: StageConfig, ctx: TaskContext, methods: list, pad_id: int, task_dir: Path) -> None:
     data = SampleList(ctx.train_samples, pad_id)
+    need_logits = any(m.needs_logits for m in methods)
 
     def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-        output, loss = forward_loss(model, batch, ctx.soft_target_a)
+        output, loss = forward_loss(model, batch, ctx.soft_target_a, need_logits)
         for method in methods:
             loss = method.loss(ctx, batch, output, loss)
         return loss, supervised_token_count(batch["labels"])

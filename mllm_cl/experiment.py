@@ -79,7 +79,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     for run_name, methods in cfg.methods.items():
         options = {m: o for m, o in cfg.method_options.items() if m in expand(methods)}
         stage = base_stage(cfg, "continual", out / "methods" / run_name, cfg.task_train, init=str(aligned),
-                           tasks=cfg.tasks, inquiries=cfg.inquiries, methods=methods, method_options=options)
+                           tasks=cfg.tasks, inquiries=cfg.inquiries, methods=methods, method_options=options,
+                           initial_eval=str(out / "initial_eval.json"))  # every run starts from the same model
         print(f"\n=== method run {run_name!r}: {methods} ===", flush=True)
         run_stage(stage)
         runs[run_name] = json.loads((out / "methods" / run_name / "results.json").read_text())

@@ -74,9 +74,10 @@ class LlavaModel(nn.Module):
         return embeds.masked_scatter(is_image.unsqueeze(-1), features)  # row-major: image n fills the n-th block
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, return_hidden: bool = False) -> LMOutput:
+                pixel_values: torch.Tensor | None = None, return_hidden: bool = False,
+                compute_logits: bool = True) -> LMOutput:
         return self.llm(inputs_embeds=self.embed_inputs(input_ids, pixel_values), attention_mask=attention_mask,
-                        return_hidden=return_hidden)
+                        return_hidden=return_hidden, compute_logits=compute_logits)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

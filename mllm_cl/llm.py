@@ -10,6 +10,7 @@ a handful of `LLMConfig` flags). Rotary embeddings: Su et al. 2021, "rotate-half
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -20,7 +21,7 @@ from mllm_cl.config import LLMConfig
 
 
 class LMOutput(NamedTuple):
-    logits: torch.Tensor  # (B, T, vocab_size)
+    logits: torch.Tensor | None  # (B, T, vocab_size); None when the head was skipped (compute_logits=False)
     hidden: torch.Tensor | None  # (B, T, d_model), final normed hidden state, when asked for
     kv_cache: KVCache | None
 
@@ -174,9 +175,16 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.parallel_residual = config.parallel_residual
         self.dropout = config.dropout
+        self.compiled: Callable | None = None  # set by compile_blocks: a torch.compile'd `Block.layer`
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_bias: torch.Tensor | None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
+        if self.compiled is not None and kv_cache is None:
+            return self.compiled(self, x, cos, sin, attn_bias)
+        return self.layer(x, cos, sin, attn_bias, kv_cache)
+
+    def layer(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_bias: torch.Tensor | None,
+              kv_cache: KVCache | None = None) -> torch.Tensor:
         a = F.dropout(self.attn(self.norm_1(x), cos, sin, attn_bias, kv_cache), self.dropout, self.training)
         if self.parallel_residual:
             m = F.dropout(self.mlp(self.norm_2(x)), self.dropout, self.training)
@@ -224,10 +232,13 @@ class LanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                 inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, return_hidden: bool = False) -> LMOutput:
+                kv_cache: KVCache | None = None, return_hidden: bool = False,
+                compute_logits: bool = True) -> LMOutput:
+        """`compute_logits=False` skips the head (for `losses.head_cross_entropy`) and returns the hidden state."""
         hidden = self.hidden_states(input_ids, attention_mask, inputs_embeds=inputs_embeds,
                                     position_ids=position_ids, kv_cache=kv_cache)
-        return LMOutput(self.lm_head(hidden), hidden if return_hidden else None, kv_cache)
+        logits = self.lm_head(hidden) if compute_logits else None
+        return LMOutput(logits, hidden if return_hidden or not compute_logits else None, kv_cache)
 
     def hidden_states(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                       inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -293,6 +304,28 @@ class LanguageModel(nn.Module):
             return allowed
         # A query always sees itself, so a padding query never has an empty (NaN) softmax row.
         return (allowed & key_mask[:, None, None, :]) | (k_pos == q_pos)  # (B, 1, T, S)
+
+
+def compile_blocks(model: LanguageModel, backend: str = "inductor") -> None:
+    """Run the blocks through one `torch.compile`d `Block.layer` (fused norms, rotary, GELU and residuals).
+
+    torch >= 2.5 treats a module's parameters as inputs of the compiled graph, so the one function serves
+    every block of the model and compiles once per input shape (and grad mode), not once per block. Calls
+    with a KV cache (generation) stay eager. With dropout, inductor is told to draw random numbers the way
+    eager PyTorch does, so a checkpointed block's re-run draws the same masks as its first run.
+    """
+    if model.config.dropout > 0 and backend == "inductor":
+        from torch._inductor import config as inductor_config
+
+        inductor_config.fallback_random = True
+    compiled = torch.compile(Block.layer, backend=backend)
+    for block in model.blocks:
+        block.compiled = compiled
+
+
+def uncompile_blocks(model: LanguageModel) -> None:
+    for block in model.blocks:
+        block.compiled = None
 
 
 def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:

@@ -8,9 +8,22 @@ the other N - 1 tokens, so per token
          = -(1 - a) * log p_y  -  a / (N - 1) * (S - log p_y),     S = sum_i log p_i.
 
 That needs only log p_y and the row sum S, never an N-wide target tensor.
+
+`head_cross_entropy` is the same hard-target loss fused with the output head: it takes the final hidden
+states and the head's weight instead of the logits, and never holds the (B, T, V) logits (1.6 GB in bf16
+and twice that in fp32 for 16 x 1024 tokens of a 50k vocabulary). Rows are processed a chunk at a time,
+and since the loss is a mean of per-row terms, each chunk's gradient is known as soon as its logits are:
+
+    d loss / d logits_r = (softmax(logits_r) - onehot(y_r)) / n_supervised
+    d loss / d h_r = (d loss / d logits_r) @ W          d loss / d W = sum_r (d loss / d logits_r)^T h_r
+
+so the forward pass computes both and the backward pass only scales them by the incoming gradient. Rows
+whose label is ignored (prompts, image tokens) never reach the head at all.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +61,62 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, soft_target_a: fl
     others = log_probs.sum(dim=-1) - target
     per_token = -(1.0 - soft_target_a) * target - soft_target_a / (n_classes - 1) * others
     return (per_token * keep).sum() / keep.sum()
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """mean_r CE(h_r @ W^T, y_r) over the rows given, gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk_rows: int) -> torch.Tensor:
+        n = hidden.size(0)
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk_rows):
+            h, y = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+            logits = (h @ weight.T).float()  # (rows, V), computed in the compute dtype like the plain head
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs[torch.arange(y.size(0), device=y.device), y] -= 1.0
+            grad_logits = probs.div_(n).to(hidden.dtype)
+            if grad_hidden is not None:
+                torch.matmul(grad_logits, weight, out=grad_hidden[start:start + chunk_rows])
+            if grad_weight is not None:
+                grad_weight += grad_logits.T @ h
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        return total / n
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors  # a 0-dim grad_output keeps their dtype in the products
+        return (None if grad_hidden is None else grad_hidden * grad_output,
+                None if grad_weight is None else grad_weight * grad_output, None, None)
+
+
+def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                       chunk_elements: int = 2 ** 27) -> torch.Tensor:
+    """`causal_lm_loss(hidden @ weight.T, labels)` without the full logits (see the module docstring).
+
+    hidden (B, T, D) is the final normed hidden state, weight (V, D) the output head's. A chunk holds about
+    `chunk_elements` fp32 logits (512 MB at the default). fp16 is refused: its gradients would need the loss
+    scale before rounding, which this function only sees in backward; use `causal_lm_loss` there.
+    """
+    if hidden.dtype == torch.float16:
+        raise ValueError("head_cross_entropy does not support fp16 (loss scaling); use causal_lm_loss")
+    targets = next_token_labels(labels).reshape(-1)
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync, as the check below needs anyway
+    if rows.numel() == 0:
+        raise NoSupervisedTokensError("the batch has no supervised token (every label is IGNORE_INDEX)")
+    flat = hidden.reshape(-1, hidden.size(-1))
+    if rows.numel() < flat.size(0):
+        flat, targets = flat.index_select(0, rows), targets.index_select(0, rows)
+    chunk_rows = max(1, chunk_elements // weight.size(0))
+    return _HeadCrossEntropy.apply(flat, weight, targets, chunk_rows)
 
 
 def supervised_token_count(labels: torch.Tensor) -> int:

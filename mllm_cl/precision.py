@@ -51,6 +51,17 @@ def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     return DTYPES[precision]
 
 
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all `tensors` together, accumulated in fp32 whatever their dtype (0 for no tensors)."""
+    if not tensors:
+        return torch.zeros(())
+    try:
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)  # one multi-tensor kernel
+    except (TypeError, RuntimeError):  # older torch: no dtype argument
+        norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
 class MixedPrecision:
     """Casts `model` to `dtype` and keeps fp32 masters of its trainable params.
 
@@ -110,22 +121,29 @@ class MixedPrecision:
         scale = self.scale
         factor = grad_multiplier / scale
         with torch.no_grad():
-            if self.copies:
-                for (_, p), m in zip(self.params, self.masters):
-                    m.grad = None if p.grad is None else p.grad.float()
-                    p.grad = None
-            grads = [m.grad for m in self.masters if m.grad is not None]
-            if factor != 1.0 and grads:
-                torch._foreach_mul_(grads, factor)  # one multi-tensor kernel instead of a launch per param
-            if max_grad_norm is not None and max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.masters, max_grad_norm))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
-        finite = math.isfinite(grad_norm)
-        if finite:
-            optimizer.step()
-            if self.copies:
-                with torch.no_grad():
+            pairs = [(p.grad, m) for (_, p), m in zip(self.params, self.masters) if p.grad is not None]
+            # The norm of the compute-dtype grads, accumulated in fp32, is that of their exact fp32 copies.
+            norm = global_norm([g for g, _ in pairs])
+            if factor != 1.0:
+                norm = norm * abs(factor)
+            grad_norm = float(norm)
+            finite = math.isfinite(grad_norm)
+            if finite:
+                # unscaling, accumulation weights and clipping folded into one multiply of the fp32 grads;
+                # the clip coefficient is computed as torch.nn.utils.clip_grad_norm_ computes it
+                coef: float | torch.Tensor = factor
+                if max_grad_norm is not None and max_grad_norm > 0:
+                    coef = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0) * factor
+                if self.copies:
+                    for g, m in pairs:
+                        m.grad = g.float()
+                    for _, p in self.params:
+                        p.grad = None
+                grads = [m.grad for _, m in pairs]
+                if grads and (isinstance(coef, torch.Tensor) or coef != 1.0):
+                    torch._foreach_mul_(grads, coef)  # one multi-tensor kernel instead of a launch per param
+                optimizer.step()
+                if self.copies:
                     torch._foreach_copy_([p for _, p in self.params], self.masters)  # rounds to the compute dtype
         self.zero_grad()
         self._update_scale(finite)

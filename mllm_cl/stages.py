@@ -25,7 +25,7 @@ from mllm_cl.data import (ConversationDataset, DataError, EpochBatches, TextCorp
                           validate_entry)
 from mllm_cl.llava import LlavaModel, load_llava, save_llava
 from mllm_cl.llm import LanguageModel
-from mllm_cl.losses import causal_lm_loss, supervised_token_count
+from mllm_cl.losses import causal_lm_loss, head_cross_entropy, supervised_token_count
 from mllm_cl.model_folder import atomic_write_text
 from mllm_cl.projector import build_projector
 from mllm_cl.tokenizer import Tokenizer, load_tokenizer
@@ -73,6 +73,7 @@ class StageConfig:
     skip_bad: bool = False
     tasks: list[TaskSpec] = field(default_factory=list)  # continual
     inquiries: str = ""  # text-only inquiries for UIR (LLaVA JSON without images)
+    initial_eval: str = ""  # continual: cache file of init's scores before any task (default <out_dir>/initial_eval.json)
     methods: list[str] = field(default_factory=lambda: ["naive"])
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     eval: EvalSpec = field(default_factory=EvalSpec)
@@ -137,11 +138,30 @@ def stage_tokenizer(cfg: StageConfig) -> Tokenizer:
     return load_tokenizer(source)
 
 
-def forward_loss(model: torch.nn.Module, batch: dict, soft_target_a: float = 0.0) -> tuple[Any, torch.Tensor]:
-    """The model's output on a batch and its next-token loss over supervised tokens (Soft Targets when a > 0)."""
+def forward_loss(model: torch.nn.Module, batch: dict, soft_target_a: float = 0.0,
+                 need_logits: bool = False) -> tuple[Any, torch.Tensor]:
+    """The model's output on a batch and its next-token loss over supervised tokens (Soft Targets when a > 0).
+
+    Plain cross-entropy goes through `head_cross_entropy` (no full logits; `output.logits` is then None)
+    unless `need_logits`, Soft Targets or an fp16/adapted/biased head ask for the plain head.
+    """
     kwargs = {"pixel_values": batch["pixel_values"]} if batch.get("pixel_values") is not None else {}
-    output = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
-    return output, causal_lm_loss(output.logits, batch["labels"], soft_target_a)
+    head = fused_head_weight(model)
+    if need_logits or soft_target_a or head is None:
+        output = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
+        return output, causal_lm_loss(output.logits, batch["labels"], soft_target_a)
+    output = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), compute_logits=False, **kwargs)
+    return output, head_cross_entropy(output.hidden, head, batch["labels"])
+
+
+def fused_head_weight(model: torch.nn.Module) -> torch.Tensor | None:
+    """The output head's weight when it is a plain bias-free Linear in bf16/fp32 (what head_cross_entropy
+    computes); None otherwise (an adapter on the head, fp16)."""
+    llm = model.llm if isinstance(model, LlavaModel) else model
+    head = getattr(llm, "lm_head", None)
+    if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.dtype == torch.float16:
+        return None
+    return head.weight
 
 
 def lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:

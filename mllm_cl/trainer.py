@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mllm_cl.checkpointing import disable_checkpointing, enable_checkpointing
+from mllm_cl.llm import LanguageModel, compile_blocks, uncompile_blocks
 from mllm_cl.optim import build_optimizer, embedding_param_names, set_lr
 from mllm_cl.precision import MixedPrecision, resolve_dtype
 from mllm_cl.run_state import find_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint, set_rng_state
@@ -79,6 +80,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0: no clipping
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
     activation_checkpointing: bool = False  # on every block of each nn.ModuleList named `blocks`
+    compile: str = ""  # a torch.compile backend ("inductor") for the LLM's blocks while training; "": eager
     log_every: int = 10
     save_every: int = 0  # steps between checkpoints; 0: only at the end
     seed: int = 0
@@ -152,6 +154,9 @@ class Trainer:
         self.total_steps = cfg.steps or cfg.epochs * (self._epoch_batches(0)[1] // cfg.accumulation)
         blocks = _checkpoint_blocks(self.model) if cfg.activation_checkpointing else []
         enable_checkpointing(blocks)
+        llms = [m for m in self.model.modules() if isinstance(m, LanguageModel)] if cfg.compile else []
+        for llm in llms:
+            compile_blocks(llm, cfg.compile)
         try:
             if existing is not None:
                 self._resume(existing)
@@ -162,6 +167,8 @@ class Trainer:
             self._loop()
         finally:
             disable_checkpointing(blocks)
+            for llm in llms:
+                uncompile_blocks(llm)
         for hook in self.hooks:
             hook.after_task(self)
         return self.last_record

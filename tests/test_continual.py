@@ -91,3 +91,27 @@ def test_interrupted_sequence_resumes_to_the_same_result(world: Path, init_model
     final = load_llava(tmp_path / "whole/task_3_choice/model").state_dict()
     again = load_llava(last / "model").state_dict()
     assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_runs_from_the_same_model_share_one_initial_evaluation(world: Path, init_model: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import mllm_cl.continual as continual
+
+    evaluations = []
+    real = continual.evaluate_model
+    monkeypatch.setattr(continual, "evaluate_model", lambda *a: evaluations.append(1) or real(*a))
+    cache = tmp_path / "initial_eval.json"
+    first = stage(world, init_model, tmp_path / "a", ["naive"])
+    first.initial_eval = str(cache)
+    run_stage(first)
+    assert len(evaluations) == 1 + len(TASKS)
+    second = stage(world, init_model, tmp_path / "b", ["lora"], {"lora": {"rank": 4}})
+    second.initial_eval = str(cache)
+    run_stage(second)
+    assert len(evaluations) == 2 * len(TASKS) + 1  # the initial scores came from the cache
+    a, b = (json.loads((tmp_path / run / "results.json").read_text())["initial"] for run in "ab")
+    assert a == b
+    third = stage(world, init_model, tmp_path / "c", ["naive"])
+    third.initial_eval, third.eval.vl_limit = str(cache), 2  # another evaluation setting: computed again
+    run_stage(third)
+    assert len(evaluations) == 3 * len(TASKS) + 2

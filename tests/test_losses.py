@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from mllm_cl.config import IGNORE_INDEX
-from mllm_cl.losses import NoSupervisedTokensError, causal_lm_loss
+from mllm_cl.losses import NoSupervisedTokensError, causal_lm_loss, head_cross_entropy
 
 
 def _batch(vocab: int = 11):
@@ -43,3 +43,69 @@ def test_all_ignored_labels_raise() -> None:
     logits, labels = _batch()
     with pytest.raises(NoSupervisedTokensError):
         causal_lm_loss(logits, torch.full_like(labels, IGNORE_INDEX))
+
+
+def _head_case(rows_ignored: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16)
+    weight = torch.randn(29, 16) * 0.3
+    labels = torch.randint(0, 29, (3, 7))
+    if rows_ignored:
+        labels[0, :4] = IGNORE_INDEX  # a prompt
+        labels[2, 5:] = IGNORE_INDEX  # right padding
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("chunk_elements", [29, 29 * 4, 2 ** 27])  # one row, uneven chunks, one chunk
+def test_head_cross_entropy_matches_plain_loss_and_its_gradients(chunk_elements: int) -> None:
+    hidden, weight, labels = _head_case()
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    reference = causal_lm_loss(h1 @ w1.T, labels)
+    (reference * 3.0).backward()  # a non-unit incoming gradient is passed through
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    fused = head_cross_entropy(h2, w2, labels, chunk_elements=chunk_elements)
+    (fused * 3.0).backward()
+    torch.testing.assert_close(fused, reference)
+    torch.testing.assert_close(h2.grad, h1.grad)
+    torch.testing.assert_close(w2.grad, w1.grad)
+    assert (h2.grad[0, :3] == 0).all()  # rows whose next token is ignored get no gradient
+
+
+def test_head_cross_entropy_with_a_frozen_head_and_a_tied_embedding() -> None:
+    hidden, weight, labels = _head_case()
+    h = hidden.clone().requires_grad_()
+    head_cross_entropy(h, weight, labels).backward()  # frozen weight: only the hidden grad is computed
+    h_ref = hidden.clone().requires_grad_()
+    causal_lm_loss(h_ref @ weight.T, labels).backward()
+    torch.testing.assert_close(h.grad, h_ref.grad)
+    # tied: the same weight also embeds the inputs, and both uses add up in its grad
+    ids = torch.randint(0, 29, (3, 7))
+    grads = []
+    for fused in (False, True):
+        w = weight.clone().requires_grad_()
+        x = torch.nn.functional.embedding(ids, w) + hidden
+        loss = head_cross_entropy(x, w, labels) if fused else causal_lm_loss(x @ w.T, labels)
+        loss.backward()
+        grads.append(w.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_head_cross_entropy_bf16_tracks_the_plain_bf16_head() -> None:
+    hidden, weight, labels = _head_case()
+    h, w = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    reference = causal_lm_loss(h @ w.T, labels)
+    reference.backward()
+    hf, wf = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    head_cross_entropy(hf, wf, labels).backward()
+    assert abs(float(head_cross_entropy(hidden.bfloat16(), weight.bfloat16(), labels)) - float(reference.detach())) < 1e-2
+    assert hf.grad.dtype == torch.bfloat16 and wf.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(hf.grad.float(), h.grad.float(), rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(wf.grad.float(), w.grad.float(), rtol=2e-2, atol=1e-3)
+
+
+def test_head_cross_entropy_refuses_fp16_and_unsupervised_batches() -> None:
+    hidden, weight, labels = _head_case()
+    with pytest.raises(ValueError, match="fp16"):
+        head_cross_entropy(hidden.half(), weight.half(), labels)
+    with pytest.raises(NoSupervisedTokensError):
+        head_cross_entropy(hidden, weight, torch.full_like(labels, IGNORE_INDEX))

@@ -69,6 +69,7 @@ class Method:
 
     name = "naive"
     needs_previous = False  # True: the stage builds ctx.previous_model() before any before_task hook
+    needs_logits = False  # True: `loss` reads output.logits (otherwise they may be None: see stages.forward_loss)
     order = 50  # after_task hooks run by increasing order: LoRA merges (10) before consolidation (90)
 
     def before_task(self, ctx: TaskContext) -> None:

@@ -29,6 +29,7 @@ def distillation_kl(new_logits: torch.Tensor, old_logits: torch.Tensor, labels: 
 class LwF(Method):
     name = "lwf"
     needs_previous = True
+    needs_logits = True
 
     def __init__(self, weight: float = 1.0, temperature: float = 2.0) -> None:
         self.weight, self.temperature = weight, temperature
