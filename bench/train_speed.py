@@ -181,10 +181,13 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
           f"batch {args.batch} x {args.seq} tokens, {str(dtype).removeprefix('torch.')}, "
           f"ours compiled: {args.compile or 'no'}", flush=True)
-    for name in args.models.split(","):
-        bench_llm(name, args, device, dtype)
-    if args.llava:
-        bench_llava(args, device, dtype)
+    runs = [(bench_llm, (name, args, device, dtype)) for name in args.models.split(",")]
+    runs += [(bench_llava, (args, device, dtype))] if args.llava else []
+    for run, run_args in runs:
+        try:
+            run(*run_args)
+        except (RuntimeError, torch.OutOfMemoryError) as e:  # report it and go on with the other shapes
+            print(f"{run.__name__}{run_args[:1]}: failed: {type(e).__name__}: {str(e).splitlines()[0]}", flush=True)
 
 
 if __name__ == "__main__":
