@@ -29,6 +29,7 @@ from mllm_cl.losses import supervised_token_count
 from mllm_cl.methods import TaskContext, build_methods
 from mllm_cl.model_folder import atomic_write_text
 from mllm_cl.precision import resolve_dtype
+from mllm_cl.run_state import remove_checkpoint
 from mllm_cl.stages import StageConfig, StageError, device_of, forward_loss, multimodal_dataset, require
 from mllm_cl.tokenizer import Tokenizer, load_tokenizer
 from mllm_cl.trainer import Trainer
@@ -107,6 +108,9 @@ def run_continual(cfg: StageConfig) -> Path:
             scores = evaluate_model(model, tokenizer, cfg)
             scores["method_log"] = ctx.log
             atomic_write_text(task_dir / "eval.json", json.dumps(scores, indent=2) + "\n")
+            # A finished task resumes from its model folder; its trainer checkpoint (weights, fp32 masters and
+            # Adam moments: 4x the model) is dead weight, 2 GB per task and method for SmolLM2-135M.
+            remove_checkpoint(task_dir)
         results["after_task"].append(json.loads((task_dir / "eval.json").read_text()))
         results["wall_seconds"] = time.time() - start
         atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")

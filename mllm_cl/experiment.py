@@ -62,9 +62,9 @@ class ExperimentConfig:
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
-    start = time.time()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    clock = Clock(out / "timing.json")
     world = ensure_world(cfg)
     cfg = with_world_defaults(cfg, world)
     llm = shared_stage(cfg, "pretrain-text", out / "pretrain_text", cfg.pretrain_text, llm=cfg.llm,
@@ -75,6 +75,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
                           image_folder=str(world), skip=cfg.vision not in VISION_PRESETS, given=cfg.vision)
     aligned = shared_stage(cfg, "align", out / "align", cfg.align, llm=str(llm), vision=str(vision),
                            tokenizer=cfg.tokenizer or str(llm), train_file=cfg.align_file, image_folder=str(world))
+    clock.save()
     runs = {}
     for run_name, methods in cfg.methods.items():
         options = {m: o for m, o in cfg.method_options.items() if m in expand(methods)}
@@ -84,13 +85,29 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         print(f"\n=== method run {run_name!r}: {methods} ===", flush=True)
         run_stage(stage)
         runs[run_name] = json.loads((out / "methods" / run_name / "results.json").read_text())
-    results = summarise(cfg, runs, wall_seconds=time.time() - start)
+        clock.save()
+    results = summarise(cfg, runs, wall_seconds=clock.seconds())
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     from mllm_cl.report import write_report
 
     write_report(results, out)
     print(f"\n{cfg.name}: wrote {out / 'results.json'} and {out / 'REPORT.md'} in {results['wall_seconds']:.0f}s")
     return results
+
+
+class Clock:
+    """Wall-clock seconds of an experiment over all its invocations: an interrupted and resumed run reports the
+    time of every invocation up to its last saved point (the end of a shared stage or of a method run)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.start = path, time.time()
+        self.before = float(json.loads(path.read_text())["seconds"]) if path.is_file() else 0.0
+
+    def seconds(self) -> float:
+        return self.before + time.time() - self.start
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps({"seconds": self.seconds()}) + "\n")
 
 
 def expand(methods: list[str]) -> set[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,12 @@ def find_checkpoint(out_dir: str | Path) -> Path | None:
         if (folder / "state.json").is_file():
             return folder
     return None
+
+
+def remove_checkpoint(out_dir: str | Path) -> None:
+    """Delete `out_dir`'s checkpoint (and a leftover previous one) once the run it resumes is finished."""
+    for name in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old"):
+        shutil.rmtree(Path(out_dir) / name, ignore_errors=True)
 
 
 def load_checkpoint(folder: str | Path) -> dict[str, Any]:

@@ -65,6 +65,7 @@ def test_three_task_sequence_runs_with_each_method(world: Path, init_model: Path
     last = run_stage(stage(world, init_model, tmp_path / "run", methods, options))
     results = json.loads((tmp_path / "run/results.json").read_text())
     assert results["tasks"] == list(TASKS) and len(results["after_task"]) == 3
+    assert not list((tmp_path / "run").glob("task_*/*checkpoint*"))  # finished tasks keep only their model
     for after in results["after_task"]:
         assert set(after["vl"]) == set(TASKS) and 0.0 <= after["nl"]["facts_mc"]["acc"] <= 1.0
     model = load_llava(last)  # LoRA was merged: the saved model has the plain layout

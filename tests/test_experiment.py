@@ -41,3 +41,5 @@ def test_smoke_experiment_end_to_end(tmp_path: Path) -> None:
     # Running it again reuses every finished stage and gives the same accuracies.
     again = run_experiment(cfg)
     assert again["methods"]["naive"]["acc_matrix"] == results["methods"]["naive"]["acc_matrix"]
+    # ... and its wall-clock time counts the earlier invocations too
+    assert again["wall_seconds"] >= json.loads((run / "timing.json").read_text())["seconds"] >= results["wall_seconds"]
