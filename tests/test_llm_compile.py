@@ -52,3 +52,26 @@ def test_a_kv_cache_forward_stays_eager() -> None:
         assert calls == []
         model(ids)
     assert len(calls) == 2
+
+
+def test_trainer_compile_option_trains_the_same_weights(tmp_path) -> None:
+    from mllm_cl.trainer import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1024, (8, 16))
+    batches = [{"input_ids": ids[i:i + 4]} for i in range(0, 8, 4)]
+
+    def loss_fn(model: LanguageModel, batch: dict) -> tuple[torch.Tensor, int]:
+        return causal_lm_loss(model(batch["input_ids"]).logits, batch["input_ids"]), batch["input_ids"].numel()
+
+    models = []
+    for backend in ("", "aot_eager"):
+        torch.manual_seed(1)
+        model = LanguageModel(llm_preset("tiny", n_layer=2))
+        config = TrainConfig(steps=2, global_batch_size=4, micro_batch_size=4, lrs={"": 1e-3}, precision="fp32",
+                             device="cpu", compile=backend, activation_checkpointing=True)
+        Trainer(model, loss_fn, lambda epoch: batches, config, out_dir=tmp_path / (backend or "eager")).fit()
+        assert all(block.compiled is None for block in model.blocks)  # eager again after fit()
+        models.append(model)
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        torch.testing.assert_close(a, b, msg=lambda m, n=name: f"{n}: {m}")
