@@ -203,6 +203,7 @@ class LanguageModel(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
+        self.compile_backend = ""  # set by compile_blocks; the training loss then compiles its head too
         self.apply(self._init_weights)
         self.build_rope_tables()
 
@@ -312,7 +313,8 @@ def compile_blocks(model: LanguageModel, backend: str = "inductor") -> None:
     torch >= 2.5 treats a module's parameters as inputs of the compiled graph, so the one function serves
     every block of the model and compiles once per input shape (and grad mode), not once per block. Calls
     with a KV cache (generation) stay eager. With dropout, inductor is told to draw random numbers the way
-    eager PyTorch does, so a checkpointed block's re-run draws the same masks as its first run.
+    eager PyTorch does, so a checkpointed block's re-run draws the same masks as its first run. The
+    model's `compile_backend` tells `stages.forward_loss` to compile the chunked head loss as well.
     """
     if model.config.dropout > 0 and backend == "inductor":
         from torch._inductor import config as inductor_config
@@ -321,11 +323,13 @@ def compile_blocks(model: LanguageModel, backend: str = "inductor") -> None:
     compiled = torch.compile(Block.layer, backend=backend)
     for block in model.blocks:
         block.compiled = compiled
+    model.compile_backend = backend
 
 
 def uncompile_blocks(model: LanguageModel) -> None:
     for block in model.blocks:
         block.compiled = None
+    model.compile_backend = ""
 
 
 def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:

@@ -23,6 +23,8 @@ whose label is ignored (prompts, image tokens) never reach the head at all.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -63,27 +65,46 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, soft_target_a: fl
     return (per_token * keep).sum() / keep.sum()
 
 
+def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor,
+                        inv_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's summed cross-entropy and d(mean loss)/d logits = (softmax - onehot) * inv_n, in the logits'
+    dtype. Eager, it works in place on one fp32 copy of the chunk; compiled, it becomes about two passes."""
+    logits32 = logits.float()  # (rows, V)
+    lse = torch.logsumexp(logits32, dim=-1)
+    loss = (lse - logits32.gather(1, targets[:, None]).squeeze(1)).sum()
+    probs = logits32.sub_(lse[:, None]).exp_()  # softmax, in place of the fp32 logits
+    probs[torch.arange(targets.size(0), device=targets.device), targets] -= 1.0
+    return loss, probs.mul_(inv_n).to(logits.dtype)
+
+
+@functools.cache
+def compiled_chunk_loss_and_grad(backend: str) -> Callable:
+    # inv_n is a tensor, not a number, so a new count of supervised tokens does not recompile
+    return torch.compile(chunk_loss_and_grad, backend=backend, dynamic=True)
+
+
 class _HeadCrossEntropy(torch.autograd.Function):
     """mean_r CE(h_r @ W^T, y_r) over the rows given, gradients computed chunk by chunk in forward."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk_rows: int) -> torch.Tensor:
+                chunk_rows: int, compile_backend: str) -> torch.Tensor:
         n = hidden.size(0)
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        chunk_fn = compiled_chunk_loss_and_grad(compile_backend) if compile_backend else chunk_loss_and_grad
+        inv_n = torch.full((), 1.0 / n, dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_rows):
             h, y = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
-            logits = (h @ weight.T).float()  # (rows, V), computed in the compute dtype like the plain head
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            logits = h @ weight.T  # (rows, V), in the compute dtype like the plain head
             if grad_hidden is None and grad_weight is None:
+                logits32 = logits.float()
+                total += (torch.logsumexp(logits32, dim=-1) - logits32.gather(1, y[:, None]).squeeze(1)).sum()
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            probs[torch.arange(y.size(0), device=y.device), y] -= 1.0
-            grad_logits = probs.div_(n).to(hidden.dtype)
+            loss, grad_logits = chunk_fn(logits, y, inv_n)
+            total += loss
             if grad_hidden is not None:
                 torch.matmul(grad_logits, weight, out=grad_hidden[start:start + chunk_rows])
             if grad_weight is not None:
@@ -95,16 +116,17 @@ class _HeadCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors  # a 0-dim grad_output keeps their dtype in the products
         return (None if grad_hidden is None else grad_hidden * grad_output,
-                None if grad_weight is None else grad_weight * grad_output, None, None)
+                None if grad_weight is None else grad_weight * grad_output, None, None, None)
 
 
 def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                       chunk_elements: int = 2 ** 27) -> torch.Tensor:
+                       chunk_elements: int = 2 ** 27, compile_backend: str = "") -> torch.Tensor:
     """`causal_lm_loss(hidden @ weight.T, labels)` without the full logits (see the module docstring).
 
     hidden (B, T, D) is the final normed hidden state, weight (V, D) the output head's. A chunk holds about
     `chunk_elements` fp32 logits (512 MB at the default). fp16 is refused: its gradients would need the loss
     scale before rounding, which this function only sees in backward; use `causal_lm_loss` there.
+    `compile_backend` ("inductor"): run each chunk's softmax and gradient as one compiled kernel set.
     """
     if hidden.dtype == torch.float16:
         raise ValueError("head_cross_entropy does not support fp16 (loss scaling); use causal_lm_loss")
@@ -116,7 +138,7 @@ def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     if rows.numel() < flat.size(0):
         flat, targets = flat.index_select(0, rows), targets.index_select(0, rows)
     chunk_rows = max(1, chunk_elements // weight.size(0))
-    return _HeadCrossEntropy.apply(flat, weight, targets, chunk_rows)
+    return _HeadCrossEntropy.apply(flat, weight, targets, chunk_rows, compile_backend)
 
 
 def supervised_token_count(labels: torch.Tensor) -> int:

@@ -151,7 +151,8 @@ def forward_loss(model: torch.nn.Module, batch: dict, soft_target_a: float = 0.0
         output = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
         return output, causal_lm_loss(output.logits, batch["labels"], soft_target_a)
     output = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), compute_logits=False, **kwargs)
-    return output, head_cross_entropy(output.hidden, head, batch["labels"])
+    llm = model.llm if isinstance(model, LlavaModel) else model
+    return output, head_cross_entropy(output.hidden, head, batch["labels"], compile_backend=llm.compile_backend)
 
 
 def fused_head_weight(model: torch.nn.Module) -> torch.Tensor | None:

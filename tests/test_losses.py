@@ -109,3 +109,17 @@ def test_head_cross_entropy_refuses_fp16_and_unsupervised_batches() -> None:
         head_cross_entropy(hidden.half(), weight.half(), labels)
     with pytest.raises(NoSupervisedTokensError):
         head_cross_entropy(hidden, weight, torch.full_like(labels, IGNORE_INDEX))
+
+
+def test_head_cross_entropy_compiled_chunks_match_eager() -> None:
+    hidden, weight, labels = _head_case()
+    results = []
+    for backend in ("", "aot_eager"):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = head_cross_entropy(h, w, labels, chunk_elements=29 * 4, compile_backend=backend)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)
+    labels[1, :3] = IGNORE_INDEX  # another count of supervised rows: runs without a new specialisation
+    head_cross_entropy(hidden, weight.clone().requires_grad_(), labels, compile_backend="aot_eager").backward()
