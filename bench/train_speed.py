@@ -31,7 +31,7 @@ from mllm_cl.llm import LanguageModel, compile_blocks  # noqa: E402
 from mllm_cl.optim import build_optimizer  # noqa: E402
 from mllm_cl.precision import MixedPrecision  # noqa: E402
 from mllm_cl.projector import build_projector  # noqa: E402
-from mllm_cl.stages import forward_loss  # noqa: E402
+from mllm_cl.stages import forward_loss, language_model  # noqa: E402
 from mllm_cl.vision import VisionTower  # noqa: E402
 
 H100_BF16_PEAK = 989e12
@@ -71,7 +71,7 @@ def ours_step_fn(model: torch.nn.Module, dtype: torch.dtype, batch: dict, compil
     precision = MixedPrecision(model, dtype)
     optimizer = build_optimizer(precision.named_master_params(), {"": 1e-4}, weight_decay=0.1)
     if compile_backend:
-        compile_blocks(model.llm if isinstance(model, LlavaModel) else model, compile_backend)
+        compile_blocks(language_model(model), compile_backend)
 
     def step() -> None:
         precision.backward(forward_loss(model, batch)[1])

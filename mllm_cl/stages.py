@@ -146,19 +146,23 @@ def forward_loss(model: torch.nn.Module, batch: dict, soft_target_a: float = 0.0
     unless `need_logits`, Soft Targets or an fp16/adapted/biased head ask for the plain head.
     """
     kwargs = {"pixel_values": batch["pixel_values"]} if batch.get("pixel_values") is not None else {}
-    head = fused_head_weight(model)
+    llm = language_model(model)
+    head = fused_head_weight(llm)
     if need_logits or soft_target_a or head is None:
         output = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
         return output, causal_lm_loss(output.logits, batch["labels"], soft_target_a)
     output = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), compute_logits=False, **kwargs)
-    llm = model.llm if isinstance(model, LlavaModel) else model
     return output, head_cross_entropy(output.hidden, head, batch["labels"], compile_backend=llm.compile_backend)
 
 
-def fused_head_weight(model: torch.nn.Module) -> torch.Tensor | None:
+def language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder LLM of a LlavaModel, or the model itself."""
+    return model.llm if isinstance(model, LlavaModel) else model
+
+
+def fused_head_weight(llm: torch.nn.Module) -> torch.Tensor | None:
     """The output head's weight when it is a plain bias-free Linear in bf16/fp32 (what head_cross_entropy
     computes); None otherwise (an adapter on the head, fp16)."""
-    llm = model.llm if isinstance(model, LlavaModel) else model
     head = getattr(llm, "lm_head", None)
     if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.dtype == torch.float16:
         return None
