@@ -34,11 +34,16 @@ def hf_model(kind: str) -> torch.nn.Module:
 KINDS = ["neox-parallel", "neox-sequential", "llama-gqa", "llama-tied"]
 
 
+def reference_and_ours(kind: str, folder) -> tuple[torch.nn.Module, LanguageModel]:
+    """A random Hugging Face model of `kind`, and ours loaded from the folder it saved itself into."""
+    reference = hf_model(kind)
+    reference.save_pretrained(folder)
+    return reference, load_llm(folder).eval()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_match_transformers(kind, tmp_path):
-    reference = hf_model(kind)
-    reference.save_pretrained(tmp_path)
-    model = load_llm(tmp_path).eval()
+    reference, model = reference_and_ours(kind, tmp_path)
     ids = torch.randint(0, VOCAB, (3, 11))
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0  # right padding
@@ -57,9 +62,7 @@ def test_logits_match_transformers(kind, tmp_path):
 @pytest.mark.parametrize("kind", ["neox-parallel", "llama-gqa"])
 def test_left_padding_explicit_mask_matches_transformers(kind, tmp_path):
     """Left padding takes the explicit-mask path; positions given as HF would get them."""
-    reference = hf_model(kind)
-    reference.save_pretrained(tmp_path)
-    model = load_llm(tmp_path).eval()
+    reference, model = reference_and_ours(kind, tmp_path)
     ids = torch.randint(0, VOCAB, (2, 9))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
