@@ -1,15 +1,17 @@
-"""Training throughput: our decoder against Hugging Face's `GPTNeoXForCausalLM`, in one process, same shapes.
+"""Training throughput: ours against Hugging Face's `GPTNeoXForCausalLM` and `LlavaForConditionalGeneration`,
+in one process, same shapes, same batch.
 
-Both get random weights, the same batch, bf16 compute and fused AdamW. Ours uses the hand-written mixed
-precision (bf16 params, fp32 masters), activation checkpointing, the chunked head + cross-entropy
+Both get random weights, bf16 compute and fused AdamW. Ours uses the hand-written mixed precision (bf16
+params, fp32 masters), activation checkpointing, the chunked head + cross-entropy
 (`losses.head_cross_entropy`) and, with `--compile inductor` (the GPU default), `torch.compile`d blocks;
 Hugging Face uses `torch.autocast` over fp32 params and its own gradient checkpointing, as in DESIGN.md
-section 7. Prints tokens/s, MFU, peak memory
-and the ratio ours / HF; never asserts. Also times a full LLaVA step (frozen CLIP ViT-L/14-336 + mlp2x_gelu +
-Pythia-410M, 576 image + 512 text tokens).
+section 7. Prints tokens/s, MFU, peak memory and the ratio ours / HF; never asserts. The LLaVA step is a
+frozen CLIP ViT-L/14-336 + mlp2x_gelu + Pythia-410M, 576 image + 512 text tokens. `--profile` adds where each
+step's time goes (`kernel_profile.py`). On the CPU everything runs at tiny shapes in fp32.
 
     python bench/train_speed.py                      # on a GPU: Pythia-160M/410M/1.4B and the LLaVA step
     python bench/train_speed.py --models tiny        # anywhere (the CPU default)
+    python bench/train_speed.py --models pythia-160m --ckpt off --no-llava --profile   # where the time goes
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mllm_cl.checkpointing import enable_checkpointing  # noqa: E402
 from mllm_cl.config import IMAGE_PLACEHOLDER_ID, llm_preset, vision_preset  # noqa: E402
@@ -33,6 +36,9 @@ from mllm_cl.precision import MixedPrecision  # noqa: E402
 from mllm_cl.projector import build_projector  # noqa: E402
 from mllm_cl.stages import forward_loss, language_model  # noqa: E402
 from mllm_cl.vision import VisionTower  # noqa: E402
+from mllm_cl.weights import llm_config_to_hf, vision_config_to_hf  # noqa: E402
+
+from kernel_profile import print_kernel_profile  # noqa: E402
 
 H100_BF16_PEAK = 989e12
 
@@ -67,6 +73,14 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 
 
+def checkpoint_settings(args: argparse.Namespace) -> list[bool]:
+    settings = {"off": False, "on": True}
+    names = [n.strip() for n in args.ckpt.split(",")]
+    if not names or any(n not in settings for n in names):
+        raise SystemExit(f"--ckpt takes 'off', 'on' or 'off,on', got {args.ckpt!r}")
+    return [settings[n] for n in names]
+
+
 def ours_step_fn(model: torch.nn.Module, dtype: torch.dtype, batch: dict, compile_backend: str):
     precision = MixedPrecision(model, dtype)
     optimizer = build_optimizer(precision.named_master_params(), {"": 1e-4}, weight_decay=0.1)
@@ -80,29 +94,67 @@ def ours_step_fn(model: torch.nn.Module, dtype: torch.dtype, batch: dict, compil
     return step
 
 
-def hf_step_fn(model: torch.nn.Module, batch: dict):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+def hf_step_fn(model: torch.nn.Module, inputs: dict, dtype: torch.dtype):
+    """HF's step as DESIGN.md section 7 measured it: fp32 params under autocast, fused AdamW, clipping."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=True)
+    device_type = params[0].device.type
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(**inputs).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
 
 
-def hf_gpt_neox(name: str):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+def hf_enable_checkpointing(model: torch.nn.Module) -> None:
+    # renamed in transformers 5.2x; the old name still works there, with a deprecation warning
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
-    c = llm_preset(name)
-    config = GPTNeoXConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, num_hidden_layers=c.n_layer,
-                           num_attention_heads=c.n_head, intermediate_size=c.d_ff, rotary_pct=c.rotary_pct,
-                           max_position_embeddings=c.max_seq_len, use_parallel_residual=True,
-                           attn_implementation="sdpa")
-    return GPTNeoXForCausalLM(config)
+
+def hf_text_config(name: str):
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(**llm_config_to_hf(llm_preset(name)), attn_implementation="sdpa")
+
+
+def hf_gpt_neox(name: str):
+    from transformers import GPTNeoXForCausalLM
+
+    return GPTNeoXForCausalLM(hf_text_config(name))
+
+
+def hf_llava(vision_name: str, llm_name: str, image_token_id: int, dtype: torch.dtype):
+    """transformers' LlavaForConditionalGeneration with our shapes: CLIP tower (frozen, in the compute dtype as
+    LLaVA trains it), mlp2x_gelu projector, GPT-NeoX LLM, features of the second-to-last layer without the class token."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    v = vision_preset(vision_name)
+    vision_config = CLIPVisionConfig(**{k: x for k, x in vision_config_to_hf(v).items() if k != "mllm_cl"})
+    config = LlavaConfig(vision_config=vision_config, text_config=hf_text_config(llm_name),
+                         image_token_index=image_token_id, image_seq_length=v.num_image_tokens,
+                         projector_hidden_act="gelu", vision_feature_layer=v.select_layer,
+                         vision_feature_select_strategy="default" if v.select_feature == "patch" else "full")
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.requires_grad_(False).to(dtype)
+    return model
+
+
+def measure(make_step, args: argparse.Namespace, device: torch.device, label: str) -> tuple[float, float]:
+    """(seconds per step, peak GiB) of the step `make_step()` builds; the model goes when its step does."""
+    reset_memory(device)
+    torch.manual_seed(0)
+    step = make_step()
+    seconds = timed(step, args.steps, args.warmup, device)
+    peak = peak_gib(device)
+    if args.profile:
+        print_kernel_profile(step, device, label=label)
+    return seconds, peak
 
 
 def bench_llm(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
@@ -110,57 +162,72 @@ def bench_llm(name: str, args: argparse.Namespace, device: torch.device, dtype: 
     tokens = args.batch * args.seq
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
     batch = {"input_ids": ids, "labels": ids}
-    for checkpointing in (False, True):
-        reset_memory(device)
-        torch.manual_seed(0)
-        model = LanguageModel(config).to(device)
-        params = n_params(model)
-        if checkpointing:
-            enable_checkpointing(model.blocks)
-        seconds = timed(ours_step_fn(model, dtype, batch, args.compile), args.steps, args.warmup, device)
-        ours_tps, ours_mem = tokens / seconds, peak_gib(device)
-        del model
-        line = (f"{name:12s} ckpt={'on ' if checkpointing else 'off'} ours {ours_tps:10,.0f} tok/s "
-                f"MFU {6 * params * ours_tps / H100_BF16_PEAK:6.1%} peak {ours_mem:5.1f} GiB")
-        if device.type == "cuda" and not args.no_hf:
-            reset_memory(device)
-            hf = hf_gpt_neox(name).to(device)
+    with torch.device("meta"):  # counted without allocating
+        params = n_params(LanguageModel(config))
+    for checkpointing in checkpoint_settings(args):
+        def ours():
+            model = LanguageModel(config).to(device)
             if checkpointing:
-                hf.gradient_checkpointing_enable()
-            hf.train()
-            seconds = timed(hf_step_fn(hf, batch), args.steps, args.warmup, device)
-            hf_tps, hf_mem = tokens / seconds, peak_gib(device)
-            del hf
+                enable_checkpointing(model.blocks)
+            return ours_step_fn(model, dtype, batch, args.compile)
+
+        def hf():
+            model = hf_gpt_neox(name).to(device).train()
+            if checkpointing:
+                hf_enable_checkpointing(model)
+            return hf_step_fn(model, batch, dtype)
+
+        label = f"{name} ckpt={'on ' if checkpointing else 'off'}"
+        seconds, ours_mem = measure(ours, args, device, f"ours {label}")
+        ours_tps = tokens / seconds
+        line = (f"{label:20s} ours {ours_tps:10,.0f} tok/s MFU {6 * params * ours_tps / H100_BF16_PEAK:6.1%} "
+                f"peak {ours_mem:5.1f} GiB")
+        if not args.no_hf:
+            seconds, hf_mem = measure(hf, args, device, f"HF {label}")
+            hf_tps = tokens / seconds
             line += (f" | HF {hf_tps:10,.0f} tok/s MFU {6 * params * hf_tps / H100_BF16_PEAK:6.1%} "
                      f"peak {hf_mem:5.1f} GiB | ours/HF {ours_tps / hf_tps:4.2f}x")
         print(line, flush=True)
 
 
 def bench_llava(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
-    vision_config = vision_preset("clip-vit-l-14-336")
-    llm_config = llm_preset("pythia-410m")
-    n_image, n_text = vision_config.num_image_tokens, 512
-    for checkpointing in (False, True):
-        reset_memory(device)
-        torch.manual_seed(0)
-        vision = VisionTower(vision_config)
-        llm = LanguageModel(llm_config)
-        model = LlavaModel(vision, build_projector("mlp2x_gelu", vision_config.d_model, llm_config.d_model), llm)
-        model.to(device)
-        if checkpointing:
-            enable_checkpointing(llm.blocks)
-        text = torch.randint(0, llm_config.vocab_size, (args.batch, n_text), device=device)
-        image = torch.full((args.batch, n_image), IMAGE_PLACEHOLDER_ID, device=device)
-        ids = torch.cat([text[:, :1], image, text[:, 1:]], dim=1)
-        labels = torch.cat([torch.full_like(image[:, :1].expand(-1, n_image + 1), -100), text[:, 1:]], dim=1)
-        pixels = torch.randn(args.batch, 3, vision_config.image_size, vision_config.image_size, device=device)
-        batch = {"input_ids": ids, "labels": labels, "pixel_values": pixels.to(dtype)}
-        seconds = timed(ours_step_fn(model, dtype, batch, args.compile), args.steps, args.warmup, device)
-        print(f"llava-410m   ckpt={'on ' if checkpointing else 'off'} ours {args.batch / seconds:8.1f} samples/s "
-              f"({args.batch * ids.size(1) / seconds:10,.0f} tok/s) peak {peak_gib(device):5.1f} GiB "
-              f"| HF reference (DESIGN.md 7, H100): {'56.4 samples/s, 17.7' if checkpointing else '84.4 samples/s, 31.1'}"
-              " GiB", flush=True)
-        del model, vision, llm
+    vision_name, llm_name = args.llava_models.split(",")
+    vision_config, llm_config = vision_preset(vision_name), llm_preset(llm_name)
+    n_image, n_text = vision_config.num_image_tokens, args.seq // 2
+    text = torch.randint(0, llm_config.vocab_size - 1, (args.batch, n_text), device=device)
+    image = torch.full((args.batch, n_image), IMAGE_PLACEHOLDER_ID, device=device)
+    ids = torch.cat([text[:, :1], image, text[:, 1:]], dim=1)
+    labels = torch.cat([torch.full_like(image[:, :1].expand(-1, n_image + 1), -100), text[:, 1:]], dim=1)
+    pixels = torch.randn(args.batch, 3, vision_config.image_size, vision_config.image_size, device=device)
+    batch = {"input_ids": ids, "labels": labels, "pixel_values": pixels.to(dtype)}
+    hf_image_id = llm_config.vocab_size - 1  # an id no text token above uses
+    hf_inputs = {"input_ids": ids.masked_fill(ids == IMAGE_PLACEHOLDER_ID, hf_image_id), "labels": labels,
+                 "pixel_values": pixels}
+    for checkpointing in checkpoint_settings(args):
+        def ours():
+            llm = LanguageModel(llm_config)
+            projector = build_projector("mlp2x_gelu", vision_config.d_model, llm_config.d_model)
+            model = LlavaModel(VisionTower(vision_config), projector, llm).to(device)
+            if checkpointing:
+                enable_checkpointing(llm.blocks)
+            return ours_step_fn(model, dtype, batch, args.compile)
+
+        def hf():
+            model = hf_llava(vision_name, llm_name, hf_image_id, dtype).to(device).train()
+            if checkpointing:
+                hf_enable_checkpointing(model)
+            return hf_step_fn(model, hf_inputs, dtype)
+
+        label = f"llava {vision_name}+{llm_name} ckpt={'on ' if checkpointing else 'off'}"
+        seconds, ours_mem = measure(ours, args, device, f"ours {label}")
+        ours_sps = args.batch / seconds
+        line = (f"{label} ours {ours_sps:7.1f} samples/s ({args.batch * ids.size(1) / seconds:9,.0f} tok/s) "
+                f"peak {ours_mem:5.1f} GiB")
+        if not args.no_hf:
+            seconds, hf_mem = measure(hf, args, device, f"HF {label}")
+            line += (f" | HF {args.batch / seconds:7.1f} samples/s peak {hf_mem:5.1f} GiB "
+                     f"| ours/HF {seconds * ours_sps / args.batch:4.2f}x")
+        print(line, flush=True)
 
 
 def main() -> None:
@@ -174,7 +241,12 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="time ours only")
     parser.add_argument("--compile", default="inductor" if cuda else "",
                         help="torch.compile backend for our blocks ('' for eager); its compile time is warm-up")
-    parser.add_argument("--llava", action=argparse.BooleanOptionalAction, default=cuda)
+    parser.add_argument("--llava", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--llava-models", default="clip-vit-l-14-336,pythia-410m" if cuda else "clip-tiny,tiny",
+                        help="vision tower and LLM presets of the LLaVA step (its text is --seq / 2 tokens)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile a few steps and print where the time goes (by kind, top kernels)")
+    parser.add_argument("--ckpt", default="off,on", help="checkpointing settings to run: 'off', 'on' or 'off,on'")
     args = parser.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
