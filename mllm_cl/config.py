@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,15 +181,54 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     return cls(**kwargs)
 
 
+_SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
 def _coerce(hint: Any, value: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+    """`value` checked against the field's type hint (ints become floats where a float is wanted); a value of
+    the wrong type is a ConfigError naming the key, instead of a TypeError deep inside the run."""
+    if hint is Any or isinstance(hint, TypeVar):
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected an object of {hint.__name__} settings, got {value!r}")
         return from_dict(hint, value, where)
-    origin = typing.get_origin(hint)
-    if origin is list and isinstance(value, list):
-        (item,) = typing.get_args(hint) or (Any,)
-        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arm, value, where)
+            except ConfigError as e:
+                errors.append(str(e).removeprefix(f"{where}: "))
+        raise ConfigError(f"{where}: {' or '.join(errors)}{' or null' if type(None) in args else ''}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected a list of {len(args)} items, got {value!r}")
+            items = list(args)
+        else:
+            items = [args[0] if args else Any] * len(value)
+        return type(value)(_coerce(h, v, f"{where}[{i}]") for i, (h, v) in enumerate(zip(items, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected an object, got {value!r}")
+        value_hint = args[1] if args else Any
+        return {k: _coerce(value_hint, v, f"{where}.{k}") for k, v in value.items()}
+    if hint is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{where}: expected a path (a string), got {value!r}")
+        return Path(value)
+    if hint in _SCALARS:
+        ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not ok:
+            raise ConfigError(f"{where}: expected {_SCALARS[hint]}, got {value!r}")
     return value
 
 

@@ -1,9 +1,10 @@
+import dataclasses
 import json
 
 import pytest
 
-from mllm_cl.config import (LLM_PRESETS, VISION_PRESETS, ConfigError, LLMConfig, apply_overrides, llm_preset,
-                            load_json, vision_preset)
+from mllm_cl.config import (LLM_PRESETS, VISION_PRESETS, ConfigError, LLMConfig, apply_overrides, from_dict,
+                            llm_preset, load_json, vision_preset)
 
 
 def test_every_preset_builds() -> None:
@@ -34,3 +35,46 @@ def test_json_file_round_trip_and_errors(tmp_path) -> None:
     path.write_text(json.dumps({"bogus": 1}))
     with pytest.raises(ConfigError, match="bogus"):
         load_json(LLMConfig, path)
+
+
+@dataclasses.dataclass
+class _Inner:
+    rate: float = 0.1
+
+
+@dataclasses.dataclass
+class _Settings:
+    steps: int = 1
+    flag: bool = False
+    limit: int | None = None
+    names: list[str] = dataclasses.field(default_factory=list)
+    lrs: dict[str, float] = dataclasses.field(default_factory=dict)
+    pair: tuple[int, int] = (0, 0)
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+
+
+def test_values_are_checked_against_the_field_types() -> None:
+    ok = from_dict(_Settings, {"steps": 3, "limit": None, "names": ["a"], "lrs": {"": 1}, "pair": [1, 2],
+                               "inner": {"rate": 2}})
+    assert (ok.steps, ok.limit, ok.names, ok.pair, ok.inner.rate) == (3, None, ["a"], [1, 2], 2.0)
+    assert isinstance(ok.lrs[""], float) and isinstance(ok.inner.rate, float)  # ints widen to floats
+    assert from_dict(_Settings, {"limit": 5}).limit == 5
+    bad = [({"steps": "abc"}, "config.steps: expected an integer, got 'abc'"),
+           ({"steps": True}, "config.steps: expected an integer"),  # a bool is no count
+           ({"steps": 1.5}, "config.steps: expected an integer"),
+           ({"flag": "yes"}, "config.flag: expected true or false"),
+           ({"limit": "all"}, "config.limit: expected an integer, got 'all' or null"),
+           ({"names": "a,b"}, "config.names: expected a list"),
+           ({"names": ["a", 2]}, r"config.names\[1\]: expected a string"),
+           ({"lrs": {"llm.": "fast"}}, "config.lrs.llm.: expected a number"),
+           ({"pair": [1]}, "config.pair: expected a list of 2 items"),
+           ({"inner": 3}, "config.inner: expected an object of _Inner settings"),
+           ({"inner": {"rate": None}}, "config.inner.rate: expected a number")]
+    for data, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            from_dict(_Settings, data)
+
+
+def test_an_override_of_the_wrong_type_names_its_key() -> None:
+    with pytest.raises(ConfigError, match="n_layer: expected an integer, got 'two'"):
+        apply_overrides(llm_preset("tiny"), ["n_layer=two"])
