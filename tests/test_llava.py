@@ -1,4 +1,5 @@
-"""LLaVA: the splice against a hand-built sequence, mixed batches, labels, frozen tower, generation, save/load."""
+"""LLaVA: the splice against a hand-built sequence and against transformers' LlavaForConditionalGeneration, mixed
+batches, labels, frozen tower, generation, save/load."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from mllm_cl.model_folder import ModelFolderError
 from mllm_cl.projector import build_projector
 from mllm_cl.tokenizer import load_tokenizer
 from mllm_cl.vision import VisionTower
-from mllm_cl.weights import CheckpointMismatchError
+from mllm_cl.weights import CheckpointMismatchError, llm_config_to_hf, llm_state_dict_from_hf, vision_config_to_hf
 
 P = 4  # image tokens: (16 / 8) ** 2 patches, class token dropped
 IMG = IMAGE_PLACEHOLDER_ID
@@ -62,6 +63,39 @@ def test_image_features_land_exactly_at_placeholders():
         out = model(**batch)
         ref = model.llm(inputs_embeds=manual, attention_mask=batch["attention_mask"])
     assert torch.equal(out.logits, ref.logits)
+
+
+def test_logits_match_transformers_llava_with_the_same_weights():
+    """The whole wrapper against `LlavaForConditionalGeneration`: tower features (second-to-last layer, class
+    token dropped), mlp2x_gelu projector, splice into a padded batch with 0, 1 and 2 images per row, LLM."""
+    transformers = pytest.importorskip("transformers")
+    ours = tiny_llava()
+    vision_config, llm_config = ours.vision.config, ours.llm.config
+    image_id = llm_config.vocab_size - 1  # HF marks image positions with a real token id
+    hf = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(
+            **{k: v for k, v in vision_config_to_hf(vision_config).items() if k != "mllm_cl"}),
+        text_config=transformers.GPTNeoXConfig(**llm_config_to_hf(llm_config)),
+        image_token_index=image_id, image_seq_length=P, projector_hidden_act="gelu",
+        vision_feature_layer=vision_config.select_layer, vision_feature_select_strategy="default")).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # random, non-trivial values everywhere, biases and norms included
+        for p in hf.parameters():
+            p.normal_(0.0, 0.2)
+    ours.vision.load_state_dict({k.removeprefix("vision_model."): v
+                                 for k, v in hf.model.vision_tower.state_dict().items()}, strict=True)
+    hf_projector = hf.model.multi_modal_projector
+    ours.projector.load_state_dict({"0.weight": hf_projector.linear_1.weight, "0.bias": hf_projector.linear_1.bias,
+                                    "2.weight": hf_projector.linear_2.weight, "2.bias": hf_projector.linear_2.bias})
+    hf_llm = {f"gpt_neox.{k}": v for k, v in hf.model.language_model.state_dict().items()}
+    ours.llm.load_state_dict(llm_state_dict_from_hf(hf_llm | {"embed_out.weight": hf.lm_head.weight}, llm_config))
+    batch = mixed_batch()
+    with torch.no_grad():
+        got = ours(**batch).logits
+        want = hf(input_ids=batch["input_ids"].masked_fill(batch["input_ids"] == IMG, image_id),
+                  attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]).logits
+    real = batch["attention_mask"].bool()  # padding positions are not compared
+    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
 
 
 def test_samples_give_the_same_logits_alone_and_in_a_mixed_batch():
