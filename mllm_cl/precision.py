@@ -124,6 +124,12 @@ class MixedPrecision:
             pairs = [(p.grad, m) for (_, p), m in zip(self.params, self.masters) if p.grad is not None]
             # The norm of the compute-dtype grads, accumulated in fp32, is that of their exact fp32 copies.
             norm = global_norm([g for g, _ in pairs])
+            master_grads = []
+            if self.copies and pairs:
+                # the fp32 copies are queued before the host sync below (one multi-tensor kernel), so a GPU makes
+                # them while the CPU waits for the norm instead of sitting idle through a launch per param
+                master_grads = [torch.empty_like(m) for _, m in pairs]
+                torch._foreach_copy_(master_grads, [g for g, _ in pairs])
             if factor != 1.0:
                 norm = norm * abs(factor)
             grad_norm = float(norm)
@@ -135,8 +141,8 @@ class MixedPrecision:
                 if max_grad_norm is not None and max_grad_norm > 0:
                     coef = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0) * factor
                 if self.copies:
-                    for g, m in pairs:
-                        m.grad = g.float()
+                    for (_, m), g in zip(pairs, master_grads):
+                        m.grad = g
                     for _, p in self.params:
                         p.grad = None
                 grads = [m.grad for _, m in pairs]

@@ -55,6 +55,28 @@ def test_fp32_path_is_a_plain_optimizer_loop_bit_for_bit() -> None:
         assert torch.equal(a, b), name
 
 
+def test_bf16_step_is_an_optimizer_step_on_the_clipped_fp32_copies_of_the_grads() -> None:
+    torch.manual_seed(0)
+    model = TinyNet()
+    mp = MixedPrecision(model, torch.bfloat16)
+    x, y = _data()
+    mp.backward(((model(x) - y) ** 2).mean() * 50)  # large enough that clipping at 1.0 acts
+    grads = [p.grad.float() for _, p in mp.params]  # exact: every bf16 value is an fp32 value
+    norm = torch.cat([g.flatten() for g in grads]).double().norm().item()
+    assert norm > 1.0
+    reference = [m.detach().clone().requires_grad_() for m in mp.master_params()]
+    for r, g in zip(reference, grads):
+        r.grad = g * (1.0 / (norm + 1e-6))
+    torch.optim.SGD(reference, lr=0.1).step()  # SGD: unlike Adam, the update shows any error in the clip
+
+    result = mp.step(torch.optim.SGD(mp.master_params(), lr=0.1), max_grad_norm=1.0)
+    assert result.taken and result.grad_norm == pytest.approx(norm, rel=1e-6)
+    for (name, p), m, r in zip(mp.params, mp.master_params(), reference):
+        torch.testing.assert_close(m, r.detach(), rtol=1e-6, atol=1e-7, msg=name)
+        assert p.dtype == torch.bfloat16 and torch.equal(p, m.to(torch.bfloat16)), name
+        assert p.grad is None and m.grad is None, name
+
+
 def test_masters_stay_fp32_and_frozen_params_have_none() -> None:
     model = TinyNet()
     reference = {k: v.clone() for k, v in model.state_dict().items()}
