@@ -35,9 +35,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class StepResult:
-    taken: bool  # False when an inf/nan gradient made us skip the optimizer step
+    taken: bool  # False when an inf/nan gradient (or loss, if given) made us skip the optimizer step
     grad_norm: float  # global norm of the unscaled fp32 gradients, before clipping
     scale: float  # the loss scale used for this step
+    loss: float | None = None  # the `loss` given to `step`, read at the same host sync as the norm
 
 
 def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:
@@ -112,11 +113,12 @@ class MixedPrecision:
         (loss.float() * self.scale).backward()
 
     def step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None,
-             grad_multiplier: float = 1.0) -> StepResult:
+             grad_multiplier: float = 1.0, loss: torch.Tensor | None = None) -> StepResult:
         """Unscale, check, clip, update the masters, copy them into the model. Grads are cleared after.
 
         `grad_multiplier` multiplies the gradients on top of unscaling (the trainer uses it to
-        weight gradient accumulation by token counts).
+        weight gradient accumulation by token counts). `loss` (a tensor, optional) is read at the
+        norm's host sync, which costs nothing more, and a non-finite one skips the step too.
         """
         scale = self.scale
         factor = grad_multiplier / scale
@@ -133,7 +135,8 @@ class MixedPrecision:
             if factor != 1.0:
                 norm = norm * abs(factor)
             grad_norm = float(norm)
-            finite = math.isfinite(grad_norm)
+            loss_value = None if loss is None else float(loss)
+            finite = math.isfinite(grad_norm) and (loss_value is None or math.isfinite(loss_value))
             if finite:
                 # unscaling, accumulation weights and clipping folded into one multiply of the fp32 grads;
                 # the clip coefficient is computed as torch.nn.utils.clip_grad_norm_ computes it
@@ -153,7 +156,7 @@ class MixedPrecision:
                     torch._foreach_copy_([p for _, p in self.params], self.masters)  # rounds to the compute dtype
         self.zero_grad()
         self._update_scale(finite)
-        return StepResult(taken=finite, grad_norm=grad_norm, scale=scale)
+        return StepResult(taken=finite, grad_norm=grad_norm, scale=scale, loss=loss_value)
 
     def _update_scale(self, finite: bool) -> None:
         if not finite:

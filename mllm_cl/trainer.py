@@ -195,20 +195,22 @@ class Trainer:
                 batches, n_batches = self._epoch_batches(self.epoch)
             set_lr(self.optimizer, self.step, self.total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
             loss_sum, n_step, reference = self._accumulate(batches)
-            loss = loss_sum / n_step
+            for hook in self.hooks:
+                hook.after_backward(self)
+            # the loss is read at the step's host sync for the gradient norm; a non-finite one skips the step
+            result = self.precision.step(self.optimizer, cfg.max_grad_norm, grad_multiplier=reference / n_step,
+                                         loss=loss_sum)
+            loss = result.loss / n_step
             if not math.isfinite(loss):
                 raise NonFiniteLossError(f"step {self.step + 1}: the loss is {loss}; training stopped. "
                                          f"{self._last_good()}")
-            for hook in self.hooks:
-                hook.after_backward(self)
-            result = self.precision.step(self.optimizer, cfg.max_grad_norm, grad_multiplier=reference / n_step)
             if not result.taken and not self.precision.dynamic:
                 raise NonFiniteLossError(f"step {self.step + 1}: the loss is {loss:.4f} but the gradient norm is "
                                          f"{result.grad_norm}; training stopped. {self._last_good()}")
             self.step += 1
             self.index += accumulation
             self.tokens += int(n_step)
-            interval["loss"] += loss_sum
+            interval["loss"] += result.loss
             interval["tokens"] += n_step
             interval["grad_norm"] += result.grad_norm if result.taken else 0.0
             interval["steps"] += 1
@@ -218,8 +220,8 @@ class Trainer:
             if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps:
                 self.save()
 
-    def _accumulate(self, batches: Sequence[Any]) -> tuple[float, float, float]:
-        """Forward + backward over one step's micro-batches; returns (sum of n_i loss_i, N, R).
+    def _accumulate(self, batches: Sequence[Any]) -> tuple[torch.Tensor, float, float]:
+        """Forward + backward over one step's micro-batches; returns (sum of n_i loss_i as a 0-dim tensor, N, R).
 
         Micro-batch i is back-propagated with weight n_i / R, R = (tokens of the first one) x
         accumulation, a guess of the step's total N fixed before any backward; `precision.step`
@@ -245,7 +247,7 @@ class Trainer:
             raise ValueError(f"step {self.step + 1}: micro-batches {first}..{first + self.config.accumulation - 1} "
                              f"of epoch {self.epoch} have no supervised token (n_tokens = 0 in each): refusing "
                              "to train on nothing; check the labels/loss mask of these samples")
-        return float(loss_sum), n_step, reference
+        return loss_sum, n_step, reference
 
     # ---------------------------------------------------------------- progress
 

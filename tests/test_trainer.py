@@ -143,6 +143,20 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) ->
         assert torch.equal(saved["weights"][name], p), name
 
 
+def test_a_non_finite_loss_with_finite_gradients_is_not_applied_either(tmp_path: Path) -> None:
+    class InfConstant(Hook):  # +inf that carries no gradient: only the loss shows it
+        def loss(self, trainer, batch, loss):
+            return loss + torch.tensor(float("inf")) if trainer.step == 2 else loss
+
+    model = TinyModel()
+    with pytest.raises(NonFiniteLossError, match=r"step 3: the loss is inf"):
+        _train(tmp_path, hooks=[InfConstant()], model=model)
+    saved = load_checkpoint(tmp_path / "checkpoint")
+    assert saved["state"]["step"] == 2
+    for name, p in model.named_parameters():
+        assert torch.equal(saved["weights"][name], p), name
+
+
 class Recorder(Hook):
     def __init__(self, name: str, events: list) -> None:
         self.name, self.events = name, events
