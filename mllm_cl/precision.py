@@ -138,7 +138,7 @@ class MixedPrecision:
             loss_value = None if loss is None else float(loss)
             finite = math.isfinite(grad_norm) and (loss_value is None or math.isfinite(loss_value))
             if finite:
-                # unscaling, accumulation weights and clipping folded into one multiply of the fp32 grads;
+                # unscaling, accumulation weights and clipping folded into one coefficient of the fp32 grads;
                 # the clip coefficient is computed as torch.nn.utils.clip_grad_norm_ computes it
                 coef: float | torch.Tensor = factor
                 if max_grad_norm is not None and max_grad_norm > 0:
@@ -150,8 +150,17 @@ class MixedPrecision:
                         p.grad = None
                 grads = [m.grad for _, m in pairs]
                 if grads and (isinstance(coef, torch.Tensor) or coef != 1.0):
-                    torch._foreach_mul_(grads, coef)  # one multi-tensor kernel instead of a launch per param
-                optimizer.step()
+                    if self.copies and getattr(optimizer, "_step_supports_amp_scaling", False):
+                        # fused Adam/AdamW/SGD divide each grad by `optimizer.grad_scale` inside their own kernel
+                        # (the protocol torch's GradScaler uses): the coefficient costs no pass over the grads
+                        optimizer.grad_scale = 1.0 / torch.as_tensor(coef, dtype=torch.float32,
+                                                                     device=grads[0].device)
+                    else:
+                        torch._foreach_mul_(grads, coef)  # one multi-tensor kernel instead of a launch per param
+                try:
+                    optimizer.step()
+                finally:
+                    optimizer.__dict__.pop("grad_scale", None)
                 if self.copies:
                     torch._foreach_copy_([p for _, p in self.params], self.masters)  # rounds to the compute dtype
         self.zero_grad()

@@ -55,26 +55,47 @@ def test_fp32_path_is_a_plain_optimizer_loop_bit_for_bit() -> None:
         assert torch.equal(a, b), name
 
 
-def test_bf16_step_is_an_optimizer_step_on_the_clipped_fp32_copies_of_the_grads() -> None:
+def _backward_and_reference(dtype: torch.dtype, **precision_kw) -> tuple[MixedPrecision, list[torch.Tensor], float]:
+    """MixedPrecision after one large backward, and fp32 copies of its masters whose grads are the unscaled, clipped
+    (max norm 1) fp32 copies of its grads: what a correct step hands the optimizer."""
     torch.manual_seed(0)
     model = TinyNet()
-    mp = MixedPrecision(model, torch.bfloat16)
+    mp = MixedPrecision(model, dtype, **precision_kw)
     x, y = _data()
     mp.backward(((model(x) - y) ** 2).mean() * 50)  # large enough that clipping at 1.0 acts
-    grads = [p.grad.float() for _, p in mp.params]  # exact: every bf16 value is an fp32 value
+    grads = [p.grad.float() / mp.scale for _, p in mp.params]  # exact: bf16/fp16 values are fp32 values
     norm = torch.cat([g.flatten() for g in grads]).double().norm().item()
     assert norm > 1.0
     reference = [m.detach().clone().requires_grad_() for m in mp.master_params()]
     for r, g in zip(reference, grads):
         r.grad = g * (1.0 / (norm + 1e-6))
-    torch.optim.SGD(reference, lr=0.1).step()  # SGD: unlike Adam, the update shows any error in the clip
+    return mp, reference, norm
 
+
+def test_bf16_step_is_an_optimizer_step_on_the_clipped_fp32_copies_of_the_grads() -> None:
+    mp, reference, norm = _backward_and_reference(torch.bfloat16)
+    torch.optim.SGD(reference, lr=0.1).step()  # SGD: unlike Adam, the update shows any error in the clip
     result = mp.step(torch.optim.SGD(mp.master_params(), lr=0.1), max_grad_norm=1.0)
     assert result.taken and result.grad_norm == pytest.approx(norm, rel=1e-6)
     for (name, p), m, r in zip(mp.params, mp.master_params(), reference):
         torch.testing.assert_close(m, r.detach(), rtol=1e-6, atol=1e-7, msg=name)
         assert p.dtype == torch.bfloat16 and torch.equal(p, m.to(torch.bfloat16)), name
         assert p.grad is None and m.grad is None, name
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_adamw_step_with_the_coefficient_inside_the_fused_kernel(fused: bool) -> None:
+    """A fused AdamW takes the clip/unscale coefficient through `grad_scale` (no pass of its own); the
+    foreach AdamW gets it multiplied in first. Both equal AdamW on the clipped fp32 copies."""
+    mp, reference, _ = _backward_and_reference(torch.float16, loss_scale=8.0)  # unscaling and clipping both act
+    # eps = 1 makes Adam's update depend on the gradient's scale (it cancels out when eps << |grad|)
+    torch.optim.AdamW(reference, lr=1e-2, eps=1.0, foreach=False).step()
+    optimizer = torch.optim.AdamW(mp.master_params(), lr=1e-2, eps=1.0, fused=fused, foreach=not fused)
+    assert getattr(optimizer, "_step_supports_amp_scaling", False) == fused
+    assert mp.step(optimizer, max_grad_norm=1.0).taken
+    assert not hasattr(optimizer, "grad_scale")
+    for (name, _), m, r in zip(mp.params, mp.master_params(), reference):
+        torch.testing.assert_close(m, r.detach(), rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_masters_stay_fp32_and_frozen_params_have_none() -> None:
