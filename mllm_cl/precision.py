@@ -9,6 +9,9 @@ How one step works (Micikevicius et al., 2018, "Mixed Precision Training"):
         -> optimizer.step() on the fp32 masters (its state, e.g. Adam's moments, is fp32 too)
         -> masters copied (rounded) back into the model's params
 
+In code the unscaling and the clipping are one coefficient, multiplied into the fp32 grads, or handed to a
+fused optimizer's kernel as its `grad_scale` (the protocol torch's GradScaler uses), which costs no pass.
+
 Why fp32 masters: bf16 keeps 8 bits of mantissa, so a weight w only changes if the update is
 larger than about w/256; the many small updates of fine-tuning (lr 2e-5) would round away. They
 add up in the fp32 copy and reach the model once they matter.
