@@ -224,10 +224,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a path (a string), got {value!r}")
         return Path(value)
     if hint in _SCALARS:
-        ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
-        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        is_int = isinstance(value, int) and not isinstance(value, bool)  # in Python, True is an int too
+        if hint is float and is_int:
             return float(value)
-        if not ok:
+        if not (is_int if hint is int else isinstance(value, hint)):
             raise ConfigError(f"{where}: expected {_SCALARS[hint]}, got {value!r}")
     return value
 

@@ -65,13 +65,18 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, soft_target_a: fl
     return (per_token * keep).sum() / keep.sum()
 
 
+def _summed_cross_entropy(logits32: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over rows of -log softmax(logits)[target], the rows' logsumexp) of fp32 logits (rows, V)."""
+    lse = torch.logsumexp(logits32, dim=-1)
+    return (lse - logits32.gather(1, targets[:, None]).squeeze(1)).sum(), lse
+
+
 def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor,
                         inv_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk's summed cross-entropy and d(mean loss)/d logits = (softmax - onehot) * inv_n, in the logits'
     dtype. Eager, it works in place on one fp32 copy of the chunk; compiled, it becomes about two passes."""
     logits32 = logits.float()  # (rows, V)
-    lse = torch.logsumexp(logits32, dim=-1)
-    loss = (lse - logits32.gather(1, targets[:, None]).squeeze(1)).sum()
+    loss, lse = _summed_cross_entropy(logits32, targets)
     probs = logits32.sub_(lse[:, None]).exp_()  # softmax, in place of the fp32 logits
     probs[torch.arange(targets.size(0), device=targets.device), targets] -= 1.0
     return loss, probs.mul_(inv_n).to(logits.dtype)
@@ -100,8 +105,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             h, y = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
             logits = h @ weight.T  # (rows, V), in the compute dtype like the plain head
             if grad_hidden is None and grad_weight is None:
-                logits32 = logits.float()
-                total += (torch.logsumexp(logits32, dim=-1) - logits32.gather(1, y[:, None]).squeeze(1)).sum()
+                total += _summed_cross_entropy(logits.float(), y)[0]
                 continue
             loss, grad_logits = chunk_fn(logits, y, inv_n)
             total += loss
