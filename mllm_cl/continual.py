@@ -30,6 +30,7 @@ from mllm_cl.methods import TaskContext, build_methods
 from mllm_cl.model_folder import atomic_write_text
 from mllm_cl.precision import resolve_dtype
 from mllm_cl.run_state import remove_checkpoint
+from mllm_cl.seeding import derive_seed, seed_everything
 from mllm_cl.stages import StageConfig, StageError, device_of, forward_loss, multimodal_dataset, require
 from mllm_cl.tokenizer import Tokenizer, load_tokenizer
 from mllm_cl.trainer import Trainer
@@ -95,6 +96,7 @@ def run_continual(cfg: StageConfig) -> Path:
         ctx.take_start_state()
         if any(m.needs_previous for m in methods) and not done:
             ctx.snapshot_previous()
+        seed_everything(derive_seed(cfg.train.seed, "task", index))  # adapters and whatever else a hook draws
         for method in methods:
             method.before_task(ctx)
         if not done:

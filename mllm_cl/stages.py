@@ -28,6 +28,7 @@ from mllm_cl.llm import LanguageModel
 from mllm_cl.losses import causal_lm_loss, head_cross_entropy, supervised_token_count
 from mllm_cl.model_folder import atomic_write_text
 from mllm_cl.projector import build_projector
+from mllm_cl.seeding import derive_seed, seed_everything
 from mllm_cl.tokenizer import Tokenizer, load_tokenizer
 from mllm_cl.trainer import TrainConfig, Trainer
 from mllm_cl.vision import VisionTower
@@ -91,6 +92,7 @@ def run_stage(cfg: StageConfig) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "stage_config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
+    seed_everything(derive_seed(cfg.train.seed, "init", cfg.stage))  # the stage's fresh weights, if any
     if cfg.stage == "continual":
         from mllm_cl.continual import run_continual
 

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -31,6 +29,7 @@ from mllm_cl.llm import LanguageModel, compile_blocks, uncompile_blocks
 from mllm_cl.optim import build_optimizer, embedding_param_names, set_lr
 from mllm_cl.precision import MixedPrecision, resolve_dtype
 from mllm_cl.run_state import find_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint, set_rng_state
+from mllm_cl.seeding import seed_everything
 
 LOG_FILE = "log.jsonl"
 
@@ -142,7 +141,7 @@ class Trainer:
         if existing is not None and not cfg.resume:
             raise FileExistsError(f"{existing} holds a checkpoint of an earlier run: set resume=True to continue "
                                   f"it, or use another out_dir (or delete {self.out_dir}) to start afresh")
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         self.model.to(self.device)
         self.model.train()
         for hook in self.hooks:
@@ -339,12 +338,6 @@ class Trainer:
 
 
 # ---------------------------------------------------------------- helpers
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The settings a resumed run must share with the saved one (logging, saving and device may change)."""
