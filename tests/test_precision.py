@@ -207,11 +207,20 @@ def test_state_dict_round_trip() -> None:
     other_model = TinyNet()
     other = MixedPrecision(other_model, torch.float16, growth_interval=3)
     other.load_state_dict(state)
-    assert other.scaler_state() == mp.scaler_state()
+    assert other.state_dict()["scaler"] == mp.state_dict()["scaler"]
     for (name, a), (_, b) in zip(mp.named_master_params(), other.named_master_params()):
         assert torch.equal(a, b) and torch.equal(model.get_parameter(name), other_model.get_parameter(name))
     with pytest.raises(ValueError, match="same precision"):
         MixedPrecision(TinyNet(), torch.bfloat16).load_state_dict(state)
+
+
+def test_loads_the_scaler_state_that_earlier_checkpoints_hold() -> None:
+    saved = {"dtype": "float16", "dynamic": True, "scale": 1024.0, "growth_interval": 3, "clean_steps": 2,
+             "skipped_steps": 5}  # a trainer checkpoint's state["scaler"], as written from the start
+    mp = MixedPrecision(TinyNet(), torch.float16, growth_interval=3)
+    mp.load_state_dict({"masters": mp.state_dict()["masters"], "scaler": dict(saved)})
+    assert mp.scale == 1024.0 and mp.skipped_steps == 5 and mp.dynamic
+    assert mp.state_dict()["scaler"] == saved and list(mp.state_dict()["scaler"]) == list(saved)
 
 
 def test_resolve_dtype() -> None:
