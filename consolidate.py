@@ -28,12 +28,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from mllm_cl.consolidation import ConsolidationMismatchError, decompose_updates, modelmix, sac_from_spectra
+from mllm_cl.consolidation import ConsolidationMismatchError, check_alpha, modelmix
+from mllm_cl.llava import MODEL_TYPE as LLAVA_TYPE
+from mllm_cl.llava import PROJECTOR_FILE
 from mllm_cl.model_folder import (CONFIG_FILE, ModelFolderError, atomic_save_tensors, atomic_write_text, read_config,
                                   read_tensors, staged_folder, write_model_folder)
-
-LLAVA_TYPE = "mllm_cl_llava"
-PROJECTOR_FILE = "projector.safetensors"
+from mllm_cl.spectral import decompose_updates, sac_from_spectra
 
 
 def log(message: str) -> None:
@@ -53,9 +53,13 @@ def parse_alphas(text: str) -> list[float]:
             alphas = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise SystemExit(f"--sweep {text!r}: expected a comma list (0,0.1,0.5) or start:stop:step (0:1:0.1)")
-    bad = [a for a in alphas if not 0.0 <= a <= 1.0]
-    if not alphas or bad:
-        raise SystemExit(f"--sweep {text!r}: alphas must lie in [0, 1]; got {alphas}")
+    try:
+        if not alphas:
+            raise ValueError("no alphas")
+        for alpha in alphas:
+            check_alpha(alpha)
+    except ValueError:
+        raise SystemExit(f"--sweep {text!r}: alphas must lie in [0, 1]; got {alphas}") from None
     return alphas
 
 
@@ -139,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--eval-cmd needs --sweep (a single alpha can be evaluated with eval.py directly)")
     if args.eval_cmd and ("{model}" not in args.eval_cmd or "{json}" not in args.eval_cmd):
         parser.error("--eval-cmd must contain {model} (the model folder) and {json} (the results file to write)")
-    if not 0.0 <= args.alpha <= 1.0:
+    try:
+        check_alpha(args.alpha)
+    except ValueError:
         parser.error(f"--alpha must lie in [0, 1], got {args.alpha}")
     alphas = parse_alphas(args.sweep) if args.sweep else [args.alpha]
     names = [point_name(a) for a in alphas]

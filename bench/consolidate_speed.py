@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mllm_cl.config import LLMConfig, llm_preset  # noqa: E402
-from mllm_cl.consolidation import decompose_updates, modelmix, sac_from_spectra  # noqa: E402
+from mllm_cl.consolidation import modelmix  # noqa: E402
+from mllm_cl.spectral import decompose_updates, sac_from_spectra  # noqa: E402
 
 
 def parameter_shapes(config: LLMConfig) -> dict[str, tuple[int, ...]]:

@@ -24,36 +24,26 @@ the largest values, at the top of the steepest drops, shrink most. When the clos
 share, c stays 1 rather than push any value above its original. `choose_window` is the one place that
 holds the matching rule, so it can be swapped. Non-matrix parameters (biases, norms) get ModelMix.
 
-The SVDs do not depend on alpha: `decompose_updates` computes them once (on the GPU when there is one,
-batched over parameters of the same shape) and `sac_from_spectra` turns them into a model for any alpha,
-so an alpha sweep costs one set of SVDs. Each SVD comes from the eigendecomposition of the Gram matrix of
-the update's short side (n x n for an (m, n) update with m >= n), formed in float64: on two CPU cores that
-made the SVDs of Pythia-160M six times faster than float32 `torch.linalg.svd` (69 s against 442 s), and in
-float64 the squaring loses nothing that matters (singular values are exact to ~1e-7 of s_1; the numerical
-rank is cut at 1e-5 of s_1, and the directions below it, round-off, are left out of the update). The new
-weights are rebuilt in float32 (float64 for float64 parameters) and cast back to each parameter's dtype.
+`sac` here is the plain rule, one `torch.linalg.svd` per matrix; `mllm_cl.spectral` computes the same with
+batched, sketched SVDs, once for a whole alpha sweep (what the CL method and consolidate.py use).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
+
+from mllm_cl.errors import UserError
 
 Tensor = torch.Tensor
 StateDict = Mapping[str, Tensor]
 
-# Extra sketch columns for the low-rank path: the sketch of a rank-r update has r + 8 columns.
-SKETCH_OVERSAMPLING = 8
-# The largest stack of same-shaped updates decomposed in one batched call, in elements (512 MiB in float64).
-MAX_BATCH_ELEMENTS = 2**26
 # Singular values below this share of the largest are round-off, not update: the numerical rank ends there.
 RANK_RTOL = 1e-5
 
 
-class ConsolidationMismatchError(ValueError):
+class ConsolidationMismatchError(UserError, ValueError):
     """The old and new state dicts do not describe the same model."""
 
 
@@ -83,30 +73,32 @@ def check_state_dicts(old: StateDict, new: StateDict) -> None:
             + "\n  ".join(problems))
 
 
-def _check_alpha(alpha: float) -> None:
+def check_alpha(alpha: float) -> None:
+    """Raise ValueError unless 0 <= alpha <= 1."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1] (the weight of the new model), got {alpha}")
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 parameters are mixed in float64, all others in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _mix(old: Tensor, new: Tensor, alpha: float) -> Tensor:
+def mix(old: Tensor, new: Tensor, alpha: float) -> Tensor:
     """ModelMix on one tensor; the endpoints are returned exactly."""
     if alpha == 0.0 or not old.is_floating_point():
         return old.clone()
     if alpha == 1.0:
         return new.clone()
-    dtype = _compute_dtype(old.dtype)
+    dtype = compute_dtype(old.dtype)
     return torch.lerp(old.to(dtype), new.to(dtype), alpha).to(old.dtype)
 
 
 def modelmix(old: StateDict, new: StateDict, alpha: float) -> dict[str, Tensor]:
     """theta_old + alpha * (theta_new - theta_old) for every tensor (LLaVA-c eq 4)."""
     check_state_dicts(old, new)
-    _check_alpha(alpha)
-    return {key: _mix(old[key], new[key], alpha) for key in old}
+    check_alpha(alpha)
+    return {key: mix(old[key], new[key], alpha) for key in old}
 
 
 # ---------------------------------------------------------------- one spectrum
@@ -158,142 +150,46 @@ def consolidate_spectrum(s: Tensor, alpha: float) -> Tensor:
     return (scale * mean).to(s.dtype)
 
 
-# ---------------------------------------------------------------- all matrices of a model
-
-@dataclass
-class UpdateSpectrum:
-    """One matrix's update Delta (m, n) = U diag(s) V^T, cut to its numerical rank r.
-
-    Only the singular vectors of the short side are kept: V when m >= n, U when m < n. The other side
-    is Delta's own: U diag(s') V^T = Delta V diag(s'/s) V^T = U diag(s'/s) U^T Delta.
-    """
-
-    s: Tensor  # (r,) descending, all > 0
-    basis: Tensor  # (n, r) right singular vectors V, or (m, r) left ones U when `left`
-    left: bool
+def numerical_rank(s: Tensor) -> Tensor:
+    """How many of the descending singular values s (..., q) exceed RANK_RTOL * s_1: the rest are round-off."""
+    return (s > RANK_RTOL * s[..., :1]).sum(dim=-1)
 
 
-def _numerical_rank(s: Tensor) -> Tensor:
-    """Per row of s (B, q), descending: how many values exceed RANK_RTOL * s_1."""
-    return (s > RANK_RTOL * s[:, :1]).sum(dim=1)
+# ---------------------------------------------------------------- a whole model
+
+def is_matrix(t: Tensor) -> bool:
+    """SAC treats every floating tensor of two or more dimensions as a matrix; the rest get ModelMix."""
+    return t.is_floating_point() and t.dim() >= 2
 
 
-def _gram_svd(deltas: Tensor, left: bool) -> tuple[Tensor, Tensor]:
-    """Singular values (B, q) and short-side singular vectors (B, q, q) from the float64 Gram matrix."""
-    d = deltas.double()
-    gram = d @ d.mT if left else d.mT @ d  # (B, q, q), q = the short side
-    eigenvalues, vectors = torch.linalg.eigh(gram)  # ascending
-    return eigenvalues.flip(-1).clamp(min=0).sqrt(), vectors.flip(-1)
-
-
-def _sketch_svd(deltas: Tensor, width: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Randomized range finder: singular values (B, w) and right vectors (B, n, w), exact for rank < width."""
-    d = deltas.double()
-    b, m, n = d.shape
-    omega = torch.randn(b, n, width, generator=generator, device=d.device, dtype=d.dtype)
-    q, _ = torch.linalg.qr(d @ omega)  # (B, m, w) orthonormal basis of the sampled range
-    _, s, vh = torch.linalg.svd(q.mT @ d, full_matrices=False)  # (B, w, n) = Q^T Delta
-    return s, vh.mT
-
-
-def _matrix_view(t: Tensor) -> Tensor:
+def matrix_view(t: Tensor) -> Tensor:
+    """The (out, rest) matrix of a weight."""
     return t.reshape(t.shape[0], -1)
 
 
-def _on_device(t: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """(out, rest) view of `t` on `device` in `dtype`: moved in its stored dtype, widened there."""
-    return _matrix_view(t).to(device).to(dtype)
+def consolidate_model(old: StateDict, new: StateDict, alpha: float,
+                      consolidate_matrix: Callable[[str], Tensor]) -> dict[str, Tensor]:
+    """`consolidate_matrix(key)` for every matrix and ModelMix for every other tensor.
 
-
-def decompose_updates(old: StateDict, new: StateDict, *, rank: int | None = None,
-                      device: str | torch.device | None = None,
-                      log: Callable[[str], None] | None = None) -> dict[str, UpdateSpectrum]:
-    """SVD of W_new - W_old for every floating tensor of two or more dimensions, batched by shape.
-
-    `rank` is a hint that the updates have rank <= rank (a merged LoRA): each is then sketched with
-    rank + 8 random columns, QR-orthonormalised and the small (rank+8, n) matrix decomposed, which is
-    exact for such an update and far cheaper. An update the sketch does not capture (a matrix trained in
-    full, or a low-rank update stored in bf16, whose rounding noise is full rank) gets the full path.
-    `device` defaults to CUDA when available; the spectra stay there.
+    At alpha 0 and 1 (s' = 0 and s' = s) every tensor gets ModelMix, which gives the old and the new model
+    exactly, without the round-off of an SVD.
     """
-    check_state_dicts(old, new)
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    groups: dict[tuple[int, int, torch.dtype], list[str]] = {}
-    for key, tensor in old.items():
-        if tensor.is_floating_point() and tensor.dim() >= 2:
-            rows, cols = _matrix_view(tensor).shape
-            groups.setdefault((rows, cols, _compute_dtype(tensor.dtype)), []).append(key)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(0)
-    spectra: dict[str, UpdateSpectrum] = {}
-    for (rows, cols, dtype), keys in groups.items():
-        start = time.perf_counter()
-        per_call = max(1, MAX_BATCH_ELEMENTS // (rows * cols))
-        width = rank + SKETCH_OVERSAMPLING if rank is not None else None
-        sketched = 0
-        for first in range(0, len(keys), per_call):
-            chunk = keys[first:first + per_call]
-            deltas = torch.stack([_on_device(new[k], device, dtype) - _on_device(old[k], device, dtype)
-                                  for k in chunk])  # (B, rows, cols)
-            todo = list(range(len(chunk)))
-            if width is not None and width < min(rows, cols):
-                s, vectors = _sketch_svd(deltas, width, generator)
-                ranks = _numerical_rank(s)
-                for i in range(len(chunk)):
-                    if ranks[i] < width:  # the sketch spans the whole update
-                        r = int(ranks[i])
-                        spectra[chunk[i]] = UpdateSpectrum(s[i, :r].to(dtype), vectors[i, :, :r].to(dtype), False)
-                        todo.remove(i)
-                        sketched += 1
-            if todo:
-                left = rows < cols
-                s, vectors = _gram_svd(deltas[todo], left)
-                ranks = _numerical_rank(s)
-                for j, i in enumerate(todo):
-                    r = int(ranks[j])
-                    spectra[chunk[i]] = UpdateSpectrum(s[j, :r].to(dtype), vectors[j, :, :r].to(dtype), left)
-            del deltas
-        if log is not None:
-            how = f", {sketched} by the low-rank sketch" if rank is not None else ""
-            log(f"  svd of {len(keys)} update(s) of shape ({rows}, {cols}) on {device}{how}: "
-                f"{time.perf_counter() - start:.1f} s")
-    return spectra
+    check_alpha(alpha)
+    endpoint = alpha in (0.0, 1.0)
+    return {key: consolidate_matrix(key) if is_matrix(tensor) and not endpoint else mix(tensor, new[key], alpha)
+            for key, tensor in old.items()}
 
 
-def _rescale_update(delta: Tensor, spectrum: UpdateSpectrum, s_new: Tensor) -> Tensor:
-    """U diag(s_new) V^T from Delta and its short-side vectors, in the cheaper order for the rank."""
-    basis = spectrum.basis
-    ratio = s_new / spectrum.s  # (r,) each in [0, 1]
-    low_rank = 2 * basis.shape[1] <= basis.shape[0]
-    if spectrum.left:  # basis U (m, r): U diag(ratio) U^T Delta
-        return basis @ (ratio[:, None] * (basis.T @ delta)) if low_rank else ((basis * ratio) @ basis.T) @ delta
-    return ((delta @ basis) * ratio) @ basis.T if low_rank else delta @ ((basis * ratio) @ basis.T)
+def sac_matrix(old: Tensor, new: Tensor, alpha: float) -> Tensor:
+    """W_old + U diag(s') V^T for one weight, computed in float64 and returned in the weight's dtype."""
+    base = matrix_view(old).double()  # (m, n)
+    u, s, vh = torch.linalg.svd(matrix_view(new).double() - base, full_matrices=False)
+    r = int(numerical_rank(s))
+    update = u[:, :r] @ torch.diag(consolidate_spectrum(s[:r], alpha)) @ vh[:r]  # (m, n)
+    return (base + update).reshape(old.shape).to(old.dtype)
 
 
-def sac_from_spectra(old: StateDict, new: StateDict, spectra: Mapping[str, UpdateSpectrum],
-                     alpha: float) -> dict[str, Tensor]:
-    """The SAC model for one alpha from precomputed spectra; tensors without a spectrum get ModelMix."""
-    _check_alpha(alpha)
-    if alpha in (0.0, 1.0):  # s' = 0 and s' = s: the old and the new model, without round-off
-        return modelmix(old, new, alpha)
-    out = {}
-    for key, tensor in old.items():
-        spectrum = spectra.get(key)
-        if spectrum is None:
-            out[key] = _mix(tensor, new[key], alpha)
-            continue
-        device, dtype = spectrum.basis.device, spectrum.basis.dtype
-        base = _on_device(tensor, device, dtype)  # (m, n)
-        delta = _on_device(new[key], device, dtype) - base
-        update = _rescale_update(delta, spectrum, consolidate_spectrum(spectrum.s, alpha))
-        out[key] = (base + update).reshape(tensor.shape).to(tensor.dtype).to(tensor.device)
-    return out
-
-
-def sac(old: StateDict, new: StateDict, alpha: float, *, rank: int | None = None,
-        device: str | torch.device | None = None) -> dict[str, Tensor]:
+def sac(old: StateDict, new: StateDict, alpha: float) -> dict[str, Tensor]:
     """Spectral-Aware Consolidation (LLaVA-c section 4.1) of `new` into `old` with mix ratio `alpha`."""
-    _check_alpha(alpha)
-    if alpha in (0.0, 1.0):
-        return modelmix(old, new, alpha)
-    return sac_from_spectra(old, new, decompose_updates(old, new, rank=rank, device=device), alpha)
+    check_state_dicts(old, new)
+    return consolidate_model(old, new, alpha, lambda key: sac_matrix(old[key], new[key], alpha))

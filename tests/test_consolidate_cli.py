@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import consolidate
-from mllm_cl.consolidation import modelmix, sac
+from mllm_cl.consolidation import modelmix
 from mllm_cl.model_folder import read_tensors, write_model_folder
+from mllm_cl.spectral import sac
 
 
 def tiny_pair(tmp_path, prefix=""):

@@ -1,10 +1,19 @@
-"""ModelMix and Spectral-Aware Consolidation, checked against direct float64 computations."""
+"""ModelMix and Spectral-Aware Consolidation, checked against direct float64 computations.
+
+Every SAC test runs on the plain rule (`consolidation.sac`) and on the fast engine (`spectral.sac`).
+"""
+
+from functools import partial
 
 import pytest
 import torch
 
-from mllm_cl.consolidation import (ConsolidationMismatchError, choose_window, consolidate_spectrum,
-                                   decompose_updates, modelmix, sac, sac_from_spectra, window_mean, window_sums)
+from mllm_cl import consolidation, spectral
+from mllm_cl.consolidation import (ConsolidationMismatchError, choose_window, consolidate_spectrum, modelmix,
+                                   window_mean, window_sums)
+
+each_sac = pytest.mark.parametrize("sac", [consolidation.sac, partial(spectral.sac, device="cpu")],
+                                   ids=["plain", "spectral"])
 
 
 def pair(dtype=torch.float32):
@@ -32,10 +41,11 @@ def test_modelmix_endpoints_are_exact_and_middle_is_linear():
         torch.testing.assert_close(mixed[k], expected, atol=0, rtol=2**-7)
 
 
-def test_sac_endpoints_are_exact():
+@each_sac
+def test_sac_endpoints_are_exact(sac):
     old, new = pair()
-    assert all(torch.equal(a, old[k]) for k, a in sac(old, new, 0.0, device="cpu").items())
-    assert all(torch.equal(a, new[k]) for k, a in sac(old, new, 1.0, device="cpu").items())
+    assert all(torch.equal(a, old[k]) for k, a in sac(old, new, 0.0).items())
+    assert all(torch.equal(a, new[k]) for k, a in sac(old, new, 1.0).items())
 
 
 def test_window_sums_match_direct_window_means():
@@ -83,20 +93,22 @@ def test_consolidated_spectrum_is_non_increasing_and_below_original(alpha):
     assert shrink[0] == shrink.max() and shrink[0] > 0
 
 
-def test_flat_spectrum_gets_the_alpha_share():
+@each_sac
+def test_flat_spectrum_gets_the_alpha_share(sac):
     s = torch.full((16,), 3.0)
     torch.testing.assert_close(consolidate_spectrum(s, 0.3), torch.full((16,), 0.9))
     # a flat update (3 x an orthogonal matrix) consolidated by SAC equals ModelMix
     q, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
     old = {"w": torch.randn(16, 16, dtype=torch.float64)}
     new = {"w": old["w"] + 3 * q}
-    torch.testing.assert_close(sac(old, new, 0.3, device="cpu")["w"], modelmix(old, new, 0.3)["w"])
+    torch.testing.assert_close(sac(old, new, 0.3)["w"], modelmix(old, new, 0.3)["w"])
 
 
-def test_sac_keeps_singular_vectors_and_sets_values():
+@each_sac
+def test_sac_keeps_singular_vectors_and_sets_values(sac):
     old, new = pair(torch.float64)
     alpha = 0.3
-    out = sac(old, new, alpha, device="cpu")
+    out = sac(old, new, alpha)
     for key in ("layer.weight", "conv.weight", "embed.weight"):
         delta = (new[key] - old[key]).reshape(new[key].shape[0], -1)
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
@@ -113,57 +125,28 @@ def test_sac_keeps_singular_vectors_and_sets_values():
         torch.testing.assert_close(out[key], old[key] + alpha * (new[key] - old[key]))
 
 
-def test_float32_agrees_with_float64():
+@each_sac
+def test_float32_agrees_with_float64(sac):
     old, new = pair(torch.float64)
-    exact = sac(old, new, 0.2, device="cpu")
-    single = sac({k: v.float() for k, v in old.items()}, {k: v.float() for k, v in new.items()}, 0.2, device="cpu")
+    exact = sac(old, new, 0.2)
+    single = sac({k: v.float() for k, v in old.items()}, {k: v.float() for k, v in new.items()}, 0.2)
     for k in old:
         assert single[k].dtype == torch.float32
         torch.testing.assert_close(single[k].double(), exact[k], atol=2e-5, rtol=1e-5)
 
 
-def test_low_rank_path_equals_full_path():
-    g = torch.Generator().manual_seed(3)
-    old = {"a": torch.randn(96, 64, generator=g, dtype=torch.float64),
-           "b": torch.randn(96, 64, generator=g, dtype=torch.float64),
-           "full": torch.randn(64, 64, generator=g, dtype=torch.float64)}
-    new = {"a": old["a"] + torch.randn(96, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 64, generator=g,
-                                                                                              dtype=torch.float64),
-           "b": old["b"] + torch.randn(96, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 64, generator=g,
-                                                                                              dtype=torch.float64),
-           "full": old["full"] + torch.randn(64, 64, generator=g, dtype=torch.float64)}
-    messages = []
-    low = decompose_updates(old, new, rank=5, device="cpu", log=messages.append)
-    full = decompose_updates(old, new, device="cpu")
-    assert [len(low[k].s) for k in ("a", "b", "full")] == [5, 3, 64]
-    assert any("2 by the low-rank sketch" in m for m in messages)  # "full" fell back to the full SVD
-    for k in old:
-        torch.testing.assert_close(low[k].s, full[k].s, atol=1e-10, rtol=1e-10)
-    for alpha in (0.1, 0.5):
-        a, b = sac_from_spectra(old, new, low, alpha), sac_from_spectra(old, new, full, alpha)
-        for k in old:
-            torch.testing.assert_close(a[k], b[k], atol=1e-10, rtol=1e-10)
-
-
-def test_batched_by_shape_equals_one_by_one():
-    old, new = pair()
-    together = sac(old, new, 0.4, device="cpu")
-    for key in ("layer.weight", "other.weight"):  # same shape: decomposed in one batched call
-        alone = sac({key: old[key]}, {key: new[key]}, 0.4, device="cpu")[key]
-        torch.testing.assert_close(together[key], alone, atol=1e-5, rtol=1e-5)
-
-
-def test_mismatches_raise_the_named_error():
+@each_sac
+def test_mismatches_raise_the_named_error(sac):
     old, new = pair()
     with pytest.raises(ConsolidationMismatchError, match=r"not the new one: \['norm.weight'\]"):
-        sac(old, {k: v for k, v in new.items() if k != "norm.weight"}, 0.2, device="cpu")
+        sac(old, {k: v for k, v in new.items() if k != "norm.weight"}, 0.2)
     with pytest.raises(ConsolidationMismatchError, match=r"not the old one: \['extra'\]"):
         modelmix(old, {**new, "extra": torch.zeros(1)}, 0.2)
     with pytest.raises(ConsolidationMismatchError, match=r"layer.weight: shape \(24, 16\) \(old\) vs \(16, 24\)"):
-        sac(old, {**new, "layer.weight": new["layer.weight"].T.contiguous()}, 0.2, device="cpu")
+        sac(old, {**new, "layer.weight": new["layer.weight"].T.contiguous()}, 0.2)
     with pytest.raises(ConsolidationMismatchError, match=r"layer.bias: dtype torch.float32 \(old\) vs torch.float16"):
         modelmix(old, {**new, "layer.bias": new["layer.bias"].half()}, 0.2)
     with pytest.raises(ConsolidationMismatchError, match="layer.bias: the new model holds NaN"):
-        sac(old, {**new, "layer.bias": torch.full_like(new["layer.bias"], float("nan"))}, 0.2, device="cpu")
+        sac(old, {**new, "layer.bias": torch.full_like(new["layer.bias"], float("nan"))}, 0.2)
     with pytest.raises(ValueError, match="alpha must lie in"):
         modelmix(old, new, 1.5)

@@ -1,13 +1,14 @@
 """ModelMix and Spectral-Aware Consolidation (LLaVA-c) as CL methods: after each task, the weights the task
 produced are consolidated with the weights it started from, theta_t = consolidate(theta_{t-1}, theta_hat_t,
-alpha). The maths is in `mllm_cl.consolidation`; the frozen vision tower is never touched.
+alpha). The maths is in `mllm_cl.consolidation` (SAC runs on the fast engine, `mllm_cl.spectral`); the frozen
+vision tower is never touched.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mllm_cl import consolidation
+from mllm_cl import consolidation, spectral
 from mllm_cl.methods.base import Method, TaskContext
 
 
@@ -16,8 +17,10 @@ class ModelMixMethod(Method):
     order = 90  # last: after LoRA has merged its adapters into the weights
 
     def __init__(self, alpha: float = 0.2) -> None:
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"{self.name}.alpha must be in [0, 1], got {alpha}")
+        try:
+            consolidation.check_alpha(alpha)
+        except ValueError:
+            raise ValueError(f"{self.name}.alpha must be in [0, 1], got {alpha}") from None
         self.alpha = alpha
 
     def consolidate(self, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -41,4 +44,4 @@ class SACMethod(ModelMixMethod):
     name = "sac"
 
     def consolidate(self, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return consolidation.sac(old, new, self.alpha)
+        return spectral.sac(old, new, self.alpha)

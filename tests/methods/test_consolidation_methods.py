@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_llava import context, image_batch, logits, perturb_, tiny_llava
 
-from mllm_cl import consolidation
+from mllm_cl import spectral
 from mllm_cl.methods import build_methods
 from mllm_cl.methods.consolidation_methods import ModelMixMethod, SACMethod
 from mllm_cl.methods.lora_layers import LoRALinear, lora_parameters, merge_lora
@@ -60,7 +60,7 @@ def test_sac_writes_the_consolidated_weights_biases_get_modelmix_and_vision_stay
     model, ctx, start, trained = _trained()
     SACMethod(alpha=0.4).after_task(ctx)
     state = model.state_dict()
-    expected = consolidation.sac({k: start[k] for k in ctx.start_state}, {k: trained[k] for k in ctx.start_state}, 0.4)
+    expected = spectral.sac({k: start[k] for k in ctx.start_state}, {k: trained[k] for k in ctx.start_state}, 0.4)
     for key in ctx.start_state:
         assert torch.allclose(state[key], expected[key], atol=1e-6), key
         if start[key].dim() == 1:  # biases and norms: ModelMix
@@ -111,7 +111,7 @@ def test_lora_then_sac_merges_first_then_consolidates_to_the_plain_layout() -> N
         method.after_task(ctx)
     assert set(model.state_dict()) == plain_keys
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
-    expected = consolidation.sac(start, new, 0.5)
+    expected = spectral.sac(start, new, 0.5)
     state = model.state_dict()
     for key in start:
         assert torch.allclose(state[key], expected[key], atol=1e-5), key
