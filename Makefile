@@ -1,33 +1,38 @@
-# mllm-cl: `make setup` once, then `make test`; `make demo` runs the whole experiment on a CPU.
+# mllm-cl: `make test` runs the tests, `make demo` the whole experiment on a CPU; either builds the
+# environment (.venv, pinned requirements) on first use, and again when a requirements file changes.
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
+ENV_STAMP = $(VENV)/.installed
 MODEL ?=
 VISION ?=
 EXPERIMENT_OVERRIDES = $(if $(MODEL),llm=$(MODEL) template=$(or $(TEMPLATE),pythia)) $(if $(VISION),vision=$(VISION))
 
 .PHONY: setup test demo data experiment bench clean
 
-setup:
+setup: $(ENV_STAMP)
+
+$(ENV_STAMP): requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
+	touch $@
 
-test:
+test: $(ENV_STAMP)
 	$(PYTHON) -m pytest tests
 
 # The papers' experiment on the synthetic world: nothing downloaded, a few minutes on 2 CPU cores.
-demo:
+demo: $(ENV_STAMP)
 	$(PYTHON) train.py experiment --config configs/experiments/demo.json
 
 # Real offline assets (SmolLM2-135M-Instruct, NL benchmarks, easy-vqa) into data/offline/.
-data:
+data: $(ENV_STAMP)
 	$(PYTHON) data/fetch_offline.py
 
 # The same grid on one GPU with real weights: `make data` first, or MODEL=... VISION=... folders of your own.
-experiment:
+experiment: $(ENV_STAMP)
 	$(PYTHON) train.py experiment --config configs/experiments/experiment.json $(EXPERIMENT_OVERRIDES)
 
-bench:
+bench: $(ENV_STAMP)
 	$(PYTHON) bench/train_speed.py
 	$(PYTHON) bench/generate_speed.py
 	$(PYTHON) bench/consolidate_speed.py

@@ -1,7 +1,7 @@
 """Evaluate a model folder on the NL (language) and VL (vision-language) suites, or write a run's report.
 
     python eval.py MODEL_DIR --suite nl|vl|all [--tasks a,b] [--limit N] [--json OUT.json] [--batch-size B]
-                   [--device cpu|cuda] [--dtype float32|bfloat16] [--nl-dir DIR] [--vl-dir DIR]
+                   [--device auto|cpu|cuda] [--dtype float32|bfloat16] [--nl-dir DIR] [--vl-dir DIR]
     python eval.py --report RUN_DIR [RUN_DIR ...] [--out DIR]
 
 MODEL_DIR is a Hugging Face-layout LLM folder (ours or one written by transformers) or a LLaVA folder of
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from mllm_cl.device import resolve_device
 from mllm_cl.errors import USER_ERRORS
 from mllm_cl.evaluation import (NL_DIRS, NL_PATTERN, VL_DIRS, VL_PATTERN, EvalDataError, TaskResult,
                                 evaluate_nl_suite, evaluate_vl_suite, find_tasks)
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="only the first N documents of each task, in file order")
     parser.add_argument("--json", type=Path, help="write {task: {acc, acc_norm | perplexity, n}} here")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default auto: cuda if available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--nl-dir", type=Path,
                         help=f"folder of NL task files (default: {', '.join(map(str, NL_DIRS))})")
@@ -76,7 +77,7 @@ def split_tasks(names: list[str], nl_dirs: list[Path], suite: str) -> tuple[list
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     is_llava = read_config(args.model_dir).get("model_type") == MODEL_TYPE
     if args.suite == "vl" and not is_llava:
         raise EvalDataError(f"--suite vl needs a LLaVA folder (config.json \"model_type\": \"{MODEL_TYPE}\"); "

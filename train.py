@@ -2,7 +2,7 @@
 
     python train.py pretrain-text   --config my_stage.json  train.steps=500
     python train.py align           llm=runs/x/text/model vision=runs/x/vision/model train_file=... tokenizer=...
-    python train.py continual       --config configs/stages/continual_example.json methods=[msgm,rehearsal]
+    python train.py continual       --config my_continual.json  methods=[msgm,rehearsal]
     python train.py experiment      --config configs/experiments/demo.json
 
 A config is a JSON file of the stage's (or experiment's) dataclass; `key=value` overrides follow it
@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mllm_cl.config import ConfigError, apply_overrides, load_json
+from mllm_cl.config import STAGES, ExperimentConfig, StageConfig, apply_overrides, load_json
 from mllm_cl.errors import USER_ERRORS
+from mllm_cl.experiment import run_experiment
+from mllm_cl.stages import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mllm_cl.experiment import ExperimentConfig, run_experiment
-    from mllm_cl.stages import STAGES, StageConfig, run_stage
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=[*STAGES, "experiment"])
     parser.add_argument("--config", help="JSON file with the stage's or experiment's settings")
@@ -36,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             config = apply_overrides(config, [f"stage={args.stage}", *args.overrides])
             folder = run_stage(config)
             print(f"{args.stage}: wrote {folder}")
-    except (ConfigError, *USER_ERRORS) as e:
+    except USER_ERRORS as e:
         print(f"train.py {args.stage}: error: {e}", file=sys.stderr)
         return 2
     return 0

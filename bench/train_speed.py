@@ -34,7 +34,7 @@ from mllm_cl.llm import LanguageModel, compile_blocks  # noqa: E402
 from mllm_cl.optim import build_optimizer  # noqa: E402
 from mllm_cl.precision import MixedPrecision  # noqa: E402
 from mllm_cl.projector import build_projector  # noqa: E402
-from mllm_cl.stages import forward_loss, language_model  # noqa: E402
+from mllm_cl.losses import forward_loss, language_model  # noqa: E402
 from mllm_cl.vision import VisionTower  # noqa: E402
 from mllm_cl.weights import llm_config_to_hf, vision_config_to_hf  # noqa: E402
 
@@ -88,7 +88,7 @@ def ours_step_fn(model: torch.nn.Module, dtype: torch.dtype, batch: dict, compil
         compile_blocks(language_model(model), compile_backend)
 
     def step() -> None:
-        precision.backward(forward_loss(model, batch)[1])
+        precision.backward(forward_loss(model, batch).loss)
         precision.step(optimizer, 1.0)
 
     return step

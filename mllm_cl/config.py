@@ -1,4 +1,10 @@
-"""One config system: dataclasses, named presets kept as data, JSON files and `key=value` overrides.
+"""One config system: every setting is a field of a dataclass here, read from JSON files and `key=value`
+overrides, with named presets kept as data.
+
+    models      LLMConfig (+ LLM_PRESETS), VisionConfig (+ VISION_PRESETS)
+    runs        TrainConfig (one trainer run), StageConfig (one train.py stage, with TaskSpec and EvalSpec),
+                ExperimentConfig (the shared stages and one continual run per method)
+    I/O         load_json, apply_overrides, to_dict: unknown keys and wrong types are ConfigErrors
 
 Model presets follow litgpt: one `LLMConfig` describes both GPT-NeoX (Pythia) and LLaMA (Vicuna,
 SmolLM2) through a handful of flags; `VisionConfig` describes a CLIP ViT tower.
@@ -10,9 +16,11 @@ import dataclasses
 import json
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from mllm_cl.errors import UserError
 
 T = TypeVar("T")
 
@@ -23,7 +31,7 @@ IMAGE_PLACEHOLDER_ID = -200
 IGNORE_INDEX = -100
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the dataclass it targets."""
 
 
@@ -158,6 +166,134 @@ def vision_preset(name: str, **overrides: Any) -> VisionConfig:
     if name not in VISION_PRESETS:
         raise ConfigError(f"unknown vision preset {name!r}; known: {', '.join(sorted(VISION_PRESETS))}")
     return VisionConfig(**{**VISION_PRESETS[name], **overrides})
+
+
+# ---------------------------------------------------------------- runs: training, stages, experiments
+
+@dataclass
+class TrainConfig:
+    steps: int = 0  # optimizer steps; 0: `epochs` passes over the data
+    epochs: int = 1
+    global_batch_size: int = 8  # samples per optimizer step
+    micro_batch_size: int = 8  # samples per forward; gradient accumulation = global / micro
+    lrs: dict[str, float] = field(default_factory=lambda: {"": 1e-3})  # param-name prefix -> learning rate
+    weight_decay: float = 0.0  # never on biases and norms
+    decay_embeddings: bool = True  # False: no weight decay on nn.Embedding weights either
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0  # 0: no clipping
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
+    activation_checkpointing: bool = False  # on every block of each nn.ModuleList named `blocks`
+    compile: str = ""  # a torch.compile backend ("inductor") for the LLM's blocks while training; "": eager
+    log_every: int = 10
+    save_every: int = 0  # steps between checkpoints; 0: only at the end
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda if available
+    resume: bool = False  # continue from out_dir/checkpoint if there is one
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size <= 0 or self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size={self.global_batch_size} must be a positive multiple of "
+                             f"micro_batch_size={self.micro_batch_size}")
+        if self.steps < 0 or (self.steps == 0 and self.epochs <= 0):
+            raise ValueError(f"set steps > 0 or epochs > 0 (got steps={self.steps}, epochs={self.epochs})")
+        if self.log_every <= 0 or self.save_every < 0:
+            raise ValueError(f"log_every must be > 0 and save_every >= 0 (got {self.log_every}, {self.save_every})")
+
+    @property
+    def accumulation(self) -> int:
+        return self.global_batch_size // self.micro_batch_size
+
+
+STAGES = ("pretrain-text", "pretrain-vision", "align", "finetune", "continual")
+
+
+@dataclass
+class TaskSpec:
+    """One continual task: its LLaVA JSON train and test files and their image folder."""
+
+    name: str = ""
+    train: str = ""
+    test: str = ""
+    image_folder: str = ""
+
+
+@dataclass
+class EvalSpec:
+    """What the continual stage measures after every task."""
+
+    nl_files: list[str] = field(default_factory=list)  # NL request files (JSONL, docs/CONTRACTS.md)
+    nl_limit: int = 0  # first N documents of each NL file (0: all)
+    vl_limit: int = 0  # first N test samples of each VL task (0: all)
+    batch_size: int = 32
+    max_new_tokens: int = 8
+
+
+@dataclass
+class StageConfig:
+    stage: str = "finetune"
+    out_dir: str = "runs/stage"
+    llm: str = "tiny"  # a preset name (built from scratch) or an HF LLM folder
+    vision: str = "clip-tiny"  # a preset name (built from scratch) or an HF CLIP folder
+    projector: str = "mlp2x_gelu"
+    init: str = ""  # a multimodal folder to start from (finetune, continual)
+    tokenizer: str = ""  # tokenizer folder or tokenizer.json, when the LLM is built from a preset
+    template: str = "pythia"
+    train_file: str = ""  # text corpus (pretrain-text) or LLaVA JSON/JSONL (the other stages)
+    image_folder: str = ""
+    max_len: int = 512
+    skip_bad: bool = False
+    tasks: list[TaskSpec] = field(default_factory=list)  # continual
+    inquiries: str = ""  # text-only inquiries for UIR (LLaVA JSON without images)
+    initial_eval: str = ""  # continual: cache file of init's scores before any task (default <out_dir>/initial_eval.json)
+    methods: list[str] = field(default_factory=lambda: ["naive"])
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class StageError(UserError, ValueError):
+    """A stage config that cannot run: the message says which field and what to set."""
+
+
+def require(cfg: StageConfig, *names: str) -> None:
+    missing = [n for n in names if not getattr(cfg, n)]
+    if missing:
+        raise StageError(f"stage {cfg.stage!r} needs {', '.join(missing)} (set them in the config or as key=value)")
+
+
+def _train(**kw: Any) -> Any:
+    return field(default_factory=lambda: TrainConfig(**kw))
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "demo"
+    out_dir: str = "runs/demo"
+    world: str = "data/synthetic"  # the synthetic world's folder (images, tasks, NL files, tokenizer)
+    world_size: str = "demo"  # generated with this size when `world` holds no world.json ("" : never generate)
+    world_seed: int = 0
+    llm: str = "tiny"  # a preset (pre-trained here on the world's text) or an HF LLM folder
+    vision: str = "clip-tiny"  # a preset (pre-trained here on the world's captions) or an HF CLIP folder
+    tokenizer: str = ""  # default: the world's tokenizer.json when `llm` is a preset, else the LLM folder's
+    projector: str = "mlp2x_gelu"
+    template: str = "pythia"
+    max_len: int = 256
+    text_corpus: str = ""  # default: <world>/text/train.txt
+    align_file: str = ""  # default: <world>/align.json
+    inquiries: str = ""  # default: <world>/inquiries.json
+    tasks: list[TaskSpec] = field(default_factory=list)  # default: the world's tasks (see world_tasks)
+    world_tasks: list[str] = field(default_factory=list)  # which of the world's tasks, in order (default: all)
+    nl_files: list[str] = field(default_factory=list)  # default: <world>/nl/*.jsonl
+    pretrain_text: TrainConfig = _train(epochs=1, global_batch_size=16, micro_batch_size=16, lrs={"": 3e-3})
+    pretrain_vision: TrainConfig = _train(epochs=2, global_batch_size=64, micro_batch_size=64, lrs={"": 1e-3})
+    align: TrainConfig = _train(epochs=1, global_batch_size=32, micro_batch_size=32, lrs={"": 1e-3})
+    task_train: TrainConfig = _train(epochs=1, global_batch_size=16, micro_batch_size=16, lrs={"": 1e-3})
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    methods: dict[str, list[str]] = field(default_factory=lambda: {"naive": ["naive"]})  # run name -> methods
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> options, every run
+    device: str = "auto"
 
 
 # ---------------------------------------------------------------- dataclass <-> dict, JSON and overrides

@@ -13,6 +13,7 @@ exact because those hooks depend only on that model and the seeded data.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -20,20 +21,20 @@ from typing import Any, Iterator
 
 import torch
 
-from mllm_cl.config import to_dict
-from mllm_cl.data import EpochBatches, TextOnlyInquiries, batches
+from mllm_cl.config import StageConfig, StageError, require, to_dict
+from mllm_cl.data import TextOnlyInquiries, batches, multimodal_dataset
+from mllm_cl.device import resolve_device
 from mllm_cl.evaluation import evaluate_nl_suite
 from mllm_cl.evaluation_vl import evaluate_vl_examples, read_vl_test_set
 from mllm_cl.llava import LlavaModel, load_llava, save_llava
-from mllm_cl.losses import supervised_token_count
-from mllm_cl.methods import TaskContext, build_methods
+from mllm_cl.losses import LossResult, forward_loss
+from mllm_cl.methods import Method, TaskContext, build_methods
 from mllm_cl.model_folder import atomic_write_text
 from mllm_cl.precision import resolve_dtype
 from mllm_cl.run_state import remove_checkpoint
 from mllm_cl.seeding import derive_seed, seed_everything
-from mllm_cl.stages import StageConfig, StageError, device_of, forward_loss, multimodal_dataset, require
 from mllm_cl.tokenizer import Tokenizer, load_tokenizer
-from mllm_cl.trainer import Trainer
+from mllm_cl.trainer import train_on
 
 
 class SampleList(torch.utils.data.Dataset):
@@ -67,7 +68,7 @@ def run_continual(cfg: StageConfig) -> Path:
     if len(set(names)) != len(names) or not all(names):
         raise StageError(f"continual tasks need distinct, non-empty names; got {names}")
     out = Path(cfg.out_dir)
-    device = device_of(cfg)
+    device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(Path(cfg.init) / "llm")
     model = load_llava(cfg.init, device=device)
     methods = build_methods(cfg.methods, cfg.method_options)
@@ -88,8 +89,8 @@ def run_continual(cfg: StageConfig) -> Path:
         ctx = TaskContext(task_index=index, task_name=task.name, model=model, device=device,
                           train_samples=[(datasets[task.name], i) for i in range(len(datasets[task.name]))],
                           compute_dtype=resolve_dtype(cfg.train.precision, device))
-        ctx.loss_fn = lambda m, b, ctx=ctx: forward_loss(m, b, ctx.soft_target_a)[1]
-        ctx.task_batches = lambda n, data=datasets[task.name]: _take(
+        ctx.loss_fn = lambda m, b: forward_loss(m, b).loss
+        ctx.task_batches = lambda n, data=datasets[task.name]: itertools.islice(
             endless(data, cfg.train.micro_batch_size, cfg.train.seed, device), n)
         if inquiries is not None:
             ctx.inquiry_batches = lambda: endless(inquiries, cfg.train.micro_batch_size, cfg.train.seed + 1, device)
@@ -156,23 +157,18 @@ def evaluate_model(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig) ->
     return {"nl": nl, "vl": vl}
 
 
-def _take(iterator: Iterator[dict], n: int) -> Iterator[dict]:
-    for _, batch in zip(range(n), iterator):
-        yield batch
-
-
-def _train_task(cfg: StageConfig, ctx: TaskContext, methods: list, pad_id: int, task_dir: Path) -> None:
+def _train_task(cfg: StageConfig, ctx: TaskContext, methods: list[Method], pad_id: int, task_dir: Path) -> None:
+    """Train on the task's samples (and what the methods added) with the task loss plus every method's term."""
     data = SampleList(ctx.train_samples, pad_id)
     need_logits = any(m.needs_logits for m in methods)
 
-    def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-        output, loss = forward_loss(model, batch, ctx.soft_target_a, need_logits)
+    def loss_fn(model: torch.nn.Module, batch: dict) -> LossResult:
+        result = forward_loss(model, batch, need_logits)
+        loss = result.loss
         for method in methods:
-            loss = method.loss(ctx, batch, output, loss)
-        return loss, supervised_token_count(batch["labels"])
+            loss = method.loss(ctx, batch, result.output, loss)
+        return result._replace(loss=loss)
 
     print(f"task {ctx.task_index + 1} ({ctx.task_name}): {len(data)} samples, methods "
           f"{[m.name for m in methods]}", flush=True)
-    micro, seed = cfg.train.micro_batch_size, cfg.train.seed
-    Trainer(ctx.model, loss_fn, lambda epoch: EpochBatches(data, micro, seed, epoch), cfg.train,
-            out_dir=task_dir).fit()
+    train_on(ctx.model, data, loss_fn, cfg.train, task_dir)

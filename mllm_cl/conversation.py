@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 
 from mllm_cl.config import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
+from mllm_cl.errors import UserError
 from mllm_cl.tokenizer import Tokenizer
 
 IMAGE_TOKEN = "<image>"
@@ -30,7 +31,7 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
-class ConversationError(ValueError):
+class ConversationError(UserError, ValueError):
     """A conversation that cannot be rendered (bad roles, an image block that does not fit, a missing token)."""
 
 

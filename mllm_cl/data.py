@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mllm_cl.config import IGNORE_INDEX
+from mllm_cl.config import IGNORE_INDEX, StageConfig, VisionConfig
 from mllm_cl.conversation import (ASSISTANT, IMAGE_TOKEN, USER, ConversationError, Template, render_conversation,
                                   render_inquiry, render_prompt)
+from mllm_cl.errors import UserError
 from mllm_cl.tokenizer import Tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -31,7 +32,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data. `reason` is a short key (e.g. "missing_image") under which skipped entries are counted."""
 
     def __init__(self, message: str, reason: str = "invalid"):
@@ -377,3 +378,12 @@ class EpochBatches(collections.abc.Sequence):
             raise IndexError(index)
         indices = self.order[index * self.batch_size:(index + 1) * self.batch_size]
         return collate([self.dataset[int(i)] for i in indices], self.dataset.pad_id)
+
+
+def multimodal_dataset(cfg: StageConfig, path: str, image_folder: str, tokenizer: Tokenizer, template: str,
+                       vision_config: VisionConfig) -> ConversationDataset:
+    """A LLaVA JSON file rendered for a stage: its max_len and skip_bad, the vision tower's image size and tokens."""
+    return ConversationDataset(path, tokenizer, template, image_folder=image_folder or None,
+                               image_size=vision_config.image_size,
+                               num_image_tokens=vision_config.num_image_tokens, max_len=cfg.max_len,
+                               skip_bad=cfg.skip_bad)

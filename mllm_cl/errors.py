@@ -1,21 +1,13 @@
-"""The errors that mean "your input or settings are wrong" (as opposed to a bug): the command-line scripts
-print their message, which names the file, key or line and the fix, instead of a traceback."""
+"""The one base class of the errors that mean "your input or settings are wrong" (as opposed to a bug).
 
-from mllm_cl.config import ConfigError
-from mllm_cl.consolidation import ConsolidationMismatchError
-from mllm_cl.conversation import ConversationError
-from mllm_cl.data import DataError
-from mllm_cl.evaluation_nl import EvalDataError
-from mllm_cl.losses import NoSupervisedTokensError
-from mllm_cl.model_folder import ModelFolderError
-from mllm_cl.report import ReportInputError
-from mllm_cl.stages import StageError
-from mllm_cl.tokenizer import TokenizerError
-from mllm_cl.trainer import NonFiniteLossError
-from mllm_cl.weights import CheckpointMismatchError
+Every such error in the package derives from `UserError` (and from the built-in it used to be, ValueError or
+RuntimeError, so `except ValueError` still catches it). The command-line scripts catch `USER_ERRORS` and print
+the message, which names the file, key or line and the fix, instead of a traceback.
+"""
 
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, ConversationError, DataError, EvalDataError, NoSupervisedTokensError, ModelFolderError,
-    TokenizerError, NonFiniteLossError, CheckpointMismatchError, StageError, ReportInputError,
-    ConsolidationMismatchError, FileExistsError, FileNotFoundError,
-)
+
+class UserError(Exception):
+    """Bad input or settings: the message says what is wrong, where, and what to do."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileExistsError, FileNotFoundError)

@@ -28,8 +28,10 @@ from typing import Any, Protocol
 
 import torch
 
+from mllm_cl.errors import UserError
 
-class EvalDataError(ValueError):
+
+class EvalDataError(UserError, ValueError):
     """A benchmark file or entry that cannot be evaluated; the message names the file and line or entry."""
 
 

@@ -16,49 +16,19 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from mllm_cl import metrics
-from mllm_cl.config import LLM_PRESETS, VISION_PRESETS
+from mllm_cl.config import (LLM_PRESETS, VISION_PRESETS, ExperimentConfig, StageConfig, StageError, TaskSpec,
+                            TrainConfig)
+from mllm_cl.methods import expand_methods
 from mllm_cl.model_folder import atomic_write_text
-from mllm_cl.stages import EvalSpec, StageConfig, StageError, TaskSpec, run_stage
-from mllm_cl.trainer import TrainConfig
-
-
-def _train(**kw: Any) -> Any:
-    return field(default_factory=lambda: TrainConfig(**kw))
-
-
-@dataclass
-class ExperimentConfig:
-    name: str = "demo"
-    out_dir: str = "runs/demo"
-    world: str = "data/synthetic"  # the synthetic world's folder (images, tasks, NL files, tokenizer)
-    world_size: str = "demo"  # generated with this size when `world` holds no world.json ("" : never generate)
-    world_seed: int = 0
-    llm: str = "tiny"  # a preset (pre-trained here on the world's text) or an HF LLM folder
-    vision: str = "clip-tiny"  # a preset (pre-trained here on the world's captions) or an HF CLIP folder
-    tokenizer: str = ""  # default: the world's tokenizer.json when `llm` is a preset, else the LLM folder's
-    projector: str = "mlp2x_gelu"
-    template: str = "pythia"
-    max_len: int = 256
-    text_corpus: str = ""  # default: <world>/text/train.txt
-    align_file: str = ""  # default: <world>/align.json
-    inquiries: str = ""  # default: <world>/inquiries.json
-    tasks: list[TaskSpec] = field(default_factory=list)  # default: the world's tasks (see world_tasks)
-    world_tasks: list[str] = field(default_factory=list)  # which of the world's tasks, in order (default: all)
-    nl_files: list[str] = field(default_factory=list)  # default: <world>/nl/*.jsonl
-    pretrain_text: TrainConfig = _train(epochs=1, global_batch_size=16, micro_batch_size=16, lrs={"": 3e-3})
-    pretrain_vision: TrainConfig = _train(epochs=2, global_batch_size=64, micro_batch_size=64, lrs={"": 1e-3})
-    align: TrainConfig = _train(epochs=1, global_batch_size=32, micro_batch_size=32, lrs={"": 1e-3})
-    task_train: TrainConfig = _train(epochs=1, global_batch_size=16, micro_batch_size=16, lrs={"": 1e-3})
-    eval: EvalSpec = field(default_factory=EvalSpec)
-    methods: dict[str, list[str]] = field(default_factory=lambda: {"naive": ["naive"]})  # run name -> methods
-    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> options, every run
-    device: str = "auto"
+from mllm_cl.report import write_report
+from mllm_cl.stages import run_stage
+from mllm_cl.synthetic import build_world
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -78,7 +48,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     clock.save()
     runs = {}
     for run_name, methods in cfg.methods.items():
-        options = {m: o for m, o in cfg.method_options.items() if m in expand(methods)}
+        options = {m: o for m, o in cfg.method_options.items() if m in expand_methods(methods)}
         stage = base_stage(cfg, "continual", out / "methods" / run_name, cfg.task_train, init=str(aligned),
                            tasks=cfg.tasks, inquiries=cfg.inquiries, methods=methods, method_options=options,
                            initial_eval=str(out / "initial_eval.json"))  # every run starts from the same model
@@ -88,8 +58,6 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         clock.save()
     results = summarise(cfg, runs, wall_seconds=clock.seconds())
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    from mllm_cl.report import write_report
-
     write_report(results, out)
     print(f"\n{cfg.name}: wrote {out / 'results.json'} and {out / 'REPORT.md'} in {results['wall_seconds']:.0f}s")
     return results
@@ -110,20 +78,12 @@ class Clock:
         atomic_write_text(self.path, json.dumps({"seconds": self.seconds()}) + "\n")
 
 
-def expand(methods: list[str]) -> set[str]:
-    from mllm_cl.methods.base import COMPOSITES
-
-    return {part for m in methods for part in COMPOSITES.get(m, (m,))}
-
-
 def ensure_world(cfg: ExperimentConfig) -> Path:
     world = Path(cfg.world)
     if not (world / "world.json").is_file():
         if not cfg.world_size:
             raise StageError(f"{world} holds no world.json and world_size is empty: generate it with "
                              f"`python data/synthetic_world.py --out {world}`")
-        from data.synthetic_world import build_world
-
         print(f"generating the synthetic world ({cfg.world_size}, seed {cfg.world_seed}) into {world}", flush=True)
         build_world(world, seed=cfg.world_seed, size=cfg.world_size)
     return world

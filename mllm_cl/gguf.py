@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mllm_cl.errors import UserError
+
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 
@@ -39,7 +41,7 @@ TENSOR_TYPES: dict[int, tuple[str, int, int]] = {
 }
 
 
-class GGUFError(ValueError):
+class GGUFError(UserError, ValueError):
     """A GGUF file that is not GGUF, is cut short, or holds something this reader does not handle."""
 
 

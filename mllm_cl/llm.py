@@ -314,7 +314,7 @@ def compile_blocks(model: LanguageModel, backend: str = "inductor") -> None:
     every block of the model and compiles once per input shape (and grad mode), not once per block. Calls
     with a KV cache (generation) stay eager. With dropout, inductor is told to draw random numbers the way
     eager PyTorch does, so a checkpointed block's re-run draws the same masks as its first run. The
-    model's `compile_backend` tells `stages.forward_loss` to compile the chunked head loss as well.
+    model's `compile_backend` tells `losses.forward_loss` to compile the chunked head loss as well.
     """
     if model.config.dropout > 0 and backend == "inductor":
         from torch._inductor import config as inductor_config

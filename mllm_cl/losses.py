@@ -1,13 +1,10 @@
-"""Next-token losses, averaged over supervised tokens only.
+"""The training loss: next-token cross-entropy, averaged over supervised tokens only.
 
-`causal_lm_loss` is the LLaVA recipe's cross-entropy. With `soft_target_a > 0` it is paper 1's Soft Targets
-(Srivastava et al., 2024): the one-hot target becomes 1 - a on the target token and a / (N - 1) on each of
-the other N - 1 tokens, so per token
+`forward_loss(model, batch)` is the one entry point every stage and the continual loop train with: it runs
+the model and returns a `LossResult` (the mean loss, how many supervised tokens it covers, the model's
+output for methods that read it). Below it sit two ways to compute the same number:
 
-    loss = -(1 - a) * log p_y  -  a / (N - 1) * sum_{i != y} log p_i
-         = -(1 - a) * log p_y  -  a / (N - 1) * (S - log p_y),     S = sum_i log p_i.
-
-That needs only log p_y and the row sum S, never an N-wide target tensor.
+`causal_lm_loss` is the LLaVA recipe's cross-entropy from the logits.
 
 `head_cross_entropy` is the same hard-target loss fused with the output head: it takes the final hidden
 states and the head's weight instead of the logits, and never holds the (B, T, V) logits (1.6 GB in bf16
@@ -25,15 +22,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from mllm_cl.config import IGNORE_INDEX
+from mllm_cl.errors import UserError
+from mllm_cl.llava import LlavaModel
 
 
-class NoSupervisedTokensError(ValueError):
+class NoSupervisedTokensError(UserError, ValueError):
     """A batch whose labels are all IGNORE_INDEX: training on it would silently learn nothing."""
 
 
@@ -48,21 +47,12 @@ def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
     return shifted
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, soft_target_a: float = 0.0) -> torch.Tensor:
-    """Mean next-token loss over supervised positions; logits are upcast to fp32 for the log-softmax."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over supervised positions; logits are upcast to fp32 for the softmax."""
     targets = next_token_labels(labels).reshape(-1)  # (B*T,)
-    keep = targets != IGNORE_INDEX
-    if not bool(keep.any()):
+    if not bool((targets != IGNORE_INDEX).any()):
         raise NoSupervisedTokensError("the batch has no supervised token (every label is IGNORE_INDEX)")
-    logits = logits.reshape(-1, logits.size(-1)).float()  # (B*T, V)
-    if soft_target_a == 0.0:
-        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
-    log_probs = torch.log_softmax(logits, dim=-1)
-    n_classes = log_probs.size(-1)
-    target = log_probs.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # (B*T,); ignored rows masked below
-    others = log_probs.sum(dim=-1) - target
-    per_token = -(1.0 - soft_target_a) * target - soft_target_a / (n_classes - 1) * others
-    return (per_token * keep).sum() / keep.sum()
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets, ignore_index=IGNORE_INDEX)
 
 
 def _summed_cross_entropy(logits32: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,3 +137,44 @@ def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
 
 def supervised_token_count(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+class LossResult(NamedTuple):
+    """What a training loss function returns to the trainer."""
+
+    loss: torch.Tensor  # mean over the batch's supervised tokens (or samples)
+    n_tokens: int  # how many: the trainer weighs micro-batches by it
+    output: Any = None  # the model's output, for methods that read it (logits None under the fused head)
+
+
+def forward_loss(model: torch.nn.Module, batch: dict, need_logits: bool = False) -> LossResult:
+    """The model's next-token loss on a (multimodal) batch, over its supervised tokens.
+
+    The loss goes through `head_cross_entropy` (no full logits; `output.logits` is then None) unless
+    `need_logits` or the head is one it cannot fuse (an adapter on it, fp16): then the plain head and
+    `causal_lm_loss`. Both give the same number.
+    """
+    kwargs = {"pixel_values": batch["pixel_values"]} if batch.get("pixel_values") is not None else {}
+    llm = language_model(model)
+    head = fused_head_weight(llm)
+    n_tokens = supervised_token_count(batch["labels"])
+    if need_logits or head is None:
+        output = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
+        return LossResult(causal_lm_loss(output.logits, batch["labels"]), n_tokens, output)
+    output = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), compute_logits=False, **kwargs)
+    loss = head_cross_entropy(output.hidden, head, batch["labels"], compile_backend=llm.compile_backend)
+    return LossResult(loss, n_tokens, output)
+
+
+def language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder LLM of a LlavaModel, or the model itself."""
+    return model.llm if isinstance(model, LlavaModel) else model
+
+
+def fused_head_weight(llm: torch.nn.Module) -> torch.Tensor | None:
+    """The output head's weight when it is a plain bias-free Linear in bf16/fp32 (what head_cross_entropy
+    computes); None otherwise (an adapter on the head, fp16)."""
+    head = getattr(llm, "lm_head", None)
+    if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.dtype == torch.float16:
+        return None
+    return head.weight

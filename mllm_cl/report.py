@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from mllm_cl.errors import UserError
 from mllm_cl.metrics import accuracy_matrix, average_accuracy, backward_transfer, forgetting
 
 FIGURE_SIZE = (800, 520)  # every PNG, in pixels
@@ -37,7 +38,7 @@ HEAT_STOPS = [(0.0, (68, 1, 84)), (0.25, (59, 82, 139)), (0.5, (33, 145, 140)), 
 FIELDS = ("nl_delta", "vl_hmean", "acc_matrix", "task_names", "nl_after_task", "vl_after_task")
 
 
-class ReportInputError(ValueError):
+class ReportInputError(UserError, ValueError):
     """Results that do not follow the documented format; the message names the file, method and field."""
 
 

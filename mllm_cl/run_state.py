@@ -25,13 +25,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from mllm_cl.errors import UserError
 from mllm_cl.model_folder import staged_folder
 
 CHECKPOINT_DIR = "checkpoint"
 _OPTIMIZER_FLAGS = ("fused", "foreach", "capturable", "differentiable")  # how to run, not what to resume
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint folder that is missing a file, unreadable, or does not fit the current run."""
 
 

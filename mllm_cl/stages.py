@@ -5,84 +5,35 @@
     align            projector only; LLM and vision tower frozen (template plain)  -> out/model (multimodal)
     finetune         projector + LLM; vision tower frozen                         -> out/model (multimodal)
     continual        a list of tasks one after another, CL methods plugged in     -> out/task_k/model, results.json
+                     (in `mllm_cl.continual`)
 
-Every stage writes its model folder in the Hugging Face layout next to the trainer's `log.jsonl` and
+The settings are `mllm_cl.config.StageConfig`; `run_stage` seeds the stage's initialisation from
+(train.seed, stage) and dispatches. Every stage writes its model folder in the Hugging Face layout next to the trainer's `log.jsonl` and
 checkpoint, so an interrupted stage resumes with `resume=true`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from mllm_cl.clip_text import CLIPContrastive, TextTowerConfig, clip_config_hf, save_clip
-from mllm_cl.config import LLM_PRESETS, VISION_PRESETS, VisionConfig, llm_preset, to_dict, vision_preset
-from mllm_cl.data import (ConversationDataset, DataError, EpochBatches, TextCorpus, load_image, read_records,
-                          validate_entry)
+from mllm_cl.config import (LLM_PRESETS, STAGES, VISION_PRESETS, StageConfig, StageError, llm_preset, require,
+                            to_dict, vision_preset)
+from mllm_cl.continual import run_continual
+from mllm_cl.data import DataError, TextCorpus, load_image, multimodal_dataset, read_records, validate_entry
 from mllm_cl.llava import LlavaModel, load_llava, save_llava
 from mllm_cl.llm import LanguageModel
-from mllm_cl.losses import causal_lm_loss, head_cross_entropy, supervised_token_count
+from mllm_cl.losses import LossResult, forward_loss
 from mllm_cl.model_folder import atomic_write_text
 from mllm_cl.projector import build_projector
 from mllm_cl.seeding import derive_seed, seed_everything
 from mllm_cl.tokenizer import Tokenizer, load_tokenizer
-from mllm_cl.trainer import TrainConfig, Trainer
+from mllm_cl.trainer import train_on
 from mllm_cl.vision import VisionTower
 from mllm_cl.weights import load_llm, load_vision_tower, save_llm
-
-STAGES = ("pretrain-text", "pretrain-vision", "align", "finetune", "continual")
-
-
-@dataclass
-class TaskSpec:
-    """One continual task: its LLaVA JSON train and test files and their image folder."""
-
-    name: str = ""
-    train: str = ""
-    test: str = ""
-    image_folder: str = ""
-
-
-@dataclass
-class EvalSpec:
-    """What the continual stage measures after every task."""
-
-    nl_files: list[str] = field(default_factory=list)  # NL request files (JSONL, docs/CONTRACTS.md)
-    nl_limit: int = 0  # first N documents of each NL file (0: all)
-    vl_limit: int = 0  # first N test samples of each VL task (0: all)
-    batch_size: int = 32
-    max_new_tokens: int = 8
-
-
-@dataclass
-class StageConfig:
-    stage: str = "finetune"
-    out_dir: str = "runs/stage"
-    llm: str = "tiny"  # a preset name (built from scratch) or an HF LLM folder
-    vision: str = "clip-tiny"  # a preset name (built from scratch) or an HF CLIP folder
-    projector: str = "mlp2x_gelu"
-    init: str = ""  # a multimodal folder to start from (finetune, continual)
-    tokenizer: str = ""  # tokenizer folder or tokenizer.json, when the LLM is built from a preset
-    template: str = "pythia"
-    train_file: str = ""  # text corpus (pretrain-text) or LLaVA JSON/JSONL (the other stages)
-    image_folder: str = ""
-    max_len: int = 512
-    skip_bad: bool = False
-    tasks: list[TaskSpec] = field(default_factory=list)  # continual
-    inquiries: str = ""  # text-only inquiries for UIR (LLaVA JSON without images)
-    initial_eval: str = ""  # continual: cache file of init's scores before any task (default <out_dir>/initial_eval.json)
-    methods: list[str] = field(default_factory=lambda: ["naive"])
-    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    eval: EvalSpec = field(default_factory=EvalSpec)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-
-class StageError(ValueError):
-    """A stage config that cannot run: the message says which field and what to set."""
 
 
 def run_stage(cfg: StageConfig) -> Path:
@@ -93,26 +44,9 @@ def run_stage(cfg: StageConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "stage_config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
     seed_everything(derive_seed(cfg.train.seed, "init", cfg.stage))  # the stage's fresh weights, if any
-    if cfg.stage == "continual":
-        from mllm_cl.continual import run_continual
-
-        return run_continual(cfg)
     runner = {"pretrain-text": pretrain_text, "pretrain-vision": pretrain_vision, "align": align,
-              "finetune": finetune}[cfg.stage]
+              "finetune": finetune, "continual": run_continual}[cfg.stage]
     return runner(cfg)
-
-
-def require(cfg: StageConfig, *names: str) -> None:
-    missing = [n for n in names if not getattr(cfg, n)]
-    if missing:
-        raise StageError(f"stage {cfg.stage!r} needs {', '.join(missing)} (set them in the config or as key=value)")
-
-
-def device_of(cfg: StageConfig) -> torch.device:
-    name = cfg.train.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 # ---------------------------------------------------------------- building models
@@ -140,50 +74,6 @@ def stage_tokenizer(cfg: StageConfig) -> Tokenizer:
     return load_tokenizer(source)
 
 
-def forward_loss(model: torch.nn.Module, batch: dict, soft_target_a: float = 0.0,
-                 need_logits: bool = False) -> tuple[Any, torch.Tensor]:
-    """The model's output on a batch and its next-token loss over supervised tokens (Soft Targets when a > 0).
-
-    Plain cross-entropy goes through `head_cross_entropy` (no full logits; `output.logits` is then None)
-    unless `need_logits`, Soft Targets or an fp16/adapted/biased head ask for the plain head.
-    """
-    kwargs = {"pixel_values": batch["pixel_values"]} if batch.get("pixel_values") is not None else {}
-    llm = language_model(model)
-    head = fused_head_weight(llm)
-    if need_logits or soft_target_a or head is None:
-        output = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
-        return output, causal_lm_loss(output.logits, batch["labels"], soft_target_a)
-    output = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), compute_logits=False, **kwargs)
-    return output, head_cross_entropy(output.hidden, head, batch["labels"], compile_backend=llm.compile_backend)
-
-
-def language_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder LLM of a LlavaModel, or the model itself."""
-    return model.llm if isinstance(model, LlavaModel) else model
-
-
-def fused_head_weight(llm: torch.nn.Module) -> torch.Tensor | None:
-    """The output head's weight when it is a plain bias-free Linear in bf16/fp32 (what head_cross_entropy
-    computes); None otherwise (an adapter on the head, fp16)."""
-    head = getattr(llm, "lm_head", None)
-    if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.dtype == torch.float16:
-        return None
-    return head.weight
-
-
-def lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    """The LLaVA loss, and how many supervised tokens it covers (what the trainer weighs micro-batches by)."""
-    return forward_loss(model, batch)[1], supervised_token_count(batch["labels"])
-
-
-def train(cfg: StageConfig, model: torch.nn.Module, dataset: Any, loss_fn: Any, out: Path) -> Trainer:
-    """Fit `model` on `dataset` with the stage's TrainConfig; the trainer's log and checkpoint go in `out`."""
-    micro, seed = cfg.train.micro_batch_size, cfg.train.seed
-    trainer = Trainer(model, loss_fn, lambda epoch: EpochBatches(dataset, micro, seed, epoch), cfg.train, out_dir=out)
-    trainer.fit()
-    return trainer
-
-
 # ---------------------------------------------------------------- the stages
 
 def pretrain_text(cfg: StageConfig) -> Path:
@@ -194,7 +84,7 @@ def pretrain_text(cfg: StageConfig) -> Path:
     print(f"pretrain-text: {corpus.num_documents} documents -> {len(corpus)} blocks of {cfg.max_len} tokens; "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     out = Path(cfg.out_dir)
-    train(cfg, model, corpus, lm_loss, out)
+    train_on(model, corpus, forward_loss, cfg.train, out)
     return save_llm(model, out / "model", tokenizer_from=_tokenizer_folder(cfg.tokenizer))
 
 
@@ -248,19 +138,11 @@ def pretrain_vision(cfg: StageConfig) -> Path:
     data = CaptionImages(cfg.train_file, cfg.image_folder, tokenizer, vision_config.image_size, text_config.max_seq_len)
     out = Path(cfg.out_dir)
 
-    def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-        return model(batch["pixel_values"], batch["input_ids"]), batch["input_ids"].size(0)
+    def contrastive_loss(model: torch.nn.Module, batch: dict) -> LossResult:
+        return LossResult(model(batch["pixel_values"], batch["input_ids"]), batch["input_ids"].size(0))
 
-    train(cfg, model, data, loss_fn, out)
+    train_on(model, data, contrastive_loss, cfg.train, out)
     return save_clip(model, out / "model")
-
-
-def multimodal_dataset(cfg: StageConfig, path: str, image_folder: str, tokenizer: Tokenizer, template: str,
-                       vision_config: VisionConfig) -> ConversationDataset:
-    return ConversationDataset(path, tokenizer, template, image_folder=image_folder or None,
-                               image_size=vision_config.image_size,
-                               num_image_tokens=vision_config.num_image_tokens, max_len=cfg.max_len,
-                               skip_bad=cfg.skip_bad)
 
 
 def align(cfg: StageConfig) -> Path:
@@ -272,7 +154,7 @@ def align(cfg: StageConfig) -> Path:
     model.llm.requires_grad_(False)
     data = multimodal_dataset(cfg, cfg.train_file, cfg.image_folder, tokenizer, "plain", vision.config)
     out = Path(cfg.out_dir)
-    train(cfg, model, data, lm_loss, out)
+    train_on(model, data, forward_loss, cfg.train, out)
     return save_llava(model, out / "model", tokenizer_from=_tokenizer_folder(cfg.tokenizer or cfg.llm))
 
 
@@ -282,5 +164,5 @@ def finetune(cfg: StageConfig) -> Path:
     tokenizer = load_tokenizer(Path(cfg.init) / "llm")
     data = multimodal_dataset(cfg, cfg.train_file, cfg.image_folder, tokenizer, cfg.template, model.vision.config)
     out = Path(cfg.out_dir)
-    train(cfg, model, data, lm_loss, out)
+    train_on(model, data, forward_loss, cfg.train, out)
     return save_llava(model, out / "model", tokenizer_from=Path(cfg.init) / "llm")

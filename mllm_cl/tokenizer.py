@@ -12,6 +12,8 @@ from typing import Any
 
 from tokenizers import Tokenizer as BackendTokenizer
 
+from mllm_cl.errors import UserError
+
 TOKENIZER_FILE = "tokenizer.json"
 # Read in this order; the first file that names a token wins. Token strings are mapped to ids through the vocab.
 TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -20,7 +22,7 @@ ID_FILES = ("generation_config.json", "config.json")
 FALLBACK_NAMES = {"bos": ("<s>", "<|endoftext|>", "<|startoftext|>"), "eos": ("</s>", "<|endoftext|>", "<|eos|>")}
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer file or folder that cannot be used; the message names the file and the fix."""
 
 

@@ -1,14 +1,12 @@
-"""The one training loop: mixed precision, gradient accumulation, warmup + cosine AdamW, hooks, checkpoints, resume.
+"""The one training loop: mixed precision, gradient accumulation, warmup + cosine AdamW, checkpoints, resume.
 
-Continual-learning methods plug in through `Hook` (as Avalanche's plugins do): each hook method is
-called at a fixed point of the loop, hooks in list order.
-
-    fit():  before_task(trainer)
-            for each optimizer step:
-                for each micro-batch:  loss = loss_fn(model, batch); loss = hook.loss(trainer, batch, loss); backward
-                after_backward(trainer)
+    fit():  for each optimizer step:
+                for each micro-batch:  loss, n_tokens = loss_fn(model, batch); backward
                 unscale, clip, AdamW on the fp32 masters, log, checkpoint
-            after_task(trainer)
+
+The loop knows nothing of continual learning: a CL method changes the loss through `loss_fn`, which the
+continual stage composes from the methods' hooks (`mllm_cl.methods.base.Method`), and acts before and after
+a task around `fit()`.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,12 @@ import torch
 from torch import nn
 
 from mllm_cl.checkpointing import disable_checkpointing, enable_checkpointing
+from mllm_cl.config import TrainConfig
+from mllm_cl.data import EpochBatches
+from mllm_cl.device import resolve_device
+from mllm_cl.errors import UserError
 from mllm_cl.llm import LanguageModel, compile_blocks, uncompile_blocks
+from mllm_cl.losses import LossResult
 from mllm_cl.optim import build_optimizer, embedding_param_names, set_lr
 from mllm_cl.precision import MixedPrecision, resolve_dtype
 from mllm_cl.run_state import find_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint, set_rng_state
@@ -34,78 +37,16 @@ from mllm_cl.seeding import seed_everything
 LOG_FILE = "log.jsonl"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss (or, without loss scaling, the gradient) became inf/nan; the last good checkpoint is kept."""
 
 
-class Hook:
-    """A continual-learning method's entry points into the loop. Override what you need.
-
-    before_task   at the start of `fit()`, before the model is cast and the optimizer built (a hook
-                  may add params or snapshot the model here; on a resume it still sees the weights
-                  the trainer was constructed with, i.e. those of the start of the task)
-    loss          per micro-batch: return `loss` plus any extra term (e.g. a regulariser)
-    after_backward  once per optimizer step, after the last micro-batch's backward: the grads on the
-                  model's params are in the compute dtype, still multiplied by the loss scale
-                  (`trainer.precision.scale`) and not yet reweighted for accumulation (see `_accumulate`)
-    after_task    at the end of `fit()`, after the final checkpoint
-    """
-
-    def before_task(self, trainer: Trainer) -> None:
-        pass
-
-    def loss(self, trainer: Trainer, batch: Any, loss: torch.Tensor) -> torch.Tensor:
-        return loss
-
-    def after_backward(self, trainer: Trainer) -> None:
-        pass
-
-    def after_task(self, trainer: Trainer) -> None:
-        pass
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 0  # optimizer steps; 0: `epochs` passes over the data
-    epochs: int = 1
-    global_batch_size: int = 8  # samples per optimizer step
-    micro_batch_size: int = 8  # samples per forward; gradient accumulation = global / micro
-    lrs: dict[str, float] = field(default_factory=lambda: {"": 1e-3})  # param-name prefix -> learning rate
-    weight_decay: float = 0.0  # never on biases and norms
-    decay_embeddings: bool = True  # False: no weight decay on nn.Embedding weights either
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float = 1.0  # 0: no clipping
-    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
-    activation_checkpointing: bool = False  # on every block of each nn.ModuleList named `blocks`
-    compile: str = ""  # a torch.compile backend ("inductor") for the LLM's blocks while training; "": eager
-    log_every: int = 10
-    save_every: int = 0  # steps between checkpoints; 0: only at the end
-    seed: int = 0
-    device: str = "auto"  # "auto": cuda if available
-    resume: bool = False  # continue from out_dir/checkpoint if there is one
-
-    def __post_init__(self) -> None:
-        if self.micro_batch_size <= 0 or self.global_batch_size % self.micro_batch_size:
-            raise ValueError(f"global_batch_size={self.global_batch_size} must be a positive multiple of "
-                             f"micro_batch_size={self.micro_batch_size}")
-        if self.steps < 0 or (self.steps == 0 and self.epochs <= 0):
-            raise ValueError(f"set steps > 0 or epochs > 0 (got steps={self.steps}, epochs={self.epochs})")
-        if self.log_every <= 0 or self.save_every < 0:
-            raise ValueError(f"log_every must be > 0 and save_every >= 0 (got {self.log_every}, {self.save_every})")
-
-    @property
-    def accumulation(self) -> int:
-        return self.global_batch_size // self.micro_batch_size
-
-
-LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, Any]]
+LossFn = Callable[[nn.Module, Any], LossResult]  # (mean loss, how many tokens or samples it averages over, ...)
 BatchesFn = Callable[[int], Sequence[Any]]
 
 
 class Trainer:
-    """Trains `model` on `loss_fn(model, batch) -> (loss, n_tokens)` over `batches_fn(epoch)`.
+    """Trains `model` on `loss_fn(model, batch) -> LossResult(loss, n_tokens)` over `batches_fn(epoch)`.
 
     `loss` is the mean over the micro-batch's `n_tokens` supervised tokens (or samples); the step's
     loss is their token-weighted mean, so accumulating micro-batches equals one large batch.
@@ -116,13 +57,10 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, batches_fn: BatchesFn, config: TrainConfig,
-                 hooks: Sequence[Hook] = (), out_dir: str | Path = "runs/train") -> None:
+                 out_dir: str | Path = "runs/train") -> None:
         self.model, self.loss_fn, self.batches_fn = model, loss_fn, batches_fn
-        self.config, self.hooks, self.out_dir = config, list(hooks), Path(out_dir)
-        if config.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(config.device)
+        self.config, self.out_dir = config, Path(out_dir)
+        self.device = resolve_device(config.device)
         self.step = 0  # optimizer steps taken
         self.epoch, self.index = 0, 0  # data position: the next micro-batch is batches_fn(epoch)[index]
         self.tokens = 0  # supervised tokens trained on
@@ -144,8 +82,6 @@ class Trainer:
         seed_everything(cfg.seed)
         self.model.to(self.device)
         self.model.train()
-        for hook in self.hooks:
-            hook.before_task(self)
         self.precision = MixedPrecision(self.model, resolve_dtype(cfg.precision, self.device))
         no_decay = () if cfg.decay_embeddings else embedding_param_names(self.model)
         self.optimizer = build_optimizer(self.precision.named_master_params(), cfg.lrs, cfg.weight_decay,
@@ -168,8 +104,6 @@ class Trainer:
             disable_checkpointing(blocks)
             for llm in llms:
                 uncompile_blocks(llm)
-        for hook in self.hooks:
-            hook.after_task(self)
         return self.last_record
 
     def _epoch_batches(self, epoch: int) -> tuple[Sequence[Any], int]:
@@ -194,8 +128,6 @@ class Trainer:
                 batches, n_batches = self._epoch_batches(self.epoch)
             set_lr(self.optimizer, self.step, self.total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
             loss_sum, n_step, reference = self._accumulate(batches)
-            for hook in self.hooks:
-                hook.after_backward(self)
             # the loss is read at the step's host sync for the gradient norm; a non-finite one skips the step
             result = self.precision.step(self.optimizer, cfg.max_grad_norm, grad_multiplier=reference / n_step,
                                          loss=loss_sum)
@@ -231,9 +163,7 @@ class Trainer:
         first = self.index
         for i in range(first, first + self.config.accumulation):
             batch = _to_device(batches[i], self.device)
-            loss, n_tokens = self.loss_fn(self.model, batch)
-            for hook in self.hooks:
-                loss = hook.loss(self, batch, loss)
+            loss, n_tokens = self.loss_fn(self.model, batch)[:2]
             n = float(n_tokens)
             if n == 0:
                 continue
@@ -335,6 +265,14 @@ class Trainer:
         if self.checkpoint_path is None:
             return "No checkpoint was written yet."
         return f"The last good checkpoint, {self.checkpoint_path}, is kept."
+
+
+def train_on(model: nn.Module, dataset: Any, loss_fn: LossFn, config: TrainConfig, out_dir: str | Path) -> Trainer:
+    """Fit `model` on a map-style dataset in seeded, resumable micro-batch orders (`data.EpochBatches`)."""
+    micro, seed = config.micro_batch_size, config.seed
+    trainer = Trainer(model, loss_fn, lambda epoch: EpochBatches(dataset, micro, seed, epoch), config, out_dir)
+    trainer.fit()
+    return trainer
 
 
 # ---------------------------------------------------------------- helpers

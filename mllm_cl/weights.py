@@ -14,14 +14,16 @@ import torch
 from torch import nn
 
 from mllm_cl.config import LLMConfig, VisionConfig
+from mllm_cl.errors import UserError
 from mllm_cl.llm import LanguageModel
 from mllm_cl.model_folder import INDEX_FILE, SINGLE_FILE, read_config, read_tensors, write_model_folder
+from mllm_cl.vision import VisionTower
 
 # Buffers that Hugging Face checkpoints may carry and that we recompute instead.
 IGNORED_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq", "embeddings.position_ids")
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(UserError, RuntimeError):
     """A checkpoint whose keys or shapes do not match the model its config describes."""
 
 
@@ -328,8 +330,6 @@ def load_vision_tower(folder: str | Path, device: torch.device | str | None = No
     Keys are `vision_model.*` (CLIPModel; CLIPVisionModel as transformers 4 and the Hub store it) or, as
     transformers 5 saves a CLIPVisionModel, the same keys without that prefix.
     """
-    from mllm_cl.vision import VisionTower  # imported here: weights.py must not need the vision code to load LLMs
-
     folder = Path(folder)
     config = vision_config_from_hf(read_config(folder), name=folder.name, where=folder / "config.json")
     tensors = _drop_ignored(read_tensors(folder, device or "cpu"))

@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.synthetic_world import build_world
-from mllm_cl.config import LLMConfig, VisionConfig
-from mllm_cl.experiment import expand
+from mllm_cl.config import EvalSpec, LLMConfig, StageConfig, TaskSpec, TrainConfig, VisionConfig
 from mllm_cl.llava import LlavaModel, load_llava, save_llava
 from mllm_cl.llm import LanguageModel
+from mllm_cl.methods import expand_methods
 from mllm_cl.projector import build_projector
-from mllm_cl.stages import EvalSpec, StageConfig, TaskSpec, run_stage
+from mllm_cl.stages import run_stage
+from mllm_cl.synthetic import build_world
 from mllm_cl.tokenizer import load_tokenizer
-from mllm_cl.trainer import TrainConfig
 from mllm_cl.vision import VisionTower
 
 TASKS = ("color", "count", "choice")
@@ -60,7 +59,7 @@ METHOD_RUNS = [["naive"], ["lora"], ["soft_targets"], ["rehearsal"], ["msgm"], [
 @pytest.mark.parametrize("methods", METHOD_RUNS, ids=["+".join(m) for m in METHOD_RUNS])
 def test_three_task_sequence_runs_with_each_method(world: Path, init_model: Path, tmp_path: Path,
                                                    methods: list[str]) -> None:
-    parts = expand(methods)
+    parts = expand_methods(methods)
     options = {name: value for name, value in (("lora", {"rank": 4}), ("rehearsal", {"share": 0.1})) if name in parts}
     last = run_stage(stage(world, init_model, tmp_path / "run", methods, options))
     results = json.loads((tmp_path / "run/results.json").read_text())

@@ -4,8 +4,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from mllm_cl.config import load_json
-from mllm_cl.experiment import ExperimentConfig, run_experiment
+from mllm_cl.config import ExperimentConfig, load_json
+from mllm_cl.experiment import run_experiment
 from mllm_cl.llava import load_llava
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,9 +6,10 @@ import torch
 from torch._dynamo.utils import counters
 
 from mllm_cl.checkpointing import enable_checkpointing
-from mllm_cl.config import llm_preset
+from mllm_cl.config import TrainConfig, llm_preset
 from mllm_cl.llm import LanguageModel, compile_blocks, uncompile_blocks
 from mllm_cl.losses import causal_lm_loss
+from mllm_cl.trainer import Trainer
 
 
 def _loss_and_grads(model: LanguageModel, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -55,8 +56,6 @@ def test_a_kv_cache_forward_stays_eager() -> None:
 
 
 def test_trainer_compile_option_trains_the_same_weights(tmp_path) -> None:
-    from mllm_cl.trainer import TrainConfig, Trainer
-
     torch.manual_seed(0)
     ids = torch.randint(0, 1024, (8, 16))
     batches = [{"input_ids": ids[i:i + 4]} for i in range(0, 8, 4)]

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from data.synthetic_world import build_world
+from mllm_cl.config import EvalSpec, StageConfig, TaskSpec, TrainConfig
 from mllm_cl.seeding import derive_seed
-from mllm_cl.stages import EvalSpec, StageConfig, TaskSpec, run_stage
-from mllm_cl.trainer import TrainConfig
+from mllm_cl.stages import run_stage
+from mllm_cl.synthetic import build_world
 
 
 def test_derived_seeds_are_stable_and_distinct() -> None:

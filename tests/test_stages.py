@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 import train
-from data.synthetic_world import build_world
-from mllm_cl.stages import StageConfig, StageError, run_stage
+from mllm_cl.config import StageConfig, StageError, TrainConfig
+from mllm_cl.stages import run_stage
+from mllm_cl.synthetic import build_world
 from mllm_cl.tokenizer import load_tokenizer
-from mllm_cl.trainer import TrainConfig
 from mllm_cl.weights import load_llm, load_vision_tower
 
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from tokenizers import Tokenizer
 
-from data.synthetic_world import IMAGE_PREFIX, TASKS, build_world
 from mllm_cl.conversation import TEMPLATES
+from mllm_cl.synthetic import IMAGE_PREFIX, TASKS, build_world
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The training loop on a tiny regression model: exact resume, non-finite loss, hooks, accumulation, log."""
+"""The training loop on a tiny regression model: exact resume, non-finite loss, loss terms, accumulation, log."""
 
 import json
 from pathlib import Path
@@ -10,7 +10,8 @@ from torch import nn
 
 from mllm_cl.optim import lr_at
 from mllm_cl.run_state import load_checkpoint
-from mllm_cl.trainer import Hook, NonFiniteLossError, TrainConfig, Trainer
+from mllm_cl.config import TrainConfig
+from mllm_cl.trainer import NonFiniteLossError, Trainer
 
 
 class Block(nn.Module):
@@ -69,21 +70,26 @@ def _config(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def _train(out_dir: Path, hooks=(), model=None, micro: int = 4, **kw) -> tuple[TinyModel, Trainer]:
+def _train(out_dir: Path, term=None, model=None, micro: int = 4, **kw) -> tuple[TinyModel, Trainer]:
+    """Train TinyModel; `term(trainer, loss) -> loss` changes each micro-batch's loss (as a CL method's term)."""
     model = model or TinyModel()
-    trainer = Trainer(model, loss_fn, batches_fn(micro), _config(micro_batch_size=micro, **kw), hooks, out_dir)
+
+    def loss_with_term(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, n = loss_fn(model, batch)
+        return (term(trainer, loss) if term else loss), n
+
+    trainer = Trainer(model, loss_with_term, batches_fn(micro), _config(micro_batch_size=micro, **kw), out_dir)
     trainer.fit()
     return model, trainer
 
 
-class Interrupt(Hook):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def loss(self, trainer, batch, loss):
-        if trainer.step == self.at_step:
+def interrupt_at(step: int):
+    def term(trainer: Trainer, loss: torch.Tensor) -> torch.Tensor:
+        if trainer.step == step:
             raise KeyboardInterrupt
         return loss
+
+    return term
 
 
 def _assert_equal_weights(a: nn.Module, b: nn.Module) -> None:
@@ -97,7 +103,7 @@ def test_resume_is_exact(tmp_path: Path, precision: str) -> None:
     # very end of epoch 0, so the resumed run must first move on to epoch 1
     full, _ = _train(tmp_path / "full", precision=precision)
     with pytest.raises(KeyboardInterrupt):
-        _train(tmp_path / "cut", hooks=[Interrupt(at_step=5)], precision=precision)  # dies in step 6
+        _train(tmp_path / "cut", term=interrupt_at(5), precision=precision)  # dies in step 6
     state = json.loads((tmp_path / "cut/checkpoint/state.json").read_text())
     assert (state["step"], state["epoch"], state["index"]) == (4, 0, 8)
     resumed, trainer = _train(tmp_path / "cut", model=TinyModel(seed=1), resume=True, precision=precision)
@@ -129,13 +135,12 @@ def test_activation_checkpointing_gives_the_same_run(tmp_path: Path) -> None:
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
-    class Poison(Hook):
-        def loss(self, trainer, batch, loss):
-            return loss * float("nan") if trainer.step == 2 else loss
+    def poison(trainer, loss):
+        return loss * float("nan") if trainer.step == 2 else loss
 
     model = TinyModel()
     with pytest.raises(NonFiniteLossError, match=r"step 3: the loss is nan.*checkpoint") as info:
-        _train(tmp_path, hooks=[Poison()], model=model)
+        _train(tmp_path, term=poison, model=model)
     assert str(tmp_path / "checkpoint") in str(info.value)
     saved = load_checkpoint(tmp_path / "checkpoint")
     assert saved["state"]["step"] == 2
@@ -144,63 +149,30 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) ->
 
 
 def test_a_non_finite_loss_with_finite_gradients_is_not_applied_either(tmp_path: Path) -> None:
-    class InfConstant(Hook):  # +inf that carries no gradient: only the loss shows it
-        def loss(self, trainer, batch, loss):
-            return loss + torch.tensor(float("inf")) if trainer.step == 2 else loss
+    def inf_constant(trainer, loss):  # +inf that carries no gradient: only the loss shows it
+        return loss + torch.tensor(float("inf")) if trainer.step == 2 else loss
 
     model = TinyModel()
     with pytest.raises(NonFiniteLossError, match=r"step 3: the loss is inf"):
-        _train(tmp_path, hooks=[InfConstant()], model=model)
+        _train(tmp_path, term=inf_constant, model=model)
     saved = load_checkpoint(tmp_path / "checkpoint")
     assert saved["state"]["step"] == 2
     for name, p in model.named_parameters():
         assert torch.equal(saved["weights"][name], p), name
 
 
-class Recorder(Hook):
-    def __init__(self, name: str, events: list) -> None:
-        self.name, self.events = name, events
+def test_a_loss_term_changes_the_gradient(tmp_path: Path) -> None:
+    def l2(trainer, loss):  # adds 0.5 * ||head.weight||^2, whose gradient is head.weight itself
+        return loss + 0.5 * trainer.model.head.weight.pow(2).sum()
 
-    def before_task(self, trainer):
-        self.events.append((self.name, "before_task"))
-
-    def loss(self, trainer, batch, loss):
-        self.events.append((self.name, "loss"))
-        return loss
-
-    def after_backward(self, trainer):
-        self.events.append((self.name, "after_backward"))
-
-    def after_task(self, trainer):
-        self.events.append((self.name, "after_task"))
-
-
-def test_hooks_are_called_in_order(tmp_path: Path) -> None:
-    events: list = []
-    _train(tmp_path, hooks=[Recorder("a", events), Recorder("b", events)], steps=2)
-    step = [("a", "loss"), ("b", "loss")] * 2 + [("a", "after_backward"), ("b", "after_backward")]
-    assert events == [("a", "before_task"), ("b", "before_task"), *step, *step, ("a", "after_task"),
-                      ("b", "after_task")]
-
-
-def test_a_loss_hook_term_changes_the_gradient(tmp_path: Path) -> None:
-    class L2(Hook):  # adds 0.5 * ||head.weight||^2, whose gradient is head.weight itself
-        def loss(self, trainer, batch, loss):
-            return loss + 0.5 * trainer.model.head.weight.pow(2).sum()
-
-    class GradProbe(Hook):
-        def __init__(self) -> None:
-            self.grad = self.weight = None
-
-        def after_backward(self, trainer):
-            self.grad = trainer.model.head.weight.grad.clone()
-            self.weight = trainer.model.head.weight.detach().clone()
-
-    probes = [GradProbe(), GradProbe()]
-    _train(tmp_path / "plain", hooks=[probes[0]], steps=1, global_batch_size=4)
-    _train(tmp_path / "l2", hooks=[L2(), probes[1]], steps=1, global_batch_size=4)
-    assert torch.equal(probes[0].weight, probes[1].weight)
-    assert torch.allclose(probes[1].grad - probes[0].grad, probes[0].weight, atol=1e-6)
+    grads, weights = [], []
+    for name, term in (("plain", None), ("l2", l2)):
+        model = TinyModel()
+        weights.append(model.head.weight.detach().clone())
+        model.head.weight.register_hook(lambda grad: grads.append(grad.clone()))  # the step's one backward
+        _train(tmp_path / name, term=term, model=model, steps=1, global_batch_size=4)
+    assert len(grads) == 2 and torch.equal(weights[0], weights[1])
+    assert torch.allclose(grads[1] - grads[0], weights[0], atol=1e-6)
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
@@ -241,9 +213,9 @@ def test_no_supervised_tokens_or_no_batches_is_an_error(tmp_path: Path) -> None:
     def no_tokens(model, batch):
         return model(batch["x"]).sum() * 0, 0
 
-    trainer = Trainer(TinyModel(), no_tokens, batches_fn(4), _config(), [], tmp_path / "a")
+    trainer = Trainer(TinyModel(), no_tokens, batches_fn(4), _config(), tmp_path / "a")
     with pytest.raises(ValueError, match="no supervised token"):
         trainer.fit()
-    trainer = Trainer(TinyModel(), loss_fn, lambda epoch: [], _config(), [], tmp_path / "b")
+    trainer = Trainer(TinyModel(), loss_fn, lambda epoch: [], _config(), tmp_path / "b")
     with pytest.raises(ValueError, match="nothing to train on"):
         trainer.fit()

@@ -17,14 +17,12 @@ class LoRA(Method):
 
     def __init__(self, rank: int | None = None, alpha: float = 8.0, dropout: float = 0.05, rslora: bool = True) -> None:
         self.rank, self.alpha, self.dropout, self.rslora = rank, alpha, dropout, rslora
-        self.last_rank = 0
 
     def before_task(self, ctx: TaskContext) -> None:
         llm = ctx.model.llm
         rank = self.rank or max(1, llm.config.d_model // 2)
         llm.requires_grad_(False)
         add_lora(llm, rank, self.alpha, self.dropout, self.rslora)
-        self.last_rank = rank
         ctx.log["lora_rank"] = rank
 
     def after_task(self, ctx: TaskContext) -> None:

@@ -8,6 +8,7 @@ from tiny_llava import PAD, context, endless_inquiries, image_batch, tiny_llava
 
 from mllm_cl.config import IGNORE_INDEX
 from mllm_cl.data import collate
+from mllm_cl.llm import LMOutput
 from mllm_cl.losses import causal_lm_loss
 from mllm_cl.methods import METHOD_NAMES, Method, build_methods
 from mllm_cl.methods.lora import LoRA
@@ -55,18 +56,18 @@ def test_unknown_names_and_misplaced_options_are_clear_errors() -> None:
         build_methods(["soft_targets"], {"soft_targets": {"a": 1.0}})
 
 
-def test_soft_targets_sets_a_and_the_loss_is_label_smoothing_with_eps_a_n_over_n_minus_1() -> None:
+def test_soft_targets_loss_hook_gives_label_smoothing_with_eps_a_n_over_n_minus_1() -> None:
     ctx = context(tiny_llava())
-    assert ctx.soft_target_a == 0.0
-    build_methods(["soft_targets"], {"soft_targets": {"a": 0.1}})[0].before_task(ctx)
-    assert ctx.soft_target_a == 0.1
+    method = build_methods(["soft_targets"], {"soft_targets": {"a": 0.1}})[0]
+    assert method.needs_logits
     logits, labels = torch.randn(2, 6, 64), torch.randint(0, 64, (2, 6))
     labels[0, :2] = IGNORE_INDEX
     n = 64
     shifted, targets = logits[:, :-1].reshape(-1, n), labels[:, 1:].reshape(-1)
     keep = targets != IGNORE_INDEX
     expected = F.cross_entropy(shifted[keep], targets[keep], label_smoothing=0.1 * n / (n - 1))
-    assert torch.allclose(causal_lm_loss(logits, labels, ctx.soft_target_a), expected, atol=1e-6)
+    loss = method.loss(ctx, {"labels": labels}, LMOutput(logits, None, None), causal_lm_loss(logits, labels))
+    assert torch.allclose(loss, expected, atol=1e-6)
 
 
 def _samples(task: int) -> list[dict]:
@@ -104,7 +105,7 @@ def test_a_two_task_loop_runs_every_hook_of_a_large_composition() -> None:
         for step in range(2):
             batch = collate(ctx.train_samples[3 * step:3 * step + 4], PAD)
             output = model(batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
-            loss = causal_lm_loss(output.logits, batch["labels"], ctx.soft_target_a)
+            loss = causal_lm_loss(output.logits, batch["labels"])
             for method in methods:
                 loss = method.loss(ctx, batch, output, loss)
             assert torch.isfinite(loss)
@@ -115,7 +116,7 @@ def test_a_two_task_loop_runs_every_hook_of_a_large_composition() -> None:
         for method in methods:
             method.after_task(ctx)
         assert set(model.state_dict()) == plain_keys
-        assert ctx.soft_target_a == 0.01 and ctx.log["lora_merged_layers"] == 8
+        assert ctx.log["lora_merged_layers"] == 8
         assert "uir_last" in ctx.log and "lwf_last" in ctx.log and ctx.log["ewc_fisher_mean"] > 0
         assert ("ewc_last" in ctx.log) == (index == 1)  # the penalty starts with the second task
     assert replayed == [0, 1]  # 20% of task 0's 7 samples joined task 1
