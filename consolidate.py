@@ -98,11 +98,21 @@ def write_model(out: Path, tensors: dict[str, torch.Tensor], new: Path) -> None:
         shutil.copy2(new / CONFIG_FILE, staging / CONFIG_FILE)
 
 
+def eval_arguments(command: str, model: Path, json_path: Path) -> list[str]:
+    """The command split as a POSIX shell would split it, {model} and {json} filled in per argument: it runs
+    without a shell, so nothing in a path (spaces, quotes, `$(...)`) is ever interpreted."""
+    return [arg.replace("{model}", str(model)).replace("{json}", str(json_path)) for arg in shlex.split(command)]
+
+
 def run_eval(command: str, model: Path, json_path: Path) -> dict[str, float]:
     """Run the user's eval command on one model and read its {"task": {"acc": ...}} JSON."""
-    filled = command.replace("{model}", shlex.quote(str(model))).replace("{json}", shlex.quote(str(json_path)))
+    arguments = eval_arguments(command, model, json_path)
+    filled = shlex.join(arguments)
     log(f"  eval: {filled}")
-    result = subprocess.run(filled, shell=True)
+    try:
+        result = subprocess.run(arguments)
+    except OSError as e:
+        raise SystemExit(f"--eval-cmd could not start {arguments[0]!r}: {e}") from None
     if result.returncode != 0:
         raise SystemExit(f"--eval-cmd failed with exit code {result.returncode} on {model}: {filled}")
     try:
@@ -113,6 +123,16 @@ def run_eval(command: str, model: Path, json_path: Path) -> dict[str, float]:
     except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
         raise SystemExit(f"{json_path}: expected a JSON object "
                          f"{{\"task\": {{\"acc\": number}}, ...}} ({e!r})") from None
+
+
+def check_out(out: Path, old: Path, new: Path) -> None:
+    """--out must be a new or empty folder that neither holds nor lies inside OLD or NEW: nothing is replaced."""
+    for model in (old, new):
+        target, source = out.resolve(), model.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise SystemExit(f"--out {out} would write over {model}: choose a folder outside both models")
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        raise SystemExit(f"--out {out} exists and is not an empty folder: choose a new folder (nothing is replaced)")
 
 
 def format_table(points: list[dict]) -> str:
@@ -152,6 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     if len(set(names)) != len(names):
         parser.error(f"--sweep gives repeated alphas: {alphas}")
 
+    check_out(args.out, args.old, args.new)
+    if args.eval_cmd:
+        try:
+            eval_arguments(args.eval_cmd, args.out, args.out)
+        except ValueError as e:
+            parser.error(f"--eval-cmd cannot be split into arguments: {e}")
     try:
         if is_llava(args.old) != is_llava(args.new):
             raise SystemExit(f"{args.old} and {args.new} are not the same kind of folder (LLaVA vs LLM)")

@@ -23,7 +23,7 @@ from mllm_cl.errors import USER_ERRORS
 from mllm_cl.evaluation import (NL_DIRS, NL_PATTERN, VL_DIRS, VL_PATTERN, EvalDataError, TaskResult,
                                 evaluate_nl_suite, evaluate_vl_suite, find_tasks)
 from mllm_cl.llava import MODEL_TYPE, load_llava
-from mllm_cl.model_folder import read_config
+from mllm_cl.model_folder import atomic_write_text, check_writable, read_config
 from mllm_cl.report import write_report
 from mllm_cl.tokenizer import load_tokenizer
 from mllm_cl.weights import load_llm
@@ -54,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.model_dir is None) == (args.report is None):
         parser.error("give either MODEL_DIR or --report RUN_DIR [RUN_DIR ...]")
-    if args.limit is not None and args.limit < 1 or args.batch_size < 1:
-        parser.error("--limit and --batch-size must be at least 1")
+    if args.limit is not None and args.limit < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        parser.error("--limit, --batch-size and --max-new-tokens must be at least 1")
     return args
 
 
@@ -113,14 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.report is not None:
             print(f"wrote {write_report(args.report, args.out or args.report[0])}")
             return 0
+        if args.json is not None:
+            check_writable(args.json)  # before the evaluation, not after it
         metrics = evaluate(args)
+        if args.json is not None:
+            atomic_write_text(args.json, json.dumps(metrics, indent=2) + "\n")
+            print(f"wrote {args.json}")
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(metrics, indent=2) + "\n")
-        print(f"wrote {args.json}")
     return 0
 
 

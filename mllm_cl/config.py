@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -193,13 +194,28 @@ class TrainConfig:
     resume: bool = False  # continue from out_dir/checkpoint if there is one
 
     def __post_init__(self) -> None:
-        if self.micro_batch_size <= 0 or self.global_batch_size % self.micro_batch_size:
-            raise ValueError(f"global_batch_size={self.global_batch_size} must be a positive multiple of "
-                             f"micro_batch_size={self.micro_batch_size}")
+        problems = []
+        if self.micro_batch_size <= 0 or self.global_batch_size <= 0 or self.global_batch_size % self.micro_batch_size:
+            problems.append(f"global_batch_size={self.global_batch_size} must be a positive multiple of "
+                            f"micro_batch_size={self.micro_batch_size}")
         if self.steps < 0 or (self.steps == 0 and self.epochs <= 0):
-            raise ValueError(f"set steps > 0 or epochs > 0 (got steps={self.steps}, epochs={self.epochs})")
+            problems.append(f"set steps > 0 or epochs > 0 (got steps={self.steps}, epochs={self.epochs})")
         if self.log_every <= 0 or self.save_every < 0:
-            raise ValueError(f"log_every must be > 0 and save_every >= 0 (got {self.log_every}, {self.save_every})")
+            problems.append(f"log_every must be > 0 and save_every >= 0 (got {self.log_every}, {self.save_every})")
+        if not self.lrs or any(not (math.isfinite(lr) and lr >= 0) for lr in self.lrs.values()):
+            problems.append(f"lrs must map param-name prefixes to finite learning rates >= 0, got {self.lrs}")
+        for name, low, high in (("warmup_ratio", 0, 1), ("min_lr_ratio", 0, 1), ("weight_decay", 0, math.inf),
+                                ("max_grad_norm", 0, math.inf)):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and low <= value <= high):
+                problems.append(f"{name} must be " + (f"in [{low}, {high}]" if high < math.inf else
+                                                       f"a finite number >= {low}") + f", got {value}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            problems.append(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if problems:
+            raise ConfigError("train settings: " + "; ".join(problems))
 
     @property
     def accumulation(self) -> int:

@@ -84,6 +84,21 @@ def read_tensors(folder: str | Path, device: str | torch.device = "cpu") -> dict
     return tensors
 
 
+def check_writable(path: str | Path) -> Path:
+    """Make sure a file can be written at `path` (creating its folder) before a long job computes what goes
+    there; a folder in the way or an unwritable place is a ModelFolderError naming the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise ModelFolderError(f"{path} is a folder; give the path of a file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise ModelFolderError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

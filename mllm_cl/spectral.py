@@ -3,9 +3,9 @@
 The SVDs do not depend on alpha: `decompose_updates` computes them once (on the GPU when there is one,
 batched over parameters of the same shape) and `sac_from_spectra` turns them into a model for any alpha,
 so an alpha sweep costs one set of SVDs. Each SVD comes from the eigendecomposition of the Gram matrix of
-the update's short side (n x n for an (m, n) update with m >= n), formed in float64: on two CPU cores that
-made the SVDs of Pythia-160M six times faster than float32 `torch.linalg.svd` (69 s against 442 s), and in
-float64 the squaring loses nothing that matters (singular values are exact to ~1e-7 of s_1; the numerical
+the update's short side (n x n for an (m, n) update with m >= n), formed in float64 (much cheaper than a
+full SVD of the update; `bench/consolidate_speed.py` times it), and in float64 the squaring loses nothing
+that matters (singular values are exact to ~1e-7 of s_1; the numerical
 rank is cut at RANK_RTOL of s_1, and the directions below it, round-off, are left out of the update). The new
 weights are rebuilt in float32 (float64 for float64 parameters) and cast back to each parameter's dtype.
 """

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,14 +25,16 @@ from mllm_cl.config import (LLM_PRESETS, STAGES, VISION_PRESETS, StageConfig, St
                             to_dict, vision_preset)
 from mllm_cl.continual import run_continual
 from mllm_cl.data import DataError, TextCorpus, load_image, multimodal_dataset, read_records, validate_entry
+from mllm_cl.device import resolve_device
 from mllm_cl.llava import LlavaModel, load_llava, save_llava
 from mllm_cl.llm import LanguageModel
 from mllm_cl.losses import LossResult, forward_loss
 from mllm_cl.model_folder import atomic_write_text
 from mllm_cl.projector import build_projector
+from mllm_cl.run_state import find_checkpoint
 from mllm_cl.seeding import derive_seed, seed_everything
 from mllm_cl.tokenizer import Tokenizer, load_tokenizer
-from mllm_cl.trainer import train_on
+from mllm_cl.trainer import LOG_FILE, train_on
 from mllm_cl.vision import VisionTower
 from mllm_cl.weights import load_llm, load_vision_tower, save_llm
 
@@ -40,13 +43,86 @@ def run_stage(cfg: StageConfig) -> Path:
     """Run the configured stage; return the folder of the model it wrote (continual: the last task's)."""
     if cfg.stage not in STAGES:
         raise StageError(f"stage must be one of {', '.join(STAGES)}; got {cfg.stage!r}")
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "stage_config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
+    resolve_device(cfg.train.device)  # an unknown or missing device fails here, before anything is written
+    out = claim_out_dir(cfg)
     seed_everything(derive_seed(cfg.train.seed, "init", cfg.stage))  # the stage's fresh weights, if any
     runner = {"pretrain-text": pretrain_text, "pretrain-vision": pretrain_vision, "align": align,
               "finetune": finetune, "continual": run_continual}[cfg.stage]
     return runner(cfg)
+
+
+SETTINGS_FILE = "stage_config.json"
+# Settings a resumed run may change: they do not change what is computed.
+RESUMABLE_CHANGES = {"train": ("resume", "device", "log_every", "save_every")}
+
+
+def claim_out_dir(cfg: StageConfig) -> Path:
+    """Check that `out_dir` may take this run, then record its settings there (SETTINGS_FILE).
+
+    Refused, before anything is written: an empty `out_dir`; an `out_dir` whose outputs would replace a model
+    this stage reads; an earlier run there with other settings; an earlier run (or a model it did not write)
+    without `train.resume=true`. A run that stopped before writing anything (bad input) leaves only its
+    settings, which the next run replaces.
+    """
+    if not cfg.out_dir.strip():
+        raise StageError("out_dir is empty: name the folder this stage writes into (out_dir=runs/...)")
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise StageError(f"out_dir {out} is a file, not a folder")
+    outputs = [out / "model"] if cfg.stage != "continual" else [out / f"task_{i + 1}_{t.name}"
+                                                                 for i, t in enumerate(cfg.tasks)]
+    for name in ("init", "llm", "vision", "tokenizer", "train_file"):
+        source = getattr(cfg, name)
+        if source and any(_inside(Path(source), output) for output in outputs):
+            raise StageError(f"{name}={source} lies inside {out}, where this stage writes its model: that would "
+                             "replace it; choose another out_dir")
+    settings, earlier = out / SETTINGS_FILE, _earlier_outputs(out, outputs)
+    if earlier and settings.is_file():
+        try:
+            saved = json.loads(settings.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StageError(f"{settings} is not valid JSON ({e}); it records an earlier run of {out}: repair or "
+                             "delete it, or choose another out_dir") from None
+        changed = _changed_settings({**saved, "out_dir": cfg.out_dir}, to_dict(cfg))  # a run folder may move
+        if changed:
+            raise StageError(f"{out} holds an earlier run with other settings (saved, now): {changed}; use another "
+                             "out_dir, or the same settings to continue it")
+    elif earlier:
+        raise StageError(f"{out} holds {earlier[0].name}/ from something other than a run of this stage (no "
+                         f"{SETTINGS_FILE}); refusing to replace it: choose another out_dir")
+    if earlier and not cfg.train.resume:
+        raise StageError(f"{out} holds an earlier run ({', '.join(p.name for p in earlier)}): set train.resume=true "
+                         "to continue it, or choose another out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(settings, json.dumps(to_dict(cfg), indent=2) + "\n")
+    return out
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _earlier_outputs(out: Path, outputs: list[Path]) -> list[Path]:
+    checkpoint = find_checkpoint(out) if out.is_dir() else None
+    return [p for p in [*outputs, out / LOG_FILE] if p.exists()] + ([checkpoint] if checkpoint else [])
+
+
+def _changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved, now)} for every setting that differs, except RESUMABLE_CHANGES."""
+    changed = {}
+    for key in sorted(set(saved) | set(now)):
+        before, after = saved.get(key), now.get(key)
+        if isinstance(before, dict) and isinstance(after, dict) and key in RESUMABLE_CHANGES:
+            ignore = RESUMABLE_CHANGES[key]
+            before = {k: v for k, v in before.items() if k not in ignore}
+            after = {k: v for k, v in after.items() if k not in ignore}
+        if before != after:
+            if isinstance(before, dict) and isinstance(after, dict):
+                changed.update({f"{key}.{k}": v for k, v in _changed_settings(before, after).items()})
+            else:
+                changed[key] = (before, after)
+    return changed
 
 
 # ---------------------------------------------------------------- building models
@@ -85,7 +161,7 @@ def pretrain_text(cfg: StageConfig) -> Path:
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     out = Path(cfg.out_dir)
     train_on(model, corpus, forward_loss, cfg.train, out)
-    return save_llm(model, out / "model", tokenizer_from=_tokenizer_folder(cfg.tokenizer))
+    return save_llm(model, out / "model", tokenizer_from=_tokenizer_folder(cfg.tokenizer or cfg.llm))
 
 
 def _tokenizer_folder(source: str) -> Path:

@@ -1,0 +1,201 @@
+"""Nothing the user owns is overwritten, and no run silently does something else than asked (issue 16's data
+loss and silent-run cases): each case checks the message names the problem and that no file changed."""
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_consolidate_cli import tiny_pair
+
+import consolidate
+import eval as eval_cli
+import train
+from mllm_cl.config import ConfigError, EvalSpec, StageConfig, StageError, TaskSpec, TrainConfig
+from mllm_cl.data import DataError
+from mllm_cl.device import resolve_device
+from mllm_cl.stages import run_stage
+from mllm_cl.synthetic import build_world
+
+
+def digest(path: Path) -> dict[str, str]:
+    """sha256 of every file below `path` (or of the file itself), by relative name."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+# ---------------------------------------------------------------- consolidate.py --out
+
+@pytest.mark.parametrize("target", ["old", "new", "old/sub"])
+def test_consolidate_refuses_an_out_over_either_model(tmp_path: Path, target: str) -> None:
+    tiny_pair(tmp_path)
+    before = {**digest(tmp_path / "old"), **digest(tmp_path / "new")}
+    with pytest.raises(SystemExit, match=f"--out .*{target}.* would write over .*(old|new)"):
+        consolidate.main([str(tmp_path / "old"), str(tmp_path / "new"), "--out", str(tmp_path / target)])
+    assert {**digest(tmp_path / "old"), **digest(tmp_path / "new")} == before
+
+
+def test_consolidate_refuses_a_non_empty_folder_or_a_file(tmp_path: Path) -> None:
+    tiny_pair(tmp_path)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.tex").write_text("months of work")
+    (tmp_path / "file.txt").write_text("keep me")
+    for out in ("notes", "file.txt"):
+        before = digest(tmp_path / out)
+        with pytest.raises(SystemExit, match=f"--out .*{out} exists and is not an empty folder"):
+            consolidate.main([str(tmp_path / "old"), str(tmp_path / "new"), "--out", str(tmp_path / out)])
+        assert digest(tmp_path / out) == before
+    (tmp_path / "empty").mkdir()
+    consolidate.main([str(tmp_path / "old"), str(tmp_path / "new"), "--out", str(tmp_path / "empty"),
+                      "--device", "cpu"])
+    assert (tmp_path / "empty" / "model.safetensors").is_file()
+
+
+def test_eval_command_runs_without_a_shell(tmp_path: Path) -> None:
+    tiny_pair(tmp_path)
+    out = tmp_path / "sweep $(touch PWNED)"
+    script = "import sys, json; json.dump({'t': {'acc': 1.0}}, open(sys.argv[2], 'w'))"
+    command = f'{sys.executable} -c "{script}" "{{model}}" "{{json}}"'  # quoted placeholders, as users write them
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        consolidate.main([str(tmp_path / "old"), str(tmp_path / "new"), "--method", "modelmix", "--sweep", "0,1",
+                          "--out", str(out), "--eval-cmd", command])
+    finally:
+        os.chdir(cwd)
+    assert not (tmp_path / "PWNED").exists()
+    assert json.loads((out / "sweep.json").read_text())["points"][1]["results"] == {"t": 1.0}
+
+
+# ---------------------------------------------------------------- eval.py --json
+
+def test_eval_json_to_an_unwritable_path_fails_before_evaluating(tmp_path: Path, capsys) -> None:
+    (tmp_path / "file.txt").write_text("not a folder")
+    code = eval_cli.main([str(tmp_path / "no_model_here"), "--suite", "nl", "--json",
+                          str(tmp_path / "file.txt" / "scores.json")])
+    assert code == 2 and "scores.json" in capsys.readouterr().err  # the path, not the missing model
+    assert (tmp_path / "file.txt").read_text() == "not a folder"
+
+
+# ---------------------------------------------------------------- train.py out_dir
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("safety") / "world"
+    build_world(folder, seed=0, size="smoke", image_size=16, train_per_task=8, test_per_task=2)
+    return folder
+
+
+def text_stage(world: Path, out: Path, **train: object) -> StageConfig:
+    settings = dict(steps=1, global_batch_size=4, micro_batch_size=4, log_every=1, device="cpu")
+    return StageConfig(stage="pretrain-text", out_dir=str(out), llm="tiny", tokenizer=str(world / "tokenizer.json"),
+                       train_file=str(world / "text/train.txt"), max_len=64,
+                       train=TrainConfig(**{**settings, **train}))
+
+
+def test_a_model_no_run_left_is_never_replaced(world: Path, tmp_path: Path) -> None:
+    (tmp_path / "mine" / "model").mkdir(parents=True)
+    (tmp_path / "mine" / "model" / "config.json").write_text('{"precious": true}')
+    before = digest(tmp_path / "mine")
+    for resume in (False, True):
+        with pytest.raises(StageError, match="holds model/ from something other than a run of this stage"):
+            run_stage(text_stage(world, tmp_path / "mine", resume=resume))
+        assert digest(tmp_path / "mine") == before
+
+
+def test_a_finished_or_refused_run_is_left_as_it_is(world: Path, tmp_path: Path) -> None:
+    run_stage(text_stage(world, tmp_path / "run"))
+    before = digest(tmp_path / "run")
+    with pytest.raises(StageError, match=r"holds an earlier run \(model.*set train.resume=true"):
+        run_stage(text_stage(world, tmp_path / "run"))
+    with pytest.raises(StageError, match=r"other settings \(saved, now\): \{'train.lrs"):
+        run_stage(text_stage(world, tmp_path / "run", lrs={"": 5e-4}, resume=True))
+    assert digest(tmp_path / "run") == before  # stage_config.json included
+
+
+def test_an_input_inside_the_outputs_and_an_empty_out_dir_are_refused(world: Path, tmp_path: Path) -> None:
+    text = run_stage(text_stage(world, tmp_path / "text"))
+    before = digest(text)
+    finetune_into_init = StageConfig(stage="align", out_dir=str(text.parent), llm=str(text), vision="clip-tiny",
+                                     train_file=str(world / "align.json"), image_folder=str(world),
+                                     train=TrainConfig(steps=1, device="cpu", resume=True))
+    with pytest.raises(StageError, match=r"llm=.*lies inside .*where this stage writes its model"):
+        run_stage(finetune_into_init)
+    assert digest(text) == before
+    with pytest.raises(StageError, match="out_dir is empty"):
+        run_stage(text_stage(world, Path("")).__class__(**{**text_stage(world, tmp_path).__dict__, "out_dir": ""}))
+
+
+def test_continual_rerun_with_other_settings_is_refused(world: Path, tmp_path: Path) -> None:
+    text = run_stage(text_stage(world, tmp_path / "text"))
+    aligned = run_stage(StageConfig(stage="align", out_dir=str(tmp_path / "align"), llm=str(text),
+                                    vision="clip-tiny", tokenizer=str(world / "tokenizer.json"), max_len=160,
+                                    train_file=str(world / "align.json"), image_folder=str(world),
+                                    train=TrainConfig(steps=1, global_batch_size=4, micro_batch_size=4,
+                                                      device="cpu")))
+    task = TaskSpec(name="color", train=str(world / "tasks/color/train.json"),
+                    test=str(world / "tasks/color/test.json"), image_folder=str(world))
+
+    def continual(methods: list[str], resume: bool) -> StageConfig:
+        return StageConfig(stage="continual", out_dir=str(tmp_path / "cl"), init=str(aligned), tasks=[task],
+                           methods=methods, max_len=160, eval=EvalSpec(vl_limit=1, batch_size=2, max_new_tokens=1),
+                           train=TrainConfig(steps=1, global_batch_size=4, micro_batch_size=4, device="cpu",
+                                             resume=resume))
+
+    run_stage(continual(["naive"], resume=False))
+    before = digest(tmp_path / "cl")
+    with pytest.raises(StageError, match=r"other settings .*'methods': \(\['naive'\], \['lora'\]\)"):
+        run_stage(continual(["lora"], resume=True))
+    with pytest.raises(StageError, match="set train.resume=true"):
+        run_stage(continual(["naive"], resume=False))
+    assert digest(tmp_path / "cl") == before
+    run_stage(continual(["naive"], resume=True))  # the same settings continue (here: nothing left to do)
+
+
+def test_pretrain_text_takes_the_tokenizer_of_its_llm_folder_not_the_working_directory(world: Path,
+                                                                                       tmp_path: Path) -> None:
+    text = run_stage(text_stage(world, tmp_path / "text"))
+    (tmp_path / "tokenizer.json").write_text('{"decoy": true}')
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        again = run_stage(StageConfig(stage="pretrain-text", out_dir=str(tmp_path / "again"), llm=str(text),
+                                      train_file=str(world / "text/train.txt"), max_len=64,
+                                      train=TrainConfig(steps=1, global_batch_size=4, micro_batch_size=4,
+                                                        device="cpu")))
+    finally:
+        os.chdir(cwd)
+    assert (again / "tokenizer.json").read_bytes() == (text / "tokenizer.json").read_bytes()
+
+
+# ---------------------------------------------------------------- settings that would train wrongly
+
+@pytest.mark.parametrize("override, named", [
+    ("train.lrs={\"\":-1e-3}", "lrs"), ("train.min_lr_ratio=-0.5", "min_lr_ratio"),
+    ("train.warmup_ratio=-0.1", "warmup_ratio"), ("train.weight_decay=-0.1", "weight_decay"),
+    ("train.max_grad_norm=-1", "max_grad_norm"), ("train.max_grad_norm=NaN", "max_grad_norm"),
+    ("train.betas=[0.9]", "betas"), ("train.precision=fp8", "precision"), ("train.steps=-3", "steps"),
+    ("train.micro_batch_size=0", "micro_batch_size"), ("train.device=tpu7", "device"),
+])
+def test_settings_that_would_train_wrongly_are_refused(tmp_path: Path, capsys, override: str, named: str) -> None:
+    code = train.main(["finetune", f"out_dir={tmp_path / 'x'}", "init=nowhere", "train_file=nowhere.json", override])
+    assert code == 2 and named in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cuda_on_a_machine_without_it_is_a_config_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        resolve_device("cuda")
+
+
+def test_a_run_refused_for_bad_input_can_be_rerun_with_the_input_fixed(world: Path, tmp_path: Path) -> None:
+    broken = text_stage(world, tmp_path / "run")
+    broken.train_file = str(world / "no_such_corpus.txt")
+    with pytest.raises(DataError, match="no_such_corpus.txt"):
+        run_stage(broken)
+    assert (run_stage(text_stage(world, tmp_path / "run")) / "model.safetensors").is_file()
