@@ -11,6 +11,7 @@ import collections.abc
 import functools
 import json
 import os
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ def load_image(path: str | Path, image_size: int) -> torch.Tensor:
             return preprocess_image(image, image_size)
     except FileNotFoundError:
         raise DataError(f"image {path} does not exist", "missing_image") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"image {path} cannot be read ({e}): replace or remove the file", "unreadable_image") from None
 
 
@@ -168,11 +169,29 @@ def _image_path(image: str, image_folder: Path | None, fail: Any) -> Path:
     full = image_folder / image
     if not full.is_file():
         raise fail(f"image {full} does not exist", "missing_image")
-    try:
-        Image.open(full).close()  # parses the header only; decoding errors surface in load_image
-    except (UnidentifiedImageError, OSError) as e:
-        raise fail(f"image {full} cannot be read ({e})", "unreadable_image")
+    if image_folder.resolve() not in full.resolve().parents:  # a symlink inside the folder pointing out of it
+        raise fail(f"image {full} links to {full.resolve()}, outside the image folder {image_folder}",
+                   "image_outside_folder")
+    problem = undecodable(full)
+    if problem:
+        raise fail(f"image {full} cannot be read ({problem})", "unreadable_image")
     return full
+
+
+def undecodable(path: Path) -> str | None:
+    """Why the image at `path` cannot be decoded (truncated, corrupt, a decompression bomb), or None.
+
+    Decodes it once, as training will: JPEGs at a reduced size (`draft`), so the check stays cheap."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.draft("RGB", (64, 64))
+                image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 # ---------------------------------------------------------------- datasets

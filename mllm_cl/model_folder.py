@@ -26,6 +26,7 @@ from mllm_cl.errors import UserError
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
+STAGING_SUFFIX = ".tmp"  # a folder being written: `.NAME.<random>.tmp` beside it
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
@@ -54,7 +55,12 @@ def weight_files(folder: str | Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise ModelFolderError(f"{index} is not a valid safetensors index ({e})") from None
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+        names = sorted(set(weight_map.values()))
+        escaping = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
+        if escaping:
+            raise ModelFolderError(f"{index} names shard(s) {escaping} outside the folder: a shard must be a "
+                                   "file name in the folder itself")
+        files = [folder / name for name in names]
     elif (folder / SINGLE_FILE).is_file():
         files = [folder / SINGLE_FILE]
     else:
@@ -80,6 +86,9 @@ def read_tensors(folder: str | Path, device: str | torch.device = "cpu") -> dict
         for key, tensor in part.items():
             if key in tensors:
                 raise ModelFolderError(f"key {key!r} appears in both {origin[key]} and {path}")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ModelFolderError(f"{path}: tensor {key!r} holds NaN or inf values (a diverged run or a "
+                                       "damaged file); it is not loaded")
             tensors[key], origin[key] = tensor, path
     return tensors
 
@@ -135,22 +144,33 @@ def staged_folder(folder: str | Path) -> Iterator[Path]:
     """Build a folder in a staging folder beside `folder`; swap it in whole when the block ends without error.
 
     On an error the staging folder is removed and `folder` is left as it was. During the swap the previous
-    version sits at `.NAME.old` for an instant, so a reader that finds no `folder` can fall back to it.
+    version sits at `.NAME.old` for an instant, so a reader that finds no `folder` can fall back to it; a
+    `.NAME.old` left by a swap that was killed is kept until the new `folder` is in place, so at every
+    instant one complete version exists.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=STAGING_SUFFIX))
     os.chmod(staging, 0o755)  # mkdtemp creates 0700; a model folder is meant to be shared
     try:
         yield staging
         old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
         if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(folder, old)
         os.replace(staging, folder)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # already gone after a successful swap
+
+
+def remove_stale_staging(folder: str | Path) -> list[Path]:
+    """Delete the staging folders of `folder` that a killed write left behind; return them."""
+    folder = Path(folder)
+    stale = sorted(folder.parent.glob(f".{folder.name}.*{STAGING_SUFFIX}")) if folder.parent.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def write_model_folder(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any],

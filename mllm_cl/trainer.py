@@ -29,9 +29,11 @@ from mllm_cl.device import resolve_device
 from mllm_cl.errors import UserError
 from mllm_cl.llm import LanguageModel, compile_blocks, uncompile_blocks
 from mllm_cl.losses import LossResult
+from mllm_cl.model_folder import remove_stale_staging
 from mllm_cl.optim import build_optimizer, embedding_param_names, set_lr
 from mllm_cl.precision import MixedPrecision, resolve_dtype
-from mllm_cl.run_state import find_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint, set_rng_state
+from mllm_cl.run_state import (CHECKPOINT_DIR, find_checkpoint, load_checkpoint, load_optimizer_state,
+                               save_checkpoint, set_rng_state)
 from mllm_cl.seeding import seed_everything
 
 LOG_FILE = "log.jsonl"
@@ -75,6 +77,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Run the whole task; returns the last log record."""
         cfg = self.config
+        remove_stale_staging(self.out_dir / CHECKPOINT_DIR)  # a save that was killed before its swap
         existing = find_checkpoint(self.out_dir)
         if existing is not None and not cfg.resume:
             raise FileExistsError(f"{existing} holds a checkpoint of an earlier run: set resume=True to continue "
@@ -254,8 +257,8 @@ class Trainer:
         self.step, self.epoch, self.index, self.tokens = state["step"], state["epoch"], state["index"], state["tokens"]
         self.checkpoint_path = folder
         log = self.out_dir / LOG_FILE
-        kept = [line for line in (log.read_text().splitlines() if log.is_file() else [])
-                if line and json.loads(line)["step"] <= self.step]
+        records = [_record(line) for line in (log.read_text(errors="replace").splitlines() if log.is_file() else [])]
+        kept = [json.dumps(r) for r in records if r is not None and r.get("step", math.inf) <= self.step]
         log.write_text("".join(line + "\n" for line in kept))
         self.last_record = json.loads(kept[-1]) if kept else {}
         print(f"resumed from {folder} at step {self.step}/{self.total_steps} (epoch {self.epoch}, "
@@ -276,6 +279,15 @@ def train_on(model: nn.Module, dataset: Any, loss_fn: LossFn, config: TrainConfi
 
 
 # ---------------------------------------------------------------- helpers
+
+def _record(line: str) -> dict[str, Any] | None:
+    """A log line's record, or None for a line a kill cut short (or any other line that is not one)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The settings a resumed run must share with the saved one (logging, saving and device may change)."""

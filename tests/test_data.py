@@ -257,3 +257,38 @@ def test_inquiries_are_text_only_prompts(tmp_path: Path, tok: Tokenizer) -> None
     assert (batch["input_ids"][batch["attention_mask"] == 0] == tok.pad_id).all()
     with pytest.raises(DataError, match="no text-only entry"):
         TextOnlyInquiries(write(tmp_path / "i.json", GOOD[:1]), tok, "vicuna_v1")
+
+
+def _one_image_entry(tmp_path: Path, image: str) -> Path:
+    return write(tmp_path / "one.json", [GOOD[1], {"id": "x", "image": image,
+                                                   "conversations": [turn("human", "x"), turn("gpt", "y")]}])
+
+
+def test_a_truncated_image_is_caught_at_validation_and_skip_bad_covers_it(tmp_path: Path, tok: Tokenizer,
+                                                                          images: Path) -> None:
+    whole = (images / "wide.png").read_bytes()
+    (images / "cut.png").write_bytes(whole[: len(whole) // 2])  # the header parses; decoding fails
+    path = _one_image_entry(tmp_path, "cut.png")
+    with pytest.raises(DataError, match=r"entry 1 \(id 'x'\): image .*cut.png cannot be read") as error:
+        dataset(path, tok, images)
+    assert error.value.reason == "unreadable_image"
+    assert dataset(path, tok, images, skip_bad=True).summary()["unreadable_image"] == 1
+
+
+def test_a_decompression_bomb_is_a_counted_bad_entry(tmp_path: Path, tok: Tokenizer, images: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)  # wide.png's 60 pixels are a "bomb" past 2x this limit
+    path = _one_image_entry(tmp_path, "wide.png")
+    with pytest.raises(DataError, match="DecompressionBomb"):
+        dataset(path, tok, images)
+    ds = dataset(write(tmp_path / "two.json", [GOOD[1], json.loads(path.read_text())[1]]), tok, images, skip_bad=True)
+    assert len(ds) == 1 and ds.summary()["unreadable_image"] == 1
+
+
+def test_a_symlink_out_of_the_image_folder_is_not_followed(tmp_path: Path, tok: Tokenizer, images: Path) -> None:
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (4, 4)).save(outside)
+    (images / "link.png").symlink_to(outside)
+    with pytest.raises(DataError, match=r"link.png links to .*secret.png, outside the image folder") as error:
+        dataset(_one_image_entry(tmp_path, "link.png"), tok, images)
+    assert error.value.reason == "image_outside_folder"

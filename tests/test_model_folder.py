@@ -1,11 +1,12 @@
 import json
+import os
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from mllm_cl.model_folder import (ModelFolderError, atomic_save_tensors, read_config, read_tensors,
-                                  write_model_folder)
+                                  remove_stale_staging, write_model_folder)
 
 
 def test_write_then_read_round_trip_and_tokenizer_copy(tmp_path) -> None:
@@ -50,3 +51,59 @@ def test_clear_errors_for_missing_and_pickled_weights(tmp_path) -> None:
 def test_atomic_save_leaves_no_temporary_file(tmp_path) -> None:
     atomic_save_tensors(tmp_path / "t.safetensors", {"x": torch.ones(2)})
     assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_weights_holding_nan_or_inf_are_not_loaded(tmp_path, bad) -> None:
+    weight = torch.randn(3, 4)
+    weight[1, 2] = bad
+    save_file({"ok": torch.randn(2), "layer.weight": weight.to(torch.bfloat16)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelFolderError, match=r"model.safetensors: tensor 'layer.weight' holds NaN or inf"):
+        read_tensors(tmp_path)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/s.safetensors", ".."])
+def test_an_index_naming_a_shard_outside_the_folder_is_refused(tmp_path, shard) -> None:
+    folder = tmp_path / "m"
+    (folder / "sub").mkdir(parents=True)
+    save_file({"a": torch.ones(1)}, str(tmp_path / "outside.safetensors"))
+    save_file({"a": torch.ones(1)}, str(folder / "sub" / "s.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shard}}))
+    with pytest.raises(ModelFolderError, match="outside the folder"):
+        read_tensors(folder)
+
+
+def test_a_killed_swap_always_leaves_one_complete_version(tmp_path, monkeypatch) -> None:
+    folder = tmp_path / "checkpoint"
+    write_model_folder(folder, {"v": torch.ones(1)}, {"version": 1})
+    real_replace = os.replace
+
+    def killed_at(call: int):
+        calls = []
+
+        def replace(src, dst):
+            calls.append((src, dst))
+            if len(calls) == call:
+                raise KeyboardInterrupt  # SIGKILL stands in: nothing after this point runs
+            real_replace(src, dst)
+        return replace
+
+    monkeypatch.setattr(os, "replace", killed_at(2))  # version 1 moved aside, version 2 not yet in place
+    with pytest.raises(KeyboardInterrupt):
+        write_model_folder(folder, {"v": torch.ones(1) * 2}, {"version": 2})
+    old = tmp_path / ".checkpoint.old"
+    assert not folder.exists() and read_config(old) == {"version": 1}
+    monkeypatch.setattr(os, "replace", killed_at(1))  # the next write is killed before its swap: keep .old
+    with pytest.raises(KeyboardInterrupt):
+        write_model_folder(folder, {"v": torch.ones(1) * 3}, {"version": 3})
+    assert read_config(old) == {"version": 1}
+    monkeypatch.setattr(os, "replace", real_replace)
+    write_model_folder(folder, {"v": torch.ones(1) * 4}, {"version": 4})
+    assert read_config(folder) == {"version": 4} and not old.exists()
+
+
+def test_stale_staging_folders_are_removed(tmp_path) -> None:
+    (tmp_path / ".checkpoint.abc123.tmp").mkdir()
+    (tmp_path / ".model.abc123.tmp").mkdir()
+    assert [p.name for p in remove_stale_staging(tmp_path / "checkpoint")] == [".checkpoint.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.abc123.tmp"]

@@ -219,3 +219,16 @@ def test_no_supervised_tokens_or_no_batches_is_an_error(tmp_path: Path) -> None:
     trainer = Trainer(TinyModel(), loss_fn, lambda epoch: [], _config(), tmp_path / "b")
     with pytest.raises(ValueError, match="nothing to train on"):
         trainer.fit()
+
+
+def test_resume_survives_a_cut_log_line_and_removes_a_killed_save(tmp_path: Path) -> None:
+    full, _ = _train(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "cut", term=interrupt_at(5))
+    with open(tmp_path / "cut/log.jsonl", "a") as log:
+        log.write('{"step": 6, "loss": 0.1')  # a kill in the middle of a log write
+    (tmp_path / "cut/.checkpoint.k1ll3d.tmp").mkdir()  # a save killed before its swap
+    resumed, trainer = _train(tmp_path / "cut", model=TinyModel(seed=1), resume=True)
+    _assert_equal_weights(full, resumed)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut/log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6] and not (tmp_path / "cut/.checkpoint.k1ll3d.tmp").exists()
