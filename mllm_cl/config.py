@@ -36,6 +36,36 @@ class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the dataclass it targets."""
 
 
+def check_fields(config: Any, positive: tuple[str, ...] = (), positive_float: tuple[str, ...] = (),
+                 unit: tuple[str, ...] = (), token_ids: tuple[str, ...] = ()) -> None:
+    """ConfigError naming the first field that is not a positive int, a positive finite number, a number in
+    [0, 1] or a token id (an int >= 0, or None), as listed."""
+    name = type(config).__name__
+
+    def fail(field: str, wanted: str) -> ConfigError:
+        return ConfigError(f"{name}.{field} must be {wanted}, got {getattr(config, field)!r}")
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_number(value: Any) -> bool:
+        return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+    for field in positive:
+        if not (is_int(getattr(config, field)) and 0 < getattr(config, field) < 2 ** 31):
+            raise fail(field, "a positive integer (below 2^31)")
+    for field in positive_float:
+        if not (is_number(getattr(config, field)) and getattr(config, field) > 0):
+            raise fail(field, "a positive number")
+    for field in unit:
+        if not (is_number(getattr(config, field)) and 0 <= getattr(config, field) <= 1):
+            raise fail(field, "a number in [0, 1]")
+    for field in token_ids:
+        value = getattr(config, field)
+        if value is not None and not (is_int(value) and 0 <= value < 2 ** 31):
+            raise fail(field, "a token id (an integer >= 0) or null")
+
+
 @dataclass
 class LLMConfig:
     """A decoder-only transformer. `arch` picks the Hugging Face layout it is read from and written to."""
@@ -64,6 +94,9 @@ class LLMConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        check_fields(self, positive=("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "max_seq_len"),
+                     positive_float=("rope_theta", "norm_eps", "init_std"), unit=("rotary_pct", "dropout"),
+                     token_ids=("bos_token_id", "eos_token_id", "pad_token_id"))
         if self.arch not in ("gpt_neox", "llama"):
             raise ConfigError(f"LLMConfig.arch must be 'gpt_neox' or 'llama', got {self.arch!r}")
         if self.d_model % self.n_head:
@@ -100,6 +133,14 @@ class VisionConfig:
     select_feature: str = "patch"  # "patch" drops the class token, "cls_patch" keeps it
 
     def __post_init__(self) -> None:
+        check_fields(self, positive=("image_size", "patch_size", "num_channels", "d_model", "n_layer", "n_head",
+                                     "d_ff", "projection_dim"), positive_float=("norm_eps",))
+        n = self.n_layer
+        if not isinstance(self.select_layer, int) or not -(n + 1) <= self.select_layer <= n:
+            raise ConfigError(f"VisionConfig.select_layer={self.select_layer!r} is out of range for a tower with {n} "
+                              f"layers: use an index of its {n + 1} hidden states, from {-(n + 1)} to {n}")
+        if self.d_model % self.n_head:
+            raise ConfigError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
         if self.select_feature not in ("patch", "cls_patch"):

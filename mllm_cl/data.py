@@ -93,19 +93,22 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist", "missing_file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})", "invalid_json") from None
     if path.suffix == ".jsonl":
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 yield f"line {number}", json.loads(line)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:
                 yield f"line {number}", DataError(f"{path}: line {number} is not valid JSON ({e})", "invalid_json")
         return
     try:
         records = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise DataError(f"{path} is not valid JSON: {e} (a .jsonl file holds one JSON object per line)",
                         "invalid_json") from None
     if not isinstance(records, list):

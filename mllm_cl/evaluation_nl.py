@@ -100,22 +100,25 @@ def read_nl_documents(path: str | Path, limit: int | None = None) -> list[NLDoc]
         raise EvalDataError(f"NL benchmark file {path} does not exist")
     docs: list[NLDoc] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
-            if limit is not None and len(docs) >= limit:
-                break
-            if not text.strip():
-                continue
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise EvalDataError(f"{path}, line {line_no}: not valid JSON ({e})") from None
-            doc = _parse_doc(data, path, line_no)
-            _check(doc.id not in seen, path, line_no, f"id {doc.id!r} already used on line {seen.get(doc.id)}")
-            _check(not docs or type(doc) is type(docs[0]), path, line_no,
-                   "documents of different kinds in one file; keep one task (one kind) per file")
-            seen[doc.id] = line_no
-            docs.append(doc)
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise EvalDataError(f"NL benchmark file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    for line_no, text in enumerate(lines, start=1):
+        if limit is not None and len(docs) >= limit:
+            break
+        if not text.strip():
+            continue
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise EvalDataError(f"{path}, line {line_no}: not valid JSON ({e})") from None
+        doc = _parse_doc(data, path, line_no)
+        _check(doc.id not in seen, path, line_no, f"id {doc.id!r} already used on line {seen.get(doc.id)}")
+        _check(not docs or type(doc) is type(docs[0]), path, line_no,
+               "documents of different kinds in one file; keep one task (one kind) per file")
+        seen[doc.id] = line_no
+        docs.append(doc)
     if not docs:
         raise EvalDataError(f"NL benchmark file {path} holds no documents")
     return docs

@@ -39,9 +39,12 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelFolderError(f"{path} not found: a model folder needs config.json (Hugging Face layout)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ModelFolderError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ModelFolderError(f"{path} must hold a JSON object of settings, not a {type(config).__name__}")
+    return config
 
 
 def weight_files(folder: str | Path) -> list[Path]:

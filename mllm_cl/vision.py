@@ -115,9 +115,6 @@ class VisionTower(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         n = config.n_layer
-        if not -(n + 1) <= config.select_layer <= n:
-            raise ValueError(f"VisionConfig.select_layer={config.select_layer} is out of range for a tower with "
-                             f"{n} layers: use an index of its {n + 1} hidden states, from {-(n + 1)} to {n}")
         self.config = config
         self.embeddings = VisionEmbeddings(config)
         self.pre_layrnorm = nn.LayerNorm(config.d_model, eps=config.norm_eps)  # (sic) Hugging Face's spelling

@@ -6,14 +6,16 @@ other key may be, or `CheckpointMismatchError` names the keys and the file. Safe
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from mllm_cl.config import LLMConfig, VisionConfig
+from mllm_cl.config import ConfigError, LLMConfig, VisionConfig
 from mllm_cl.errors import UserError
 from mllm_cl.llm import LanguageModel
 from mllm_cl.model_folder import INDEX_FILE, SINGLE_FILE, read_config, read_tensors, write_model_folder
@@ -34,6 +36,17 @@ def _require(config: dict[str, Any], key: str, where: Path) -> Any:
         raise CheckpointMismatchError(f"{where}: config.json lacks {key!r}, which a {config.get('model_type')} "
                                       f"model needs")
     return config[key]
+
+
+@contextlib.contextmanager
+def _config_errors(where: Path) -> Iterator[None]:
+    """A config.json whose fields have the wrong type or value is a CheckpointMismatchError naming the file."""
+    try:
+        yield
+    except ConfigError as e:
+        raise CheckpointMismatchError(f"{where}: {e}") from None
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+        raise CheckpointMismatchError(f"{where}: a field has the wrong type or value ({type(e).__name__}: {e})") from None
 
 
 def _first_id(value: Any) -> int | None:
@@ -251,7 +264,8 @@ def load_llm(folder: str | Path, device: torch.device | str | None = None,
              dtype: torch.dtype | None = None) -> LanguageModel:
     """A `LanguageModel` from a Hugging Face GPT-NeoX or LLaMA folder (config.json + safetensors)."""
     folder = Path(folder)
-    config = llm_config_from_hf(read_config(folder), name=folder.name, where=folder / "config.json")
+    with _config_errors(folder / "config.json"):
+        config = llm_config_from_hf(read_config(folder), name=folder.name, where=folder / "config.json")
     tensors = _drop_ignored(read_tensors(folder, device or "cpu"))
     head_key = "embed_out.weight" if config.arch == "gpt_neox" else "lm_head.weight"
     if config.tie_embeddings and head_key in tensors:
@@ -331,7 +345,8 @@ def load_vision_tower(folder: str | Path, device: torch.device | str | None = No
     transformers 5 saves a CLIPVisionModel, the same keys without that prefix.
     """
     folder = Path(folder)
-    config = vision_config_from_hf(read_config(folder), name=folder.name, where=folder / "config.json")
+    with _config_errors(folder / "config.json"):
+        config = vision_config_from_hf(read_config(folder), name=folder.name, where=folder / "config.json")
     tensors = _drop_ignored(read_tensors(folder, device or "cpu"))
     if any(k.startswith(CLIP_OTHER_PREFIXES) for k in tensors):  # a full CLIPModel: keep its vision part
         tensors = {k: v for k, v in tensors.items() if not k.startswith(CLIP_OTHER_PREFIXES)}
