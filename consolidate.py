@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from mllm_cl.consolidation import ConsolidationMismatchError, check_alpha, modelmix
+from mllm_cl.errors import DEBUG_ENV, USER_ERRORS
 from mllm_cl.llava import MODEL_TYPE as LLAVA_TYPE
 from mllm_cl.llava import PROJECTOR_FILE
 from mllm_cl.model_folder import (CONFIG_FILE, ModelFolderError, atomic_save_tensors, atomic_write_text, read_config,
@@ -203,10 +205,12 @@ def main(argv: list[str] | None = None) -> None:
                 results.append({"alpha": alpha, "folder": name, "results": scores})
                 summary = {"method": args.method, "old": str(args.old), "new": str(args.new), "points": results}
                 atomic_write_text(args.out / "sweep.json", json.dumps(summary, indent=2) + "\n")  # kept per point
-    except ModelFolderError as e:
-        raise SystemExit(f"error: {e}") from None
     except ConsolidationMismatchError as e:
         raise SystemExit(f"error: {args.old} and {args.new}: {e}") from None
+    except USER_ERRORS as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        raise SystemExit(f"error: {e}") from None
     if args.eval_cmd:
         log(format_table(results))
         log(f"wrote {args.out / 'sweep.json'}")

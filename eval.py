@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mllm_cl.device import resolve_device
-from mllm_cl.errors import USER_ERRORS
+from mllm_cl.errors import run_cli
 from mllm_cl.evaluation import (NL_DIRS, NL_PATTERN, VL_DIRS, VL_PATTERN, EvalDataError, TaskResult,
                                 evaluate_nl_suite, evaluate_vl_suite, find_tasks)
 from mllm_cl.llava import MODEL_TYPE, load_llava
@@ -109,20 +109,19 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def run() -> None:
         if args.report is not None:
             print(f"wrote {write_report(args.report, args.out or args.report[0])}")
-            return 0
+            return
         if args.json is not None:
             check_writable(args.json)  # before the evaluation, not after it
         metrics = evaluate(args)
         if args.json is not None:
             atomic_write_text(args.json, json.dumps(metrics, indent=2) + "\n")
             print(f"wrote {args.json}")
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli("eval.py", run)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from mllm_cl.config import STAGES, ExperimentConfig, StageConfig, apply_overrides, load_json
-from mllm_cl.errors import USER_ERRORS
+from mllm_cl.errors import run_cli
 from mllm_cl.experiment import run_experiment
 from mllm_cl.stages import run_stage
 
@@ -26,19 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="JSON file with the stage's or experiment's settings")
     parser.add_argument("overrides", nargs="*", help="key=value settings applied after the config file")
     args = parser.parse_intermixed_args(argv)
-    try:
+
+    def run() -> None:
         if args.stage == "experiment":
             config = load_json(ExperimentConfig, args.config) if args.config else ExperimentConfig()
             run_experiment(apply_overrides(config, args.overrides))
         else:
             config = load_json(StageConfig, args.config) if args.config else StageConfig()
             config = apply_overrides(config, [f"stage={args.stage}", *args.overrides])
-            folder = run_stage(config)
-            print(f"{args.stage}: wrote {folder}")
-    except USER_ERRORS as e:
-        print(f"train.py {args.stage}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+            print(f"{args.stage}: wrote {run_stage(config)}")
+
+    return run_cli(f"train.py {args.stage}", run)
 
 
 if __name__ == "__main__":

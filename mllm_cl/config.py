@@ -42,8 +42,8 @@ def check_fields(config: Any, positive: tuple[str, ...] = (), positive_float: tu
     [0, 1] or a token id (an int >= 0, or None), as listed."""
     name = type(config).__name__
 
-    def fail(field: str, wanted: str) -> ConfigError:
-        return ConfigError(f"{name}.{field} must be {wanted}, got {getattr(config, field)!r}")
+    def fail(key: str, wanted: str) -> ConfigError:
+        return ConfigError(f"{name}.{key} must be {wanted}, got {getattr(config, key)!r}")
 
     def is_int(value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
@@ -51,19 +51,19 @@ def check_fields(config: Any, positive: tuple[str, ...] = (), positive_float: tu
     def is_number(value: Any) -> bool:
         return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
-    for field in positive:
-        if not (is_int(getattr(config, field)) and 0 < getattr(config, field) < 2 ** 31):
-            raise fail(field, "a positive integer (below 2^31)")
-    for field in positive_float:
-        if not (is_number(getattr(config, field)) and getattr(config, field) > 0):
-            raise fail(field, "a positive number")
-    for field in unit:
-        if not (is_number(getattr(config, field)) and 0 <= getattr(config, field) <= 1):
-            raise fail(field, "a number in [0, 1]")
-    for field in token_ids:
-        value = getattr(config, field)
+    for key in positive:
+        if not (is_int(getattr(config, key)) and 0 < getattr(config, key) < 2 ** 31):
+            raise fail(key, "a positive integer (below 2^31)")
+    for key in positive_float:
+        if not (is_number(getattr(config, key)) and getattr(config, key) > 0):
+            raise fail(key, "a positive number")
+    for key in unit:
+        if not (is_number(getattr(config, key)) and 0 <= getattr(config, key) <= 1):
+            raise fail(key, "a number in [0, 1]")
+    for key in token_ids:
+        value = getattr(config, key)
         if value is not None and not (is_int(value) and 0 <= value < 2 ** 31):
-            raise fail(field, "a token id (an integer >= 0) or null")
+            raise fail(key, "a token id (an integer >= 0) or null")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import torch
 
 from mllm_cl.config import StageConfig, StageError, require, to_dict
-from mllm_cl.data import TextOnlyInquiries, batches, multimodal_dataset
+from mllm_cl.data import TextOnlyInquiries, batches, check_fits, multimodal_dataset
 from mllm_cl.device import resolve_device
 from mllm_cl.evaluation import evaluate_nl_suite
 from mllm_cl.evaluation_vl import evaluate_vl_examples, read_vl_test_set
@@ -71,6 +71,7 @@ def run_continual(cfg: StageConfig) -> Path:
     device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(Path(cfg.init) / "llm")
     model = load_llava(cfg.init, device=device)
+    check_fits(cfg.max_len, tokenizer, model.llm.config, f"init={cfg.init}")
     methods = build_methods(cfg.methods, cfg.method_options)
     vision_config = model.vision.config
     datasets = {t.name: multimodal_dataset(cfg, t.train, t.image_folder, tokenizer, cfg.template, vision_config)

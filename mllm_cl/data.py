@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mllm_cl.config import IGNORE_INDEX, StageConfig, VisionConfig
+from mllm_cl.config import IGNORE_INDEX, LLMConfig, StageConfig, VisionConfig
 from mllm_cl.conversation import (ASSISTANT, IMAGE_TOKEN, USER, ConversationError, Template, render_conversation,
                                   render_inquiry, render_prompt)
 from mllm_cl.errors import UserError
@@ -208,8 +208,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __init__(self, path: str | Path, tokenizer: Tokenizer, template: str | Template, *,
                  image_folder: str | Path | None = None, image_size: int = 224, num_image_tokens: int = 0,
-                 max_len: int = 2048, skip_bad: bool = False, max_unsupervised_share: float = 0.05,
-                 verbose: bool = True):
+                 max_len: int = 2048, skip_bad: bool = False, max_unsupervised_share: float = 0.05):
         self.path, self.image_size, self.pad_id = Path(path), image_size, tokenizer.pad_id
         folder = Path(image_folder) if image_folder is not None else None
         self.counts: Counter[str] = Counter()
@@ -242,8 +241,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             raise DataError(f"{self.path}: {self.counts['no_supervision']} of {valid} samples have no supervised "
                             f"token after rendering with max_len={max_len} (limit {max_unsupervised_share:.0%}): "
                             f"raise max_len or check the answers", "no_supervision")
-        if verbose:
-            print(self.summary_line())
+        print(self.summary_line())
 
     def summary(self) -> dict[str, int]:
         """Counts by reason: "kept", "truncated", "no_supervision" and each reason a bad entry was skipped for."""
@@ -278,7 +276,11 @@ class TextCorpus(torch.utils.data.Dataset):
         path = Path(path)
         if not path.is_file():
             raise DataError(f"text corpus {path} does not exist", "missing_file")
-        documents = [d.strip("\n") for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"text corpus {path} is not UTF-8 text (byte {e.start}: {e.reason})", "invalid_text") from None
+        documents = [d.strip("\n") for d in text.split("\n\n") if d.strip()]
         stream: list[int] = []
         for document in documents:
             stream += tokenizer.encode(document) + [tokenizer.eos_id]
@@ -409,3 +411,13 @@ def multimodal_dataset(cfg: StageConfig, path: str, image_folder: str, tokenizer
                                image_size=vision_config.image_size,
                                num_image_tokens=vision_config.num_image_tokens, max_len=cfg.max_len,
                                skip_bad=cfg.skip_bad)
+
+
+def check_fits(max_len: int, tokenizer: Tokenizer, llm_config: LLMConfig, where: str) -> None:
+    """A DataError unless samples of `max_len` tokens and every id of `tokenizer` fit the LLM (`where` names it)."""
+    if max_len > llm_config.max_seq_len:
+        raise DataError(f"max_len={max_len} is longer than {where}'s max_seq_len={llm_config.max_seq_len}: "
+                        f"set max_len <= {llm_config.max_seq_len}", "too_long")
+    if tokenizer.max_id >= llm_config.vocab_size:
+        raise DataError(f"the tokenizer has ids up to {tokenizer.max_id} but {where} has only {llm_config.vocab_size} "
+                        "embeddings: use the tokenizer the LLM was trained with", "vocab")

@@ -1,13 +1,35 @@
-"""The one base class of the errors that mean "your input or settings are wrong" (as opposed to a bug).
+"""The one base class of the errors that mean "your input or settings are wrong" (as opposed to a bug), and
+the one path by which the command-line scripts report them.
 
 Every such error in the package derives from `UserError` (and from the built-in it used to be, ValueError or
-RuntimeError, so `except ValueError` still catches it). The command-line scripts catch `USER_ERRORS` and print
-the message, which names the file, key or line and the fix, instead of a traceback.
+RuntimeError, so `except ValueError` still catches it). `run_cli` prints the message, which names the file,
+key or value and the fix, and exits with 2, without a traceback; MLLM_CL_DEBUG=1 shows the traceback too.
 """
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+DEBUG_ENV = "MLLM_CL_DEBUG"
 
 
 class UserError(Exception):
     """Bad input or settings: the message says what is wrong, where, and what to do."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileExistsError, FileNotFoundError)
+# OSError: a path that cannot be read or written (missing, a file where a folder should be, no permission, a
+# full disk); its message names the path.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, OSError)
+
+
+def run_cli(prog: str, main: Callable[[], int | None]) -> int:
+    """Run a script's `main`; a user error becomes one `PROG: error: ...` message on stderr and exit code 2."""
+    try:
+        return main() or 0
+    except USER_ERRORS as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2

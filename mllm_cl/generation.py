@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from mllm_cl.errors import UserError
 from mllm_cl.llm import KVCache, LanguageModel
 
 STOP_CHECK_EVERY = 8  # decode steps between checks that every row has stopped (each check syncs with the GPU)
@@ -49,6 +50,10 @@ def _to_left_padding(mask: torch.Tensor, *tensors: torch.Tensor | None) -> tuple
     return (mask.gather(1, order), *moved)
 
 
+class GenerationLengthError(UserError, ValueError):
+    """Prompt plus answer would not fit the model's context."""
+
+
 @torch.no_grad()
 def generate(model: LanguageModel, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
              *, inputs_embeds: torch.Tensor | None = None, max_new_tokens: int, temperature: float = 0.0,
@@ -67,6 +72,10 @@ def generate(model: LanguageModel, input_ids: torch.Tensor | None = None, attent
                          f"{temperature}, {top_p}")
     prompt = input_ids if input_ids is not None else inputs_embeds
     B, T = prompt.shape[:2]
+    if T + max_new_tokens > model.config.max_seq_len:
+        raise GenerationLengthError(f"a prompt of {T} tokens plus max_new_tokens={max_new_tokens} is longer than the "
+                                    f"model's max_seq_len={model.config.max_seq_len}: shorten the prompts or "
+                                    "lower max_new_tokens")
     device = prompt.device
     if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, T)}")

@@ -24,7 +24,8 @@ from mllm_cl.clip_text import CLIPContrastive, TextTowerConfig, clip_config_hf, 
 from mllm_cl.config import (LLM_PRESETS, STAGES, VISION_PRESETS, StageConfig, StageError, llm_preset, require,
                             to_dict, vision_preset)
 from mllm_cl.continual import run_continual
-from mllm_cl.data import DataError, TextCorpus, load_image, multimodal_dataset, read_records, validate_entry
+from mllm_cl.data import (DataError, TextCorpus, check_fits, load_image, multimodal_dataset, read_records,
+                          validate_entry)
 from mllm_cl.device import resolve_device
 from mllm_cl.llava import LlavaModel, load_llava, save_llava
 from mllm_cl.llm import LanguageModel
@@ -44,7 +45,7 @@ def run_stage(cfg: StageConfig) -> Path:
     if cfg.stage not in STAGES:
         raise StageError(f"stage must be one of {', '.join(STAGES)}; got {cfg.stage!r}")
     resolve_device(cfg.train.device)  # an unknown or missing device fails here, before anything is written
-    out = claim_out_dir(cfg)
+    claim_out_dir(cfg)
     seed_everything(derive_seed(cfg.train.seed, "init", cfg.stage))  # the stage's fresh weights, if any
     runner = {"pretrain-text": pretrain_text, "pretrain-vision": pretrain_vision, "align": align,
               "finetune": finetune, "continual": run_continual}[cfg.stage]
@@ -93,8 +94,9 @@ def claim_out_dir(cfg: StageConfig) -> Path:
     if earlier and not cfg.train.resume:
         raise StageError(f"{out} holds an earlier run ({', '.join(p.name for p in earlier)}): set train.resume=true "
                          "to continue it, or choose another out_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(settings, json.dumps(to_dict(cfg), indent=2) + "\n")
+    if not earlier:  # a resumed run keeps the record of the run it continues
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(settings, json.dumps(to_dict(cfg), indent=2) + "\n")
     return out
 
 
@@ -156,6 +158,7 @@ def pretrain_text(cfg: StageConfig) -> Path:
     require(cfg, "train_file")
     tokenizer = stage_tokenizer(cfg)
     model = build_llm(cfg.llm, tokenizer)
+    check_fits(cfg.max_len, tokenizer, model.config, f"llm={cfg.llm}")
     corpus = TextCorpus(cfg.train_file, tokenizer, block_len=cfg.max_len)
     print(f"pretrain-text: {corpus.num_documents} documents -> {len(corpus)} blocks of {cfg.max_len} tokens; "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
@@ -225,6 +228,7 @@ def align(cfg: StageConfig) -> Path:
     require(cfg, "train_file")
     tokenizer = stage_tokenizer(cfg)
     llm = build_llm(cfg.llm, tokenizer)
+    check_fits(cfg.max_len, tokenizer, llm.config, f"llm={cfg.llm}")
     vision = build_vision(cfg.vision)
     model = LlavaModel(vision, build_projector(cfg.projector, vision.config.d_model, llm.config.d_model), llm)
     model.llm.requires_grad_(False)
@@ -238,6 +242,7 @@ def finetune(cfg: StageConfig) -> Path:
     require(cfg, "init", "train_file")
     model = load_llava(cfg.init)
     tokenizer = load_tokenizer(Path(cfg.init) / "llm")
+    check_fits(cfg.max_len, tokenizer, model.llm.config, f"init={cfg.init}")
     data = multimodal_dataset(cfg, cfg.train_file, cfg.image_folder, tokenizer, cfg.template, model.vision.config)
     out = Path(cfg.out_dir)
     train_on(model, data, forward_loss, cfg.train, out)

@@ -39,6 +39,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def max_id(self) -> int:
+        """The largest token id the tokenizer can produce (ids need not be dense)."""
+        return max(self.backend.get_vocab(with_added_tokens=True).values())
+
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 

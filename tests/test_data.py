@@ -111,8 +111,8 @@ def test_dataset_renders_loads_and_inserts_the_placeholder(tmp_path: Path, tok: 
 
 
 def test_jsonl_reads_the_same(tmp_path: Path, tok: Tokenizer, images: Path) -> None:
-    a = dataset(write(tmp_path / "d.json", GOOD), tok, images, verbose=False)
-    b = dataset(write(tmp_path / "d.jsonl", GOOD), tok, images, verbose=False)
+    a = dataset(write(tmp_path / "d.json", GOOD), tok, images)
+    b = dataset(write(tmp_path / "d.jsonl", GOOD), tok, images)
     assert all(torch.equal(a[i]["input_ids"], b[i]["input_ids"]) for i in range(3))
 
 
@@ -173,9 +173,9 @@ def test_no_supervision_is_counted_and_bounded(tmp_path: Path, tok: Tokenizer, i
     path = write(tmp_path / "d.json", GOOD * 10 + [long_question])
     with pytest.raises(DataError, match=r"1 of 31 samples have no supervised token .*max_len=300 \(limit 1%\)"):
         dataset(path, tok, images, max_len=300, max_unsupervised_share=0.01)
-    ds = dataset(path, tok, images, max_len=300, verbose=False)  # 1/31 is under the default 5%
+    ds = dataset(path, tok, images, max_len=300)  # 1/31 is under the default 5%
     assert ds.summary() == {"kept": 30, "truncated": 0, "no_supervision": 1}
-    ds = dataset(path, tok, images, max_len=200, verbose=False)  # the system prompt alone is ~190 tokens
+    ds = dataset(path, tok, images, max_len=200)  # the system prompt alone is ~190 tokens
     assert ds.summary()["truncated"] > 0 and all(len(ds[i]["input_ids"]) <= 200 for i in range(len(ds)))
 
 

@@ -108,7 +108,7 @@ def test_mutated_llava_json(tmp_path: Path, tokenizer) -> None:
     def use() -> None:
         for skip_bad in (False, True):
             data = ConversationDataset(path, tokenizer, "vicuna_v1", image_folder=tmp_path, image_size=8,
-                                       num_image_tokens=4, max_len=64, skip_bad=skip_bad, verbose=False)
+                                       num_image_tokens=4, max_len=64, skip_bad=skip_bad)
             for i in range(len(data)):
                 data[i]
 

@@ -199,3 +199,56 @@ def test_a_run_refused_for_bad_input_can_be_rerun_with_the_input_fixed(world: Pa
     with pytest.raises(DataError, match="no_such_corpus.txt"):
         run_stage(broken)
     assert (run_stage(text_stage(world, tmp_path / "run")) / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- inputs that used to crash deep inside
+
+def test_max_len_beyond_the_llm_and_a_tokenizer_beyond_its_vocabulary(world: Path, tmp_path: Path, capsys) -> None:
+    common = ["pretrain-text", "llm=tiny", f"tokenizer={world / 'tokenizer.json'}",
+              f"train_file={world / 'text/train.txt'}", "train.steps=1", "train.device=cpu"]
+    assert train.main([*common, f"out_dir={tmp_path / 'a'}", "max_len=100000"]) == 2
+    assert "max_len=100000 is longer than llm=tiny's max_seq_len=512" in capsys.readouterr().err
+    text = run_stage(text_stage(world, tmp_path / "text"))
+    big = tmp_path / "big_tokenizer.json"
+    spec = json.loads((world / "tokenizer.json").read_text())
+    spec["model"]["vocab"].update({f"extra{i}": 5000 + i for i in range(3)})  # ids past the LLM's embeddings
+    big.write_text(json.dumps(spec))
+    assert train.main(["pretrain-text", f"llm={text}", f"tokenizer={big}", f"train_file={world / 'text/train.txt'}",
+                       f"out_dir={tmp_path / 'b'}", "train.steps=1", "train.device=cpu", "max_len=64"]) == 2
+    assert "embeddings: use the tokenizer the LLM was trained with" in capsys.readouterr().err
+
+
+def test_a_prompt_longer_than_the_context_is_a_message() -> None:
+    from mllm_cl.config import LLMConfig
+    from mllm_cl.generation import GenerationLengthError, generate
+    from mllm_cl.llm import LanguageModel
+
+    model = LanguageModel(LLMConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, d_model=8, d_ff=16,
+                                    max_seq_len=16))
+    with pytest.raises(GenerationLengthError, match="12 tokens plus max_new_tokens=8 is longer than the model's "
+                                                    "max_seq_len=16"):
+        generate(model, torch.zeros(1, 12, dtype=torch.long), max_new_tokens=8)
+
+
+def test_unreadable_places_and_a_corrupt_checkpoint_are_messages(world: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "a_file").write_text("x")
+    assert train.main(["pretrain-text", f"out_dir={tmp_path / 'a_file' / 'run'}", "llm=tiny",
+                       f"tokenizer={world / 'tokenizer.json'}", f"train_file={world / 'text/train.txt'}",
+                       "train.device=cpu"]) == 2
+    assert "a_file" in capsys.readouterr().err
+    cfg = text_stage(world, tmp_path / "run", steps=2, save_every=1)
+    run_stage(cfg)
+    (tmp_path / "run" / "checkpoint" / "weights.safetensors").write_bytes(b"\x00garbage")
+    before = digest(tmp_path / "run")
+    code = train.main(["pretrain-text", f"out_dir={tmp_path / 'run'}", "llm=tiny", f"tokenizer={cfg.tokenizer}",
+                       f"train_file={cfg.train_file}", "max_len=64", "train.steps=2", "train.global_batch_size=4",
+                       "train.micro_batch_size=4", "train.log_every=1", "train.save_every=1", "train.device=cpu",
+                       "train.resume=true"])
+    assert code == 2 and "weights.safetensors" in capsys.readouterr().err
+    assert digest(tmp_path / "run") == before
+
+
+def test_debug_variable_shows_the_traceback(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MLLM_CL_DEBUG", "1")
+    with pytest.raises(StageError, match="needs init"):
+        train.main(["finetune", f"out_dir={tmp_path / 'x'}", "train_file=x.json"])
