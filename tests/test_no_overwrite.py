@@ -252,3 +252,47 @@ def test_debug_variable_shows_the_traceback(tmp_path: Path, monkeypatch) -> None
     monkeypatch.setenv("MLLM_CL_DEBUG", "1")
     with pytest.raises(StageError, match="needs init"):
         train.main(["finetune", f"out_dir={tmp_path / 'x'}", "train_file=x.json"])
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"hidden_size": "128"}, r"d_model must be a positive integer \(below 2\^31\), got '128'"),
+    ({"num_attention_heads": 0}, r"n_head must be a positive integer \(below 2\^31\), got 0"),
+    ({"rope_parameters": "yes"}, "config.json: a field has the wrong type or value"),
+    ("a list", "must hold a JSON object of settings, not a list"),
+])
+def test_wrongly_typed_config_json_fields_name_the_file(tmp_path: Path, change, named: str) -> None:
+    from mllm_cl.config import LLMConfig
+    from mllm_cl.llm import LanguageModel
+    from mllm_cl.model_folder import ModelFolderError
+    from mllm_cl.weights import CheckpointMismatchError, load_llm, save_llm
+
+    folder = save_llm(LanguageModel(LLMConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, d_model=8, d_ff=16)),
+                      tmp_path / "llm")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(["x"] if change == "a list" else {**config, **change}))
+    with pytest.raises((CheckpointMismatchError, ModelFolderError), match=named) as error:
+        load_llm(folder)
+    assert "config.json" in str(error.value)
+
+
+def test_select_layer_outside_the_tower_is_named() -> None:
+    from mllm_cl.config import vision_preset
+
+    with pytest.raises(ConfigError, match="select_layer=99 is out of range for a tower with 4 layers"):
+        vision_preset("clip-tiny", select_layer=99)
+
+
+def test_eval_refuses_max_new_tokens_below_one(capsys) -> None:
+    with pytest.raises(SystemExit):
+        eval_cli.main(["somewhere", "--suite", "vl", "--max-new-tokens", "0"])
+    assert "--max-new-tokens must be at least 1" in capsys.readouterr().err
+
+
+def test_resuming_with_another_train_file_is_refused(world: Path, tmp_path: Path) -> None:
+    run_stage(text_stage(world, tmp_path / "run"))
+    other = tmp_path / "other.txt"
+    other.write_text((world / "text/train.txt").read_text()[::-1])
+    changed = text_stage(world, tmp_path / "run", resume=True)
+    changed.train_file = str(other)
+    with pytest.raises(StageError, match=r"other settings .*'train_file'"):
+        run_stage(changed)
