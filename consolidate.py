@@ -1,6 +1,6 @@
 """Consolidate a model trained on a new task into the model it started from (ModelMix or SAC, LLaVA-c 4.1).
 
-    python consolidate.py OLD NEW --method sac --alpha 0.2 --out DIR
+    python consolidate.py OLD NEW --method sac --alpha 0.2 [--rule nuclear|top] --out DIR
     python consolidate.py OLD NEW --method sac --sweep 0:1:0.1 --out DIR \\
         --eval-cmd "python eval.py {model} --suite nl --json {json}"
 
@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from mllm_cl.consolidation import ConsolidationMismatchError, check_alpha, modelmix
+from mllm_cl.consolidation import RULES, ConsolidationMismatchError, check_alpha, modelmix
 from mllm_cl.errors import DEBUG_ENV, USER_ERRORS
 from mllm_cl.llava import MODEL_TYPE as LLAVA_TYPE
 from mllm_cl.llava import PROJECTOR_FILE
@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("old", type=Path, help="the model before the task")
     parser.add_argument("new", type=Path, help="the model trained on the task, starting from OLD")
     parser.add_argument("--method", choices=("sac", "modelmix"), default="sac")
+    parser.add_argument("--rule", choices=RULES, default="nuclear",
+                        help="SAC's window rule (LLaVA-c eq 7): nuclear (the update's nuclear norm shrinks by "
+                             "alpha) or top (its largest direction shrinks by alpha)")
     points = parser.add_mutually_exclusive_group()
     points.add_argument("--alpha", type=float, default=0.2, help="weight of the new model (default 0.2)")
     points.add_argument("--sweep", help="alphas: 0,0.1,0.5 or start:stop:step; one folder each under --out")
@@ -196,14 +199,16 @@ def main(argv: list[str] | None = None) -> None:
         for alpha, name in zip(alphas, names):
             start = time.perf_counter()
             target = args.out / name if args.sweep else args.out
-            merged = sac_from_spectra(old, new, spectra, alpha) if spectra is not None else modelmix(old, new, alpha)
+            merged = (sac_from_spectra(old, new, spectra, alpha, args.rule) if spectra is not None
+                      else modelmix(old, new, alpha))
             write_model(target, merged, args.new)
             del merged
             log(f"{args.method} alpha={alpha:g} -> {target} ({time.perf_counter() - start:.1f} s)")
             if args.eval_cmd:
                 scores = run_eval(args.eval_cmd, target, args.out / f"{name}.json")
                 results.append({"alpha": alpha, "folder": name, "results": scores})
-                summary = {"method": args.method, "old": str(args.old), "new": str(args.new), "points": results}
+                summary = {"method": args.method, "rule": args.rule if args.method == "sac" else None,
+                           "old": str(args.old), "new": str(args.new), "points": results}
                 atomic_write_text(args.out / "sweep.json", json.dumps(summary, indent=2) + "\n")  # kept per point
     except ConsolidationMismatchError as e:
         raise SystemExit(f"error: {args.old} and {args.new}: {e}") from None

@@ -9,20 +9,23 @@ SAC, per weight matrix W (a higher-rank tensor is reshaped to (out, rest) first)
 
     Delta = W_new - W_old = U diag(s) V^T         s_1 >= ... >= s_r > 0, r = numerical rank of Delta
     m_k(s)_i = (1/k) * sum_{j=i}^{i+k-1} s_j      windowed mean, s_j = s_r for j > r  (eq 6)
-    k  = choose_window(s, alpha)                   the k in 1..r whose sum_i m_k(s)_i is closest to
-                                                   alpha * sum_i s_i  (eq 7)
-    c  = min(1, alpha * sum_i s_i / sum_i m_k(s)_i)
+    k  = choose_window(s, alpha, rule)             the k in 1..r whose matched quantity M_k is closest to
+                                                   alpha * T  (eq 7), under one of two rules:
+            nuclear (default):  M_k = sum_i m_k(s)_i,  T = sum_i s_i    (the nuclear norm shrinks by alpha)
+            top:                M_k = m_k(s)_1,        T = s_1          (the top direction shrinks by alpha,
+                                                                         as in ModelMix; smaller ones keep more)
+    c  = min(1, alpha * T / M_k)
     s' = c * m_k(s)
     W  = W_old + U diag(s') V^T
 
-The paper's equations 6-7 were lost in extraction; the windowed mean, the padding and the matching rule come
-from its text and are this project's reconstruction. The factor c is ours too: on a flat spectrum every
+The paper's equations 6-7 were lost in extraction; the windowed mean, the padding and both matching rules
+come from its text and are this project's reconstructions. The factor c is ours too: on a flat spectrum every
 window leaves s unchanged, so the windows alone cannot reach the alpha share; c then supplies it, and a
 flat spectrum comes out as alpha * s, exactly what ModelMix gives. Since s is non-increasing, each windowed
 mean is <= s_i and the means are non-increasing, and c <= 1, so s' is non-increasing with s'_i <= s_i;
 the largest values, at the top of the steepest drops, shrink most. When the closest window undershoots the
-share, c stays 1 rather than push any value above its original. `choose_window` is the one place that
-holds the matching rule, so it can be swapped. Non-matrix parameters (biases, norms) get ModelMix.
+share, c stays 1 rather than push any value above its original. `_rule_sums` is the one place that holds
+the matching rules. Non-matrix parameters (biases, norms) get ModelMix.
 
 `sac` here is the plain rule, one `torch.linalg.svd` per matrix; `mllm_cl.spectral` computes the same with
 batched, sketched SVDs, once for a whole alpha sweep (what the CL method and consolidate.py use).
@@ -129,25 +132,46 @@ def window_mean(s: Tensor, k: int) -> Tensor:
     return (prefix[end] - prefix[start] + padding * s[-1]) / k  # (r,)
 
 
-def choose_window(s: Tensor, alpha: float) -> int:
-    """The window k in 1..len(s) whose consolidated sum sum_i m_k(s)_i is closest to alpha * sum_i s_i.
-
-    The matching rule of LLaVA-c eq 7 as this project reconstructs it; ties go to the smallest k.
-    """
-    target = alpha * s.double().sum()
-    return int(torch.argmin((window_sums(s) - target).abs())) + 1
+def window_firsts(s: Tensor) -> Tensor:
+    """m_k(s)_1 = mean(s_1 .. s_k) for every k = 1..r: the first windowed mean of each window size."""
+    s = s.double()
+    return torch.cumsum(s, 0) / torch.arange(1, s.numel() + 1, dtype=torch.float64, device=s.device)
 
 
-def consolidate_spectrum(s: Tensor, alpha: float) -> Tensor:
-    """s' = c * m_k(s) with k = choose_window(s, alpha) and c = min(1, alpha * sum(s) / sum(m_k(s)))."""
+# The two readings of LLaVA-c eq 7 (lost in extraction). For each: which sum the window must match, and
+# that sum for every window k = 1..r; ties go to the smallest k.
+#   nuclear: sum_i m_k(s)_i  closest to  alpha * sum_i s_i   (the update's nuclear norm shrinks as ModelMix's)
+#   top:     m_k(s)_1        closest to  alpha * s_1         (the largest direction shrinks as ModelMix's;
+#                                                              smaller ones keep more)
+RULES = ("nuclear", "top")
+
+
+def _rule_sums(s: Tensor, rule: str) -> tuple[Tensor, Tensor]:
+    """(the target before alpha, the matched quantity for every window k) under `rule`."""
+    if rule == "nuclear":
+        return s.double().sum(), window_sums(s)
+    if rule == "top":
+        return s.double()[0], window_firsts(s)
+    raise ValueError(f"SAC rule must be one of {', '.join(RULES)}, got {rule!r}")
+
+
+def choose_window(s: Tensor, alpha: float, rule: str = "nuclear") -> int:
+    """The window k in 1..len(s) whose matched quantity is closest to alpha times the target (see RULES)."""
+    target, matched = _rule_sums(s, rule)
+    return int(torch.argmin((matched - alpha * target).abs())) + 1
+
+
+def consolidate_spectrum(s: Tensor, alpha: float, rule: str = "nuclear") -> Tensor:
+    """s' = c * m_k(s), k = choose_window(s, alpha, rule), c = min(1, alpha * target / matched_k): the matched
+    quantity lands on alpha times its target exactly unless the closest window undershoots it."""
     if s.numel() == 0:
         return s.clone()
-    total = s.double().sum()
-    if alpha == 0.0 or total == 0:
+    if alpha == 0.0 or s.double().sum() == 0:
         return torch.zeros_like(s)
-    mean = window_mean(s.double(), choose_window(s, alpha))
-    scale = torch.clamp(alpha * total / mean.sum(), max=1.0)
-    return (scale * mean).to(s.dtype)
+    k = choose_window(s, alpha, rule)
+    target, matched = _rule_sums(s, rule)
+    scale = torch.clamp(alpha * target / matched[k - 1], max=1.0)
+    return (scale * window_mean(s.double(), k)).to(s.dtype)
 
 
 def numerical_rank(s: Tensor) -> Tensor:
@@ -180,16 +204,16 @@ def consolidate_model(old: StateDict, new: StateDict, alpha: float,
             for key, tensor in old.items()}
 
 
-def sac_matrix(old: Tensor, new: Tensor, alpha: float) -> Tensor:
+def sac_matrix(old: Tensor, new: Tensor, alpha: float, rule: str = "nuclear") -> Tensor:
     """W_old + U diag(s') V^T for one weight, computed in float64 and returned in the weight's dtype."""
     base = matrix_view(old).double()  # (m, n)
     u, s, vh = torch.linalg.svd(matrix_view(new).double() - base, full_matrices=False)
     r = int(numerical_rank(s))
-    update = u[:, :r] @ torch.diag(consolidate_spectrum(s[:r], alpha)) @ vh[:r]  # (m, n)
+    update = u[:, :r] @ torch.diag(consolidate_spectrum(s[:r], alpha, rule)) @ vh[:r]  # (m, n)
     return (base + update).reshape(old.shape).to(old.dtype)
 
 
-def sac(old: StateDict, new: StateDict, alpha: float) -> dict[str, Tensor]:
+def sac(old: StateDict, new: StateDict, alpha: float, rule: str = "nuclear") -> dict[str, Tensor]:
     """Spectral-Aware Consolidation (LLaVA-c section 4.1) of `new` into `old` with mix ratio `alpha`."""
     check_state_dicts(old, new)
-    return consolidate_model(old, new, alpha, lambda key: sac_matrix(old[key], new[key], alpha))
+    return consolidate_model(old, new, alpha, lambda key: sac_matrix(old[key], new[key], alpha, rule))

@@ -140,28 +140,30 @@ def _rescale_update(delta: Tensor, spectrum: UpdateSpectrum, s_new: Tensor) -> T
     return ((delta @ basis) * ratio) @ basis.T if low_rank else delta @ ((basis * ratio) @ basis.T)
 
 
-def _consolidate_matrix(old: Tensor, new: Tensor, spectrum: UpdateSpectrum | None, alpha: float) -> Tensor:
+def _consolidate_matrix(old: Tensor, new: Tensor, spectrum: UpdateSpectrum | None, alpha: float,
+                        rule: str) -> Tensor:
     """W_old + U diag(s') V^T rebuilt where the spectrum lives; a matrix without a spectrum gets ModelMix."""
     if spectrum is None:
         return mix(old, new, alpha)
     device, dtype = spectrum.basis.device, spectrum.basis.dtype
     base = _on_device(old, device, dtype)  # (m, n)
     delta = _on_device(new, device, dtype) - base
-    update = _rescale_update(delta, spectrum, consolidate_spectrum(spectrum.s, alpha))
+    update = _rescale_update(delta, spectrum, consolidate_spectrum(spectrum.s, alpha, rule))
     return (base + update).reshape(old.shape).to(old.dtype).to(old.device)
 
 
 def sac_from_spectra(old: StateDict, new: StateDict, spectra: Mapping[str, UpdateSpectrum],
-                     alpha: float) -> dict[str, Tensor]:
+                     alpha: float, rule: str = "nuclear") -> dict[str, Tensor]:
     """The SAC model for one alpha from precomputed spectra; tensors without a spectrum get ModelMix."""
     return consolidate_model(old, new, alpha,
-                             lambda key: _consolidate_matrix(old[key], new[key], spectra.get(key), alpha))
+                             lambda key: _consolidate_matrix(old[key], new[key], spectra.get(key), alpha, rule))
 
 
-def sac(old: StateDict, new: StateDict, alpha: float, *, rank: int | None = None,
+def sac(old: StateDict, new: StateDict, alpha: float, rule: str = "nuclear", *, rank: int | None = None,
         device: str | torch.device | None = None) -> dict[str, Tensor]:
     """`mllm_cl.consolidation.sac` with the SVDs of `decompose_updates` (`rank`: its low-rank hint)."""
     check_state_dicts(old, new)
     spectra = functools.cache(lambda: _decompose(old, new, rank, device, None))  # not needed at alpha 0 or 1
     return consolidate_model(old, new, alpha,
-                             lambda key: _consolidate_matrix(old[key], new[key], spectra().get(key), alpha))
+                             lambda key: _consolidate_matrix(old[key], new[key], spectra().get(key), alpha,
+                                                             rule))

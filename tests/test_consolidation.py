@@ -150,3 +150,32 @@ def test_mismatches_raise_the_named_error(sac):
         sac(old, {**new, "layer.bias": torch.full_like(new["layer.bias"], float("nan"))}, 0.2)
     with pytest.raises(ValueError, match="alpha must lie in"):
         modelmix(old, new, 1.5)
+
+
+# Hand-computed spectra for both readings of eq 7 (see the module docstring). Steep s = (4, 2, 1, 1) at
+# alpha 0.5: the first windowed means m_k(s)_1 are 4, 3, 7/3, 2, so `top` picks k = 4 (2 = 0.5 * 4 exactly,
+# c = 1) and m_4(s) = (8/4, 5/4, 4/4, 4/4); the window sums are 8, 6.5, 17/3, 5.25, so `nuclear` picks k = 4
+# too, closest to 0.5 * 8 = 4, and scales it by c = 4 / 5.25.
+SPECTRA = [
+    ("steep", [4.0, 2.0, 1.0, 1.0], 0.5, {"top": [2.0, 1.25, 1.0, 1.0],
+                                          "nuclear": [2.0 * 4 / 5.25, 1.25 * 4 / 5.25, 4 / 5.25, 4 / 5.25]}),
+    ("flat", [1.0, 1.0, 1.0], 0.3, {"top": [0.3, 0.3, 0.3], "nuclear": [0.3, 0.3, 0.3]}),  # = ModelMix
+    ("rank-1", [5.0], 0.2, {"top": [1.0], "nuclear": [1.0]}),
+    ("steep, alpha 0", [4.0, 2.0, 1.0, 1.0], 0.0, {"top": [0.0] * 4, "nuclear": [0.0] * 4}),
+    ("steep, alpha 1", [4.0, 2.0, 1.0, 1.0], 1.0, {"top": [4.0, 2.0, 1.0, 1.0], "nuclear": [4.0, 2.0, 1.0, 1.0]}),
+]
+
+
+@pytest.mark.parametrize("rule", ["top", "nuclear"])
+@pytest.mark.parametrize("name, s, alpha, expected", SPECTRA, ids=[case[0] for case in SPECTRA])
+def test_both_window_rules_on_hand_computed_spectra(name, s, alpha, expected, rule) -> None:
+    got = consolidate_spectrum(torch.tensor(s, dtype=torch.float64), alpha, rule)
+    torch.testing.assert_close(got, torch.tensor(expected[rule], dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def test_top_rule_scales_the_largest_direction_as_modelmix_and_keeps_more_of_the_rest() -> None:
+    s = torch.tensor([10.0, 6.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    top, nuclear = consolidate_spectrum(s, 0.3, "top"), consolidate_spectrum(s, 0.3, "nuclear")
+    assert float(top[0]) <= 0.3 * 10 + 1e-12 and float(top.sum()) > float(nuclear.sum())
+    with pytest.raises(ValueError, match="SAC rule must be one of nuclear, top"):
+        consolidate_spectrum(s, 0.3, "middle")

@@ -54,10 +54,11 @@ def assert_same(fast: dict, plain: dict) -> None:
         torch.testing.assert_close(fast[key], plain[key], atol=1e-10, rtol=1e-10, msg=key)
 
 
+@pytest.mark.parametrize("rule", consolidation.RULES)
 @pytest.mark.parametrize("alpha", ALPHAS)
-def test_fast_sac_equals_the_plain_rule(alpha):
+def test_fast_sac_equals_the_plain_rule(alpha, rule):
     old, new = full_rank_pair()
-    assert_same(sac(old, new, alpha, device="cpu"), consolidation.sac(old, new, alpha))
+    assert_same(sac(old, new, alpha, rule, device="cpu"), consolidation.sac(old, new, alpha, rule))
 
 
 @pytest.mark.parametrize("rank", [4, 7])  # the updates' exact rank, and a looser hint

@@ -41,7 +41,15 @@ class ModelMixMethod(Method):
 
 
 class SACMethod(ModelMixMethod):
+    """`rule`: which reading of LLaVA-c eq 7 picks the window, "nuclear" or "top" (see mllm_cl.consolidation)."""
+
     name = "sac"
 
+    def __init__(self, alpha: float = 0.2, rule: str = "nuclear") -> None:
+        super().__init__(alpha)
+        if rule not in consolidation.RULES:
+            raise ValueError(f"sac.rule must be one of {', '.join(consolidation.RULES)}, got {rule!r}")
+        self.rule = rule
+
     def consolidate(self, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return spectral.sac(old, new, self.alpha)
+        return spectral.sac(old, new, self.alpha, self.rule)

@@ -123,3 +123,13 @@ def test_missing_start_state_and_bad_alpha_are_clear_errors() -> None:
         ModelMixMethod().after_task(context(tiny_llava()))
     with pytest.raises(ValueError, match=r"sac.alpha must be in \[0, 1\]"):
         build_methods(["sac"], {"sac": {"alpha": 1.5}})
+
+
+def test_sac_rule_is_a_method_option() -> None:
+    from mllm_cl.config import ConfigError
+    from mllm_cl.methods import build_methods
+
+    assert build_methods(["sac"], {"sac": {"alpha": 0.3, "rule": "top"}})[0].rule == "top"
+    assert build_methods(["sac"])[0].rule == "nuclear"
+    with pytest.raises(ConfigError, match="sac.rule must be one of nuclear, top"):
+        build_methods(["sac"], {"sac": {"rule": "middle"}})
