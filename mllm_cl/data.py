@@ -279,7 +279,8 @@ class TextCorpus(torch.utils.data.Dataset):
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"text corpus {path} is not UTF-8 text (byte {e.start}: {e.reason})", "invalid_text") from None
+            raise DataError(f"text corpus {path} is not UTF-8 text (byte {e.start}: {e.reason})",
+                            "invalid_text") from None
         documents = [d.strip("\n") for d in text.split("\n\n") if d.strip()]
         stream: list[int] = []
         for document in documents:

@@ -18,7 +18,9 @@ Multiplying the loss by S (say 2^16) shifts every gradient up by S; the coeffici
 `DynamicLossScaler` halves S after an overflow and doubles it after `growth_interval` clean steps. bf16 has
 fp32's exponent range and needs no scaling. In fp32 nothing is copied: the optimizer works on the params
 themselves; unscaled and unweighted, a step is clip_grad_norm_ then optimizer.step(), bit for bit. Frozen params
-(requires_grad=False) are cast to the compute dtype and get no master. Buffers (e.g. rotary tables) keep their dtype.
+(requires_grad=False) are cast to the compute dtype and get no master; `release()` after training gives
+every param back its full-precision value (the masters, the frozen originals). Buffers (e.g. rotary tables)
+keep their dtype.
 """
 
 from __future__ import annotations
@@ -134,10 +136,25 @@ class MixedPrecision:
         else:
             # masters from the params' current values, before they are rounded to the compute dtype
             self.masters = [nn.Parameter(p.detach().float().clone()) for _, p in self.params]
+        # frozen params are rounded to the compute dtype too; their originals wait on the CPU for `release`
+        self.frozen = [(p, p.detach().to("cpu", copy=True)) for p in model.parameters()
+                       if not p.requires_grad and p.is_floating_point() and p.dtype != dtype]
         with torch.no_grad():
             for p in model.parameters():
                 if p.is_floating_point() and p.dtype != dtype:
                     p.data = p.data.to(dtype)
+
+    def release(self) -> None:
+        """Hand the model back in full precision: trainable params take their fp32 masters' values (shared, not
+        copied), frozen ones their original values. What follows training (merging adapters, consolidation,
+        saving, the next task) then starts from exact weights, never from the rounded compute copy."""
+        with torch.no_grad():
+            if self.copies:
+                for (_, p), master in zip(self.params, self.masters):
+                    p.data = master.detach()
+            for p, original in self.frozen:
+                p.data = original.to(p.device)
+        self.frozen = []
 
     @property
     def copies(self) -> bool:

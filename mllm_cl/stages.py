@@ -7,9 +7,10 @@
     continual        a list of tasks one after another, CL methods plugged in     -> out/task_k/model, results.json
                      (in `mllm_cl.continual`)
 
-The settings are `mllm_cl.config.StageConfig`; `run_stage` seeds the stage's initialisation from
-(train.seed, stage) and dispatches. Every stage writes its model folder in the Hugging Face layout next to the trainer's `log.jsonl` and
-checkpoint, so an interrupted stage resumes with `resume=true`.
+The settings are `mllm_cl.config.StageConfig`. `run_stage` checks that `out_dir` may take the run (nothing
+the user owns is replaced), seeds the stage's initialisation from (train.seed, stage) and dispatches. Every
+stage writes its model folder in the Hugging Face layout next to the trainer's `log.jsonl` and checkpoint, so
+an interrupted stage resumes with `resume=true`.
 """
 
 from __future__ import annotations

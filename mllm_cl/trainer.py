@@ -103,6 +103,7 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             self._loop()
+            self.precision.release()  # the model leaves in full precision: fp32 masters, original frozen weights
         finally:
             disable_checkpointing(blocks)
             for llm in llms:

@@ -46,7 +46,8 @@ def _config_errors(where: Path) -> Iterator[None]:
     except ConfigError as e:
         raise CheckpointMismatchError(f"{where}: {e}") from None
     except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
-        raise CheckpointMismatchError(f"{where}: a field has the wrong type or value ({type(e).__name__}: {e})") from None
+        raise CheckpointMismatchError(f"{where}: a field has the wrong type or value "
+                                      f"({type(e).__name__}: {e})") from None
 
 
 def _first_id(value: Any) -> int | None:

@@ -31,7 +31,7 @@ class ModelMixMethod(Method):
             raise RuntimeError(f"{self.name}: the stage did not record the weights the task started from")
         state = ctx.model.state_dict()
         new = {k: state[k].detach() for k in ctx.start_state}
-        # the trainer may have cast the model to its compute dtype: consolidate in the dtype the weights now have
+        # the trainer hands the model back in full precision (its fp32 masters), so nothing here is rounded
         old = {k: v.to(new[k].device, new[k].dtype) for k, v in ctx.start_state.items()}
         merged = self.consolidate(old, new)
         with torch.no_grad():

@@ -6,10 +6,13 @@ import pytest
 import torch
 from tiny_llava import context, image_batch, logits, perturb_, tiny_llava
 
-from mllm_cl import spectral
+from mllm_cl import consolidation, spectral
+from mllm_cl.config import ConfigError, TrainConfig
+from mllm_cl.losses import forward_loss
 from mllm_cl.methods import build_methods
 from mllm_cl.methods.consolidation_methods import ModelMixMethod, SACMethod
 from mllm_cl.methods.lora_layers import LoRALinear, lora_parameters, merge_lora
+from mllm_cl.trainer import Trainer
 
 
 def _trained(seed: int = 0):
@@ -126,10 +129,36 @@ def test_missing_start_state_and_bad_alpha_are_clear_errors() -> None:
 
 
 def test_sac_rule_is_a_method_option() -> None:
-    from mllm_cl.config import ConfigError
-    from mllm_cl.methods import build_methods
-
     assert build_methods(["sac"], {"sac": {"alpha": 0.3, "rule": "top"}})[0].rule == "top"
     assert build_methods(["sac"])[0].rule == "nuclear"
     with pytest.raises(ConfigError, match="sac.rule must be one of nuclear, top"):
         build_methods(["sac"], {"sac": {"rule": "middle"}})
+
+
+@pytest.mark.parametrize("name", ["modelmix", "sac"])
+def test_consolidation_after_a_bf16_run_is_computed_from_fp32(tmp_path, name) -> None:
+    """Paper 2 at alpha 0.2 after a short bf16 run (updates ~1e-4 per weight): the trainer hands back the fp32
+    masters, so the result equals the consolidation computed in fp32 from the same start and end weights.
+    From the bf16 copy, theta_old + 0.2 * Delta would round back towards theta_old (rel. error ~1e-3)."""
+    model = tiny_llava()
+    model.vision.requires_grad_(False)
+    vision = {k: v.clone() for k, v in model.vision.state_dict().items()}
+    ctx = context(model)
+    ctx.take_start_state()
+    batch = image_batch()
+    config = TrainConfig(steps=3, global_batch_size=2, micro_batch_size=2, lrs={"": 1e-4}, warmup_ratio=0.0,
+                         max_grad_norm=0.0, precision="bf16", device="cpu")
+    trainer = Trainer(model, forward_loss, lambda epoch: [batch], config, tmp_path)
+    trainer.fit()
+    masters = {k: m.detach().clone() for k, m in trainer.precision.named_master_params()}
+    end = {k: masters.get(k, v) for k, v in ctx.start_state.items()}
+    update = max(float((end[k] - v).abs().mean()) for k, v in ctx.start_state.items())
+    assert 3e-5 < update < 1e-3  # about 1e-4 per weight
+    expected = (consolidation.modelmix if name == "modelmix" else consolidation.sac)(ctx.start_state, end, 0.2)
+    build_methods([name], {name: {"alpha": 0.2}})[0].after_task(ctx)
+    state = model.state_dict()
+    for key, value in expected.items():
+        assert state[key].dtype == torch.float32, key
+        error = float((state[key] - value).norm() / value.norm())
+        assert error <= 1e-6, (key, error)
+    assert all(torch.equal(model.vision.state_dict()[k], v) for k, v in vision.items())  # frozen: exact again
