@@ -72,8 +72,8 @@ def check_state_dicts(old: StateDict, new: StateDict) -> None:
                     problems.append(f"{key}: the {name} model holds NaN or inf values (a diverged training run?)")
     if problems:
         raise ConsolidationMismatchError(
-            "the old and new models cannot be consolidated (the new one must be trained from the old one):\n  "
-            + "\n  ".join(problems))
+            "the old and new models cannot be consolidated (the new one must be trained from the old one): "
+            + "; ".join(problems))
 
 
 def check_alpha(alpha: float) -> None:
