@@ -4,9 +4,11 @@
     python consolidate.py OLD NEW --method sac --sweep 0:1:0.1 --out DIR \\
         --eval-cmd "python eval.py {model} --suite nl --json {json}"
 
-OLD and NEW are Hugging Face-layout LLM folders, or LLaVA folders (config.json with "model_type":
-"mllm_cl_llava", llm/, vision/, projector.safetensors) whose LLM and projector are consolidated and whose
-frozen vision tower is copied from NEW. The output keeps NEW's config and tokenizer. A sweep writes
+OLD and NEW are Hugging Face-layout LLM folders, or LLaVA folders in any layout `eval.py` reads (ours:
+llm/, vision/, projector.safetensors; transformers' LlavaForConditionalGeneration; the original LLaVA
+repository's, with --vision naming its CLIP folder) whose LLM and projector are consolidated and whose frozen
+vision tower is NEW's. The output keeps NEW's config, tokenizer and layout (an original-LLaVA NEW comes out in
+the transformers layout). A sweep writes
 DIR/alpha_0.10/ ... and, with --eval-cmd, runs it on every point ({model}: the folder, {json}: where the
 command writes {"task": {"acc": ...}, ...}), prints an alpha x task table and writes DIR/sweep.json.
 The SVDs are computed once per sweep; each alpha only picks windows and rebuilds the weights.
@@ -32,10 +34,11 @@ from safetensors.torch import load_file
 from mllm_cl.consolidation import RULES, ConsolidationMismatchError, check_alpha, modelmix
 from mllm_cl.errors import DEBUG_ENV, USER_ERRORS
 from mllm_cl.llava import MODEL_TYPE as LLAVA_TYPE
-from mllm_cl.llava import PROJECTOR_FILE
+from mllm_cl.llava import PROJECTOR_FILE, is_llava_folder, load_llava, save_llava, tokenizer_folder
 from mllm_cl.model_folder import (CONFIG_FILE, ModelFolderError, atomic_save_tensors, atomic_write_text, read_config,
                                   read_tensors, staged_folder, write_model_folder)
 from mllm_cl.spectral import decompose_updates, sac_from_spectra
+from mllm_cl.weights import hf_state_dict_from_llm, llm_from_hf_tensors
 
 
 def log(message: str) -> None:
@@ -69,14 +72,19 @@ def point_name(alpha: float) -> str:
     return f"alpha_{alpha:.2f}" if abs(alpha * 100 - round(alpha * 100)) < 1e-9 else f"alpha_{alpha:.6g}"
 
 
-def is_llava(folder: Path) -> bool:
+def is_ours(folder: Path) -> bool:
     return read_config(folder).get("model_type") == LLAVA_TYPE
 
 
-def read_model(folder: Path) -> dict[str, torch.Tensor]:
-    """Every consolidated tensor of a folder; a LLaVA folder's keys are prefixed `llm/` and `projector/`."""
-    if not is_llava(folder):
+def read_model(folder: Path, vision: Path | None = None) -> dict[str, torch.Tensor]:
+    """Every consolidated tensor of a folder; a LLaVA folder's keys are prefixed `llm/` (the LLM's Hugging Face
+    names) and `projector/`, whatever its layout."""
+    if not is_llava_folder(folder):
         return read_tensors(folder)
+    if not is_ours(folder):
+        model = load_llava(folder, vision=vision)
+        return ({f"llm/{k}": v for k, v in hf_state_dict_from_llm(model.llm).items()}
+                | {f"projector/{k}": v for k, v in model.projector.state_dict().items()})
     tensors = {f"llm/{k}": v for k, v in read_tensors(folder / "llm").items()}
     path = folder / PROJECTOR_FILE
     try:
@@ -86,10 +94,19 @@ def read_model(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_model(out: Path, tensors: dict[str, torch.Tensor], new: Path) -> None:
-    """Write `tensors` in NEW's layout, with NEW's config, tokenizer and (LLaVA) vision tower."""
-    if not is_llava(new):
+def write_model(out: Path, tensors: dict[str, torch.Tensor], new: Path, vision: Path | None = None) -> None:
+    """Write `tensors` in NEW's layout, with NEW's config, tokenizer and (LLaVA) vision tower; an original-LLaVA
+    NEW is written in the transformers layout (its tower then sits inside the folder)."""
+    if not is_llava_folder(new):
         write_model_folder(out, tensors, read_config(new), copy_from=new)
+        return
+    if not is_ours(new):
+        model = load_llava(new, vision=vision)
+        llm = {k.removeprefix("llm/"): v for k, v in tensors.items() if k.startswith("llm/")}
+        model.llm = llm_from_hf_tensors(model.llm.config, llm, out)
+        model.projector.load_state_dict({k.removeprefix("projector/"): v for k, v in tensors.items()
+                                         if k.startswith("projector/")})
+        save_llava(model, out, tokenizer_from=tokenizer_folder(new), layout="hf")
         return
     with staged_folder(out) as staging:
         llm = {k.removeprefix("llm/"): v for k, v in tensors.items() if k.startswith("llm/")}
@@ -163,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-cmd", help="run on every sweep point; {model} and {json} are filled in")
     parser.add_argument("--rank", type=int, help="the updates have at most this rank (merged LoRA): faster SVDs")
     parser.add_argument("--device", help="where the SVDs run (default: cuda if available, else cpu)")
+    parser.add_argument("--vision", type=Path, help="the CLIP folder of original-LLaVA checkpoints (mm_vision_tower)")
     args = parser.parse_args(argv)
     if args.eval_cmd and not args.sweep:
         parser.error("--eval-cmd needs --sweep (a single alpha can be evaluated with eval.py directly)")
@@ -184,10 +202,10 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             parser.error(f"--eval-cmd cannot be split into arguments: {e}")
     try:
-        if is_llava(args.old) != is_llava(args.new):
+        if is_llava_folder(args.old) != is_llava_folder(args.new):
             raise SystemExit(f"{args.old} and {args.new} are not the same kind of folder (LLaVA vs LLM)")
         start = time.perf_counter()
-        old, new = read_model(args.old), read_model(args.new)
+        old, new = read_model(args.old, args.vision), read_model(args.new, args.vision)
         log(f"read {len(old)} tensors from each model ({time.perf_counter() - start:.1f} s)")
         spectra = None
         if args.method == "sac":
@@ -201,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
             target = args.out / name if args.sweep else args.out
             merged = (sac_from_spectra(old, new, spectra, alpha, args.rule) if spectra is not None
                       else modelmix(old, new, alpha))
-            write_model(target, merged, args.new)
+            write_model(target, merged, args.new, args.vision)
             del merged
             log(f"{args.method} alpha={alpha:g} -> {target} ({time.perf_counter() - start:.1f} s)")
             if args.eval_cmd:

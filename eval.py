@@ -22,8 +22,8 @@ from mllm_cl.device import resolve_device
 from mllm_cl.errors import run_cli
 from mllm_cl.evaluation import (NL_DIRS, NL_PATTERN, VL_DIRS, VL_PATTERN, EvalDataError, TaskResult,
                                 evaluate_nl_suite, evaluate_vl_suite, find_tasks)
-from mllm_cl.llava import MODEL_TYPE, load_llava
-from mllm_cl.model_folder import atomic_write_text, check_writable, read_config
+from mllm_cl.llava import is_llava_folder, load_llava, tokenizer_folder
+from mllm_cl.model_folder import atomic_write_text, check_writable
 from mllm_cl.report import write_report
 from mllm_cl.tokenizer import load_tokenizer
 from mllm_cl.weights import load_llm
@@ -46,7 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"folder of NL task files (default: {', '.join(map(str, NL_DIRS))})")
     parser.add_argument("--vl-dir", type=Path, help=f"folder holding tasks/<task>/test.json and the images "
                                                     f"(default: {', '.join(map(str, VL_DIRS))})")
-    parser.add_argument("--template", default="pythia", help="chat template of VL prompts (as trained with)")
+    parser.add_argument("--template", default="", help="chat template of VL prompts (default: the one the model "
+                                                      "was trained with, if its folder says, else pythia)")
+    parser.add_argument("--vision", type=Path, help="the CLIP folder of an original-LLaVA checkpoint (its "
+                                                    "mm_vision_tower)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="longest VL answer generated")
     parser.add_argument("--report", nargs="+", type=Path, metavar="RUN_DIR", help="write the report of run folders")
     parser.add_argument("--out", type=Path, help="with --report: where REPORT.md and the plots go (default: the "
@@ -78,14 +81,14 @@ def split_tasks(names: list[str], nl_dirs: list[Path], suite: str) -> tuple[list
 
 def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
-    is_llava = read_config(args.model_dir).get("model_type") == MODEL_TYPE
+    is_llava = is_llava_folder(args.model_dir)
     if args.suite == "vl" and not is_llava:
-        raise EvalDataError(f"--suite vl needs a LLaVA folder (config.json \"model_type\": \"{MODEL_TYPE}\"); "
+        raise EvalDataError(f"--suite vl needs a LLaVA folder (ours, transformers' or the original LLaVA layout); "
                             f"{args.model_dir} is a language model: use --suite nl")
-    llm_dir = args.model_dir / "llm" if is_llava else args.model_dir
-    tokenizer = load_tokenizer(llm_dir)
-    llava = load_llava(args.model_dir, device, dtype).eval() if is_llava else None
-    llm = llava.llm if llava is not None else load_llm(llm_dir, device, dtype).eval()
+    tokenizer = load_tokenizer(tokenizer_folder(args.model_dir) if is_llava else args.model_dir)
+    llava = load_llava(args.model_dir, device, dtype, vision=args.vision).eval() if is_llava else None
+    llm = llava.llm if llava is not None else load_llm(args.model_dir, device, dtype).eval()
+    template = args.template or (llava.template if llava is not None else None) or "pythia"
 
     nl_dirs = [args.nl_dir] if args.nl_dir else list(NL_DIRS)
     vl_dirs = [args.vl_dir] if args.vl_dir else list(VL_DIRS)
@@ -101,7 +104,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         print(f"(VL suite skipped: {args.model_dir} is a language model, not a LLaVA folder)")
     if args.suite in ("vl", "all") and llava is not None and (vl_names is None or vl_names):
         results += evaluate_vl_suite(llava, tokenizer, find_tasks(vl_dirs, VL_PATTERN, vl_names),
-                                     template=args.template, batch_size=args.batch_size,
+                                     template=template, batch_size=args.batch_size,
                                      max_new_tokens=args.max_new_tokens, limit=args.limit)
     print_table(results)
     return {r.task: r.metrics for r in results}

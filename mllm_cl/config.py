@@ -296,7 +296,7 @@ class StageConfig:
     projector: str = "mlp2x_gelu"
     init: str = ""  # a multimodal folder to start from (finetune, continual)
     tokenizer: str = ""  # tokenizer folder or tokenizer.json, when the LLM is built from a preset
-    template: str = "pythia"
+    template: str = ""  # chat template; "": the one `init` was trained with (LLaVA-1.5: vicuna_v1), else pythia
     train_file: str = ""  # text corpus (pretrain-text) or LLaVA JSON/JSONL (the other stages)
     image_folder: str = ""
     max_len: int = 512

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,7 +27,7 @@ from mllm_cl.data import TextOnlyInquiries, batches, check_fits, multimodal_data
 from mllm_cl.device import resolve_device
 from mllm_cl.evaluation import evaluate_nl_suite
 from mllm_cl.evaluation_vl import evaluate_vl_examples, read_vl_test_set
-from mllm_cl.llava import LlavaModel, load_llava, save_llava
+from mllm_cl.llava import LlavaModel, load_llava, save_llava, tokenizer_folder
 from mllm_cl.losses import LossResult, forward_loss
 from mllm_cl.methods import Method, TaskContext, build_methods
 from mllm_cl.model_folder import atomic_write_text
@@ -69,9 +70,7 @@ def run_continual(cfg: StageConfig) -> Path:
         raise StageError(f"continual tasks need distinct, non-empty names; got {names}")
     out = Path(cfg.out_dir)
     device = resolve_device(cfg.train.device)
-    tokenizer = load_tokenizer(Path(cfg.init) / "llm")
-    model = load_llava(cfg.init, device=device)
-    check_fits(cfg.max_len, tokenizer, model.llm.config, f"init={cfg.init}")
+    model, tokenizer, cfg = load_init(cfg, device)
     methods = build_methods(cfg.methods, cfg.method_options)
     vision_config = model.vision.config
     datasets = {t.name: multimodal_dataset(cfg, t.train, t.image_folder, tokenizer, cfg.template, vision_config)
@@ -108,7 +107,7 @@ def run_continual(cfg: StageConfig) -> Path:
         if done:
             print(f"task {index + 1} ({task.name}) already finished: replayed the methods' hooks on its model")
         else:
-            save_llava(model, task_dir / "model", tokenizer_from=Path(cfg.init) / "llm")
+            save_llava(model, task_dir / "model", tokenizer_from=tokenizer_folder(cfg.init), template=cfg.template)
             scores = evaluate_model(model, tokenizer, cfg)
             scores["method_log"] = ctx.log
             atomic_write_text(task_dir / "eval.json", json.dumps(scores, indent=2) + "\n")
@@ -119,6 +118,17 @@ def run_continual(cfg: StageConfig) -> Path:
         results["wall_seconds"] = time.time() - start
         atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
     return out / f"task_{len(cfg.tasks)}_{cfg.tasks[-1].name}" / "model"
+
+
+def load_init(cfg: StageConfig, device: torch.device | None = None) -> tuple[LlavaModel, Tokenizer, StageConfig]:
+    """The `init` model in any layout load_llava reads (an original-LLaVA folder takes its tower from `vision`),
+    its tokenizer, and `cfg` with the chat template resolved: as set, else the one `init` was trained with,
+    else pythia."""
+    vision = cfg.vision if Path(cfg.vision).is_dir() else None
+    model = load_llava(cfg.init, device=device, vision=vision)
+    tokenizer = load_tokenizer(tokenizer_folder(cfg.init))
+    check_fits(cfg.max_len, tokenizer, model.llm.config, f"init={cfg.init}")
+    return model, tokenizer, replace(cfg, template=cfg.template or model.template or "pythia")
 
 
 def initial_evaluation(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig) -> dict[str, Any]:

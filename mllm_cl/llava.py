@@ -20,18 +20,23 @@ from torch import nn
 
 from mllm_cl.config import IMAGE_PLACEHOLDER_ID
 from mllm_cl.generation import GenerationOutput, generate
+from mllm_cl.llava_layouts import (is_hf_llava, is_original_llava, load_projector, read_hf_llava,
+                                   read_original_llava, write_hf_llava)
 from mllm_cl.llm import LanguageModel, LMOutput
 from mllm_cl.model_folder import CONFIG_FILE, ModelFolderError, atomic_save_tensors, read_config, staged_folder
-from mllm_cl.projector import Projector, build_projector
+from mllm_cl.projector import Projector
 from mllm_cl.vision import VisionTower
-from mllm_cl.weights import CheckpointMismatchError, load_llm, load_vision_tower, save_llm, save_vision_tower
+from mllm_cl.weights import load_llm, load_vision_tower, save_llm, save_vision_tower
 
 MODEL_TYPE = "mllm_cl_llava"
 PROJECTOR_FILE = "projector.safetensors"
 
 
 class LlavaModel(nn.Module):
-    def __init__(self, vision: VisionTower, projector: Projector, llm: LanguageModel) -> None:
+    """Frozen vision tower -> projector -> LLM. `template`: the chat template it was trained with, if known."""
+
+    def __init__(self, vision: VisionTower, projector: Projector, llm: LanguageModel,
+                 template: str | None = None) -> None:
         super().__init__()
         d_in, d_out = projector[0].in_features, projector[-1].out_features
         if (d_in, d_out) != (vision.config.d_model, llm.config.d_model):
@@ -41,6 +46,7 @@ class LlavaModel(nn.Module):
         self.vision = vision.requires_grad_(False).eval()
         self.projector = projector
         self.llm = llm
+        self.template = template
 
     @property
     def num_image_tokens(self) -> int:
@@ -87,45 +93,70 @@ class LlavaModel(nn.Module):
                         attention_mask=attention_mask, **gen_kwargs)
 
 
-def save_llava(model: LlavaModel, folder: str | Path, tokenizer_from: str | Path | None = None) -> Path:
-    """Write `config.json`, `projector.safetensors`, `llm/` (HF LLM, with the tokenizer) and `vision/` (HF CLIP).
+LAYOUTS = ("ours", "hf")
 
-    Built in a temporary folder beside the target and swapped in whole: a crash never leaves a mix of old
-    and new parts.
+
+def save_llava(model: LlavaModel, folder: str | Path, tokenizer_from: str | Path | None = None,
+               layout: str = "ours", template: str | None = None) -> Path:
+    """Write the model in one of LAYOUTS, swapped in whole (a crash never leaves a mix of old and new parts).
+
+    "ours": `config.json`, `projector.safetensors`, `llm/` (HF LLM, with the tokenizer) and `vision/` (HF CLIP).
+    "hf": transformers' `LlavaForConditionalGeneration` layout with tokenizer, chat template and image processor
+    settings (see `mllm_cl.llava_layouts`); it needs `tokenizer_from`. `template`: the chat template the model
+    was trained with (default: the one it was loaded with), recorded in the folder.
     """
+    template = template or model.template
+    if layout == "hf":
+        if tokenizer_from is None:
+            raise ModelFolderError("the transformers layout needs the tokenizer (tokenizer_from)")
+        return write_hf_llava(model.llm, model.vision, model.projector, folder, tokenizer_from, template or "vicuna_v1")
+    if layout != "ours":
+        raise ModelFolderError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     with staged_folder(folder) as staging:
         save_llm(model.llm, staging / "llm", tokenizer_from=tokenizer_from)
         save_vision_tower(model.vision, staging / "vision")
         atomic_save_tensors(staging / PROJECTOR_FILE, model.projector.state_dict(), metadata={"format": "pt"})
         config = dict(model_type=MODEL_TYPE, projector=model.projector.kind, d_vision=model.vision.config.d_model,
                       d_llm=model.llm.config.d_model, num_image_tokens=model.num_image_tokens)
+        if template:
+            config["template"] = template
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(folder)
 
 
+def tokenizer_folder(folder: str | Path) -> Path:
+    """Where a LLaVA folder keeps its tokenizer: `llm/` in our layout, the folder itself in the others."""
+    folder = Path(folder)
+    return folder / "llm" if read_config(folder).get("model_type") == MODEL_TYPE else folder
+
+
+def is_llava_folder(folder: str | Path) -> bool:
+    """Whether `folder` holds a LLaVA model in any layout `load_llava` reads."""
+    config = read_config(folder)
+    return config.get("model_type") == MODEL_TYPE or is_hf_llava(config) or is_original_llava(config)
+
+
 def load_llava(folder: str | Path, device: torch.device | str | None = None,
-               dtype: torch.dtype | None = None) -> LlavaModel:
-    """A `LlavaModel` from a folder written by `save_llava`; every part is loaded strictly."""
+               dtype: torch.dtype | None = None, vision: str | Path | None = None) -> LlavaModel:
+    """A `LlavaModel` from a folder in our layout, transformers' or the original LLaVA repository's (whose
+    separate CLIP folder is `vision`); every part is loaded strictly. `.template` is the chat template the
+    checkpoint was trained with, when the folder says so (LLaVA-1.5: vicuna_v1)."""
     folder = Path(folder)
     config = read_config(folder)
+    if is_hf_llava(config) or is_original_llava(config):
+        parts = (read_hf_llava(folder, device, dtype) if is_hf_llava(config)
+                 else read_original_llava(folder, vision, device, dtype))
+        return LlavaModel(parts.vision, parts.projector, parts.llm, parts.template)
     if config.get("model_type") != MODEL_TYPE or "projector" not in config:
-        raise ModelFolderError(f"{folder / CONFIG_FILE} is not a LLaVA folder of this project (needs model_type "
-                               f"{MODEL_TYPE!r} and 'projector'); an LLM or CLIP folder loads with load_llm or "
-                               f"load_vision_tower")
+        raise ModelFolderError(f"{folder / CONFIG_FILE} is not a LLaVA folder (needs model_type {MODEL_TYPE!r} with "
+                               "'projector', 'llava' (transformers) or the mm_* keys of the original LLaVA); an LLM "
+                               "or CLIP folder loads with load_llm or load_vision_tower")
     llm = load_llm(folder / "llm", device, dtype)
     vision = load_vision_tower(folder / "vision", device, dtype)
-    projector = build_projector(config["projector"], vision.config.d_model, llm.config.d_model)
     path = folder / PROJECTOR_FILE
     try:
         tensors = load_file(str(path), device=str(device or "cpu"))
     except (SafetensorError, OSError) as e:
         raise ModelFolderError(f"cannot read {path}: {e}") from None
-    expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in tensors.items()}
-    if found != expected:
-        raise CheckpointMismatchError(f"{path} does not hold the {config['projector']} projector "
-                                      f"{vision.config.d_model} -> {llm.config.d_model} that {folder / CONFIG_FILE} "
-                                      f"describes: expected {expected}, found {found}")
-    projector.load_state_dict(tensors, strict=True)
-    projector.to(device=device, dtype=dtype)
-    return LlavaModel(vision, projector, llm)
+    projector = load_projector(config["projector"], vision, llm, tensors, path, f"{folder / CONFIG_FILE}: projector")
+    return LlavaModel(vision, projector.to(device=device, dtype=dtype), llm, config.get("template"))

@@ -24,11 +24,11 @@ import torch
 from mllm_cl.clip_text import CLIPContrastive, TextTowerConfig, clip_config_hf, save_clip
 from mllm_cl.config import (LLM_PRESETS, STAGES, VISION_PRESETS, StageConfig, StageError, llm_preset, require,
                             to_dict, vision_preset)
-from mllm_cl.continual import run_continual
+from mllm_cl.continual import load_init, run_continual
 from mllm_cl.data import (DataError, TextCorpus, check_fits, load_image, multimodal_dataset, read_records,
                           validate_entry)
 from mllm_cl.device import resolve_device
-from mllm_cl.llava import LlavaModel, load_llava, save_llava
+from mllm_cl.llava import LlavaModel, save_llava, tokenizer_folder
 from mllm_cl.llm import LanguageModel
 from mllm_cl.losses import LossResult, forward_loss
 from mllm_cl.model_folder import atomic_write_text
@@ -241,10 +241,8 @@ def align(cfg: StageConfig) -> Path:
 
 def finetune(cfg: StageConfig) -> Path:
     require(cfg, "init", "train_file")
-    model = load_llava(cfg.init)
-    tokenizer = load_tokenizer(Path(cfg.init) / "llm")
-    check_fits(cfg.max_len, tokenizer, model.llm.config, f"init={cfg.init}")
+    model, tokenizer, cfg = load_init(cfg)
     data = multimodal_dataset(cfg, cfg.train_file, cfg.image_folder, tokenizer, cfg.template, model.vision.config)
     out = Path(cfg.out_dir)
     train_on(model, data, forward_loss, cfg.train, out)
-    return save_llava(model, out / "model", tokenizer_from=Path(cfg.init) / "llm")
+    return save_llava(model, out / "model", tokenizer_from=tokenizer_folder(cfg.init), template=cfg.template)

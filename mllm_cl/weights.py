@@ -39,7 +39,7 @@ def _require(config: dict[str, Any], key: str, where: Path) -> Any:
 
 
 @contextlib.contextmanager
-def _config_errors(where: Path) -> Iterator[None]:
+def config_errors(where: Path) -> Iterator[None]:
     """A config.json whose fields have the wrong type or value is a CheckpointMismatchError naming the file."""
     try:
         yield
@@ -265,9 +265,16 @@ def load_llm(folder: str | Path, device: torch.device | str | None = None,
              dtype: torch.dtype | None = None) -> LanguageModel:
     """A `LanguageModel` from a Hugging Face GPT-NeoX or LLaMA folder (config.json + safetensors)."""
     folder = Path(folder)
-    with _config_errors(folder / "config.json"):
+    with config_errors(folder / "config.json"):
         config = llm_config_from_hf(read_config(folder), name=folder.name, where=folder / "config.json")
-    tensors = _drop_ignored(read_tensors(folder, device or "cpu"))
+    return llm_from_hf_tensors(config, read_tensors(folder, device or "cpu"), folder, dtype)
+
+
+def llm_from_hf_tensors(config: LLMConfig, tensors: dict[str, torch.Tensor], where: Path,
+                        dtype: torch.dtype | None = None) -> LanguageModel:
+    """A `LanguageModel` from Hugging Face-named tensors (`gpt_neox.*`/`embed_out.*` or `model.*`/`lm_head.*`),
+    checked strictly; `where` names the folder in errors."""
+    tensors = _drop_ignored(tensors)
     head_key = "embed_out.weight" if config.arch == "gpt_neox" else "lm_head.weight"
     if config.tie_embeddings and head_key in tensors:
         # Some exporters write the tied head out anyway; accept it only if it really is the embedding.
@@ -277,7 +284,7 @@ def load_llm(folder: str | Path, device: torch.device | str | None = None,
     with torch.device("meta"):
         model = LanguageModel(config)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
-    check_tensors(folder, tensors, _expected_hf_shapes(config, shapes), f"{config.arch} model")
+    check_tensors(where, tensors, _expected_hf_shapes(config, shapes), f"{config.arch} model")
     state = llm_state_dict_from_hf(tensors, config)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
@@ -346,9 +353,15 @@ def load_vision_tower(folder: str | Path, device: torch.device | str | None = No
     transformers 5 saves a CLIPVisionModel, the same keys without that prefix.
     """
     folder = Path(folder)
-    with _config_errors(folder / "config.json"):
+    with config_errors(folder / "config.json"):
         config = vision_config_from_hf(read_config(folder), name=folder.name, where=folder / "config.json")
-    tensors = _drop_ignored(read_tensors(folder, device or "cpu"))
+    return vision_from_hf_tensors(config, read_tensors(folder, device or "cpu"), folder, device, dtype)
+
+
+def vision_from_hf_tensors(config: VisionConfig, tensors: dict[str, torch.Tensor], where: Path,
+                           device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VisionTower:
+    """A `VisionTower` from CLIP vision tensors, with or without the `vision_model.` prefix, checked strictly."""
+    tensors = _drop_ignored(tensors)
     if any(k.startswith(CLIP_OTHER_PREFIXES) for k in tensors):  # a full CLIPModel: keep its vision part
         tensors = {k: v for k, v in tensors.items() if not k.startswith(CLIP_OTHER_PREFIXES)}
     if not any(k.startswith(VISION_PREFIX) for k in tensors):  # transformers 5 saves CLIPVisionModel unprefixed
@@ -356,7 +369,7 @@ def load_vision_tower(folder: str | Path, device: torch.device | str | None = No
     with torch.device(device or "cpu"):
         tower = VisionTower(config)
     expected = {VISION_PREFIX + k: tuple(v.shape) for k, v in tower.state_dict().items()}
-    check_tensors(folder, tensors, expected, "CLIP vision tower")
+    check_tensors(where, tensors, expected, "CLIP vision tower")
     tower.load_state_dict({k[len(VISION_PREFIX):]: v for k, v in tensors.items()}, strict=True)
     return tower if dtype is None else tower.to(dtype)
 

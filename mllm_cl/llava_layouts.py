@@ -1,0 +1,277 @@
+"""LLaVA checkpoints in the two layouts other tools use, read into our parts and written from them.
+
+    transformers  `LlavaForConditionalGeneration` (config.json "model_type": "llava"): `text_config` and
+                  `vision_config` inside the config; weights `language_model.*` (the text model's own keys),
+                  `vision_tower.[vision_model.]*`, `multi_modal_projector.linear_{1,2}.*`; transformers 5's
+                  in-memory names (`model.language_model.*`, `model.vision_tower.*`, `lm_head.*`) are read too.
+                  `vision_feature_layer` is our select_layer; `vision_feature_select_strategy` "default" drops
+                  the class token ("patch"), "full" keeps it ("cls_patch"). The projector is mlp2x_gelu.
+    original      the LLaVA repository's: a LLaMA folder whose config carries `mm_projector_type`,
+                  `mm_vision_tower`, `mm_vision_select_layer`, `mm_vision_select_feature`, `mm_hidden_size`, and
+                  whose weights hold `model.mm_projector.*`; the CLIP tower named by `mm_vision_tower` is a
+                  separate folder.
+
+Our own layout (llm/, vision/, projector.safetensors) stays in `mllm_cl.llava`, which dispatches here.
+Anything these layouts say that we cannot honour is a CheckpointMismatchError naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mllm_cl.config import ConfigError, VisionConfig
+from mllm_cl.conversation import get_template
+from mllm_cl.data import CLIP_MEAN, CLIP_STD
+from mllm_cl.llm import LanguageModel
+from mllm_cl.model_folder import (CONFIG_FILE, SINGLE_FILE, TOKENIZER_FILES, atomic_save_tensors, read_config,
+                                  read_tensors, staged_folder)
+from mllm_cl.projector import Projector, build_projector
+from mllm_cl.vision import VisionTower
+from mllm_cl.weights import (CheckpointMismatchError, config_errors, hf_state_dict_from_llm, llm_config_from_hf,
+                             llm_config_to_hf, llm_from_hf_tensors, load_vision_tower, vision_config_from_hf,
+                             vision_config_to_hf, vision_from_hf_tensors)
+
+HF_MODEL_TYPE = "llava"
+STRATEGIES = {"default": "patch", "full": "cls_patch"}  # transformers' name -> our select_feature
+IMAGE_TOKEN = "<image>"
+TEMPLATE_KEY = "mllm_cl_template"  # the chat template a model was trained with, kept in config.json
+
+
+@dataclass
+class LlavaParts:
+    llm: LanguageModel
+    vision: VisionTower
+    projector: Projector
+    template: str  # the chat template the checkpoint was trained with
+
+
+def is_hf_llava(config: dict[str, Any]) -> bool:
+    return config.get("model_type") == HF_MODEL_TYPE
+
+
+def is_original_llava(config: dict[str, Any]) -> bool:
+    return "mm_projector_type" in config or "mm_vision_tower" in config
+
+
+# ---------------------------------------------------------------- reading
+
+def load_projector(kind: str, vision: VisionTower, llm: LanguageModel, tensors: dict[str, torch.Tensor],
+                   where: Path, field: str) -> Projector:
+    """The `kind` projector between `vision` and `llm` from its tensors (ours: 0.*, 2.*), checked strictly;
+    `where` is the file holding them, `field` the setting that named the kind."""
+    try:
+        projector = build_projector(kind, vision.config.d_model, llm.config.d_model)
+    except ValueError as e:
+        raise CheckpointMismatchError(f"{field}={kind!r} is not a projector we have ({e})") from None
+    expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if found != expected:
+        raise CheckpointMismatchError(f"{where} does not hold the {kind} projector {vision.config.d_model} -> "
+                                      f"{llm.config.d_model} that {field} describes: expected {expected}, "
+                                      f"found {found}")
+    projector.load_state_dict(tensors, strict=True)
+    return projector
+
+
+def _split_hf_keys(tensors: dict[str, torch.Tensor], arch: str, where: Path) -> tuple[dict, dict, dict]:
+    """(text model tensors under their CausalLM names, vision tensors, projector tensors as ours: 0.*, 2.*)."""
+    base, head = ("gpt_neox.", "embed_out.weight") if arch == "gpt_neox" else ("model.", "lm_head.weight")
+    text, vision, projector, unknown = {}, {}, {}, []
+    linear = {"linear_1.": "0.", "linear_2.": "2."}
+    for key, value in tensors.items():
+        if key.startswith("language_model."):  # transformers 5 writes model.* / lm_head.* whatever the arch
+            name = key.removeprefix("language_model.")
+            name = head if name == "lm_head.weight" else base + name[len("model."):] if name.startswith(
+                "model.") else name
+            text[name] = value
+        elif key.startswith("model.language_model."):
+            text[base + key.removeprefix("model.language_model.")] = value
+        elif key == "lm_head.weight":
+            text[head] = value
+        elif key.startswith(("vision_tower.", "model.vision_tower.")):
+            vision[key.removeprefix("model.").removeprefix("vision_tower.")] = value
+        elif key.startswith(("multi_modal_projector.", "model.multi_modal_projector.")):
+            name = key.removeprefix("model.").removeprefix("multi_modal_projector.")
+            layer = next((ours for theirs, ours in linear.items() if name.startswith(theirs)), None)
+            if layer is None:
+                unknown.append(key)
+            else:
+                projector[layer + name.split(".", 1)[1]] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointMismatchError(f"{where}: keys that belong to no part of a LLaVA model: {sorted(unknown)[:5]}")
+    return text, vision, projector
+
+
+def read_hf_llava(folder: Path, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> LlavaParts:
+    """The parts of a transformers `LlavaForConditionalGeneration` folder."""
+    config, where = read_config(folder), folder / CONFIG_FILE
+    for name in ("text_config", "vision_config"):
+        if not isinstance(config.get(name), dict):
+            raise CheckpointMismatchError(f"{where}: a llava config.json needs a {name!r} object")
+    layer = config.get("vision_feature_layer", -2)
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise CheckpointMismatchError(f"{where}: vision_feature_layer={layer!r}: only one layer (an integer) is "
+                                      "supported")
+    strategy = config.get("vision_feature_select_strategy", "default")
+    if strategy not in STRATEGIES:
+        raise CheckpointMismatchError(f"{where}: vision_feature_select_strategy={strategy!r} is not supported; "
+                                      f"use one of {sorted(STRATEGIES)}")
+    if config.get("projector_hidden_act", "gelu") != "gelu" or not config.get("multimodal_projector_bias", True):
+        raise CheckpointMismatchError(f"{where}: only the mlp2x_gelu projector with biases is supported "
+                                      f"(projector_hidden_act={config.get('projector_hidden_act')!r})")
+    with config_errors(where):
+        llm_config = llm_config_from_hf(config["text_config"], name=folder.name, where=where)
+        vision_config = replace(vision_config_from_hf(config["vision_config"], name=folder.name, where=where),
+                                select_layer=layer, select_feature=STRATEGIES[strategy])
+    seq = config.get("image_seq_length")
+    if seq is not None and seq != vision_config.num_image_tokens:
+        raise CheckpointMismatchError(f"{where}: image_seq_length={seq}, but the tower gives "
+                                      f"{vision_config.num_image_tokens} tokens per image")
+    text, vision_tensors, projector_tensors = _split_hf_keys(read_tensors(folder, device or "cpu"),
+                                                             llm_config.arch, where)
+    llm = llm_from_hf_tensors(llm_config, text, folder, dtype)
+    vision = vision_from_hf_tensors(vision_config, vision_tensors, folder, device, dtype)
+    projector = load_projector("mlp2x_gelu", vision, llm, projector_tensors, folder, f"{where}: projector")
+    return LlavaParts(llm, vision, projector.to(device=device, dtype=dtype),
+                      config.get(TEMPLATE_KEY, "vicuna_v1"))
+
+
+def read_original_llava(folder: Path, vision_folder: str | Path | None = None,
+                        device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LlavaParts:
+    """The parts of an original-LLaVA folder; the tower comes from `vision_folder` (or `mm_vision_tower` when
+    that names a local folder)."""
+    config, where = read_config(folder), folder / CONFIG_FILE
+    named = config.get("mm_vision_tower", "")
+    source = Path(vision_folder) if vision_folder else Path(named) if named and Path(named).is_dir() else None
+    if source is None:
+        raise CheckpointMismatchError(f"{where}: mm_vision_tower={named!r} is not a local folder; download that "
+                                      "CLIP model and pass its folder as the vision tower (vision=...)")
+    feature = {"patch": "patch", "cls_patch": "cls_patch"}.get(config.get("mm_vision_select_feature", "patch"))
+    if feature is None:
+        raise CheckpointMismatchError(f"{where}: mm_vision_select_feature="
+                                      f"{config['mm_vision_select_feature']!r} is not supported; use patch or "
+                                      "cls_patch")
+    tower = load_vision_tower(source, device, dtype)
+    try:
+        tower.config = replace(tower.config, select_layer=config.get("mm_vision_select_layer", -2),
+                               select_feature=feature)
+    except ConfigError as e:
+        raise CheckpointMismatchError(f"{where}: {e}") from None
+    hidden = config.get("mm_hidden_size", tower.config.d_model)
+    if hidden != tower.config.d_model:
+        raise CheckpointMismatchError(f"{where}: mm_hidden_size={hidden}, but the vision tower in {source} has "
+                                      f"width {tower.config.d_model}: it is not the tower this model was trained with")
+    tensors = read_tensors(folder, device or "cpu")
+    prefix = "model.mm_projector."
+    projector_tensors = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    kind = config.get("mm_projector_type", "linear")
+    if kind == "linear":  # a plain nn.Linear there, the first layer of our nn.Sequential here
+        projector_tensors = {f"0.{k}": v for k, v in projector_tensors.items()}
+    if any(k.startswith("model.vision_tower.") for k in tensors):
+        raise CheckpointMismatchError(f"{where}: the folder holds vision tower weights (model.vision_tower.*); only "
+                                      "a frozen tower from its own folder is supported")
+    with config_errors(where):
+        llm_config = llm_config_from_hf(config, name=folder.name, where=where)
+    llm = llm_from_hf_tensors(llm_config, {k: v for k, v in tensors.items() if not k.startswith(prefix)}, folder,
+                              dtype)
+    projector = load_projector(kind, tower, llm, projector_tensors, folder, f"{where}: mm_projector_type")
+    return LlavaParts(llm, tower, projector.to(device=device, dtype=dtype), "vicuna_v1")
+
+
+# ---------------------------------------------------------------- writing the transformers layout
+
+def chat_template_jinja(name: str) -> str:
+    """Our chat template `name` as the Jinja string transformers' `apply_chat_template` renders."""
+    template = get_template(name)
+
+    def literal(text: str) -> str:
+        return "{{ " + json.dumps(text) + " }}" if text else ""
+
+    def with_content(part: str) -> str:
+        before, _, after = part.partition("{text}")
+        return literal(before) + "{{ message['content'] }}" + literal(after)
+
+    begin = template.begin.replace("{system}", template.system)
+    answer = with_content(template.answer) + literal(template.answer_end + template.after_answer)
+    return (literal(begin) + "{% for message in messages %}{% if message['role'] == 'user' %}"
+            + with_content(template.user if template.user_text else "") + "{% else %}"
+            + literal(template.assistant) + answer + "{% endif %}{% endfor %}"
+            + "{% if add_generation_prompt %}" + literal(template.assistant) + "{% endif %}")
+
+
+def _tokenizer_with_image_token(source: Path, staging: Path, vocab_size: int) -> int:
+    """Copy the tokenizer files, adding IMAGE_TOKEN (on a spare embedding row) if it has none; return its id."""
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, staging / name)
+    spec = json.loads((staging / "tokenizer.json").read_text())
+    added = spec.setdefault("added_tokens", [])
+    existing = [t["id"] for t in added if t.get("content") == IMAGE_TOKEN]
+    if existing:
+        return existing[0]
+    ids = [t["id"] for t in added] + list(spec.get("model", {}).get("vocab", {}).values())
+    image_id = max(ids) + 1
+    if image_id >= vocab_size:
+        raise CheckpointMismatchError(f"the tokenizer in {source} uses every one of the LLM's {vocab_size} embedding "
+                                      f"rows: there is none left for {IMAGE_TOKEN}")
+    added.append({"id": image_id, "content": IMAGE_TOKEN, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": True})
+    (staging / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    return image_id
+
+
+def write_hf_llava(llm: LanguageModel, vision: VisionTower, projector: Projector, folder: str | Path,
+                   tokenizer_from: str | Path, template: str) -> Path:
+    """A folder `LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor` load: weights, config, the
+    tokenizer with `<image>`, the chat template `template`, and the image processor's settings."""
+    if projector.kind != "mlp2x_gelu":
+        raise CheckpointMismatchError(f"the transformers LLaVA layout has only the mlp2x_gelu projector; this "
+                                      f"model's is {projector.kind}")
+    get_template(template)
+    vision_config: VisionConfig = vision.config
+    # the names transformers itself writes: the text model's base under `model.`, its head as `lm_head`
+    base = "gpt_neox." if llm.config.arch == "gpt_neox" else "model."
+    head = "embed_out.weight" if llm.config.arch == "gpt_neox" else "lm_head.weight"
+    tensors = {"language_model." + ("lm_head.weight" if k == head else "model." + k.removeprefix(base)): v
+               for k, v in hf_state_dict_from_llm(llm).items()}
+    tensors |= {f"vision_tower.vision_model.{k}": v for k, v in vision.state_dict().items()}
+    tensors |= {f"multi_modal_projector.linear_{1 if k.startswith('0.') else 2}.{k.split('.', 1)[1]}": v
+                for k, v in projector.state_dict().items()}
+    strategy = next(name for name, ours in STRATEGIES.items() if ours == vision_config.select_feature)
+    with staged_folder(folder) as staging:
+        image_id = _tokenizer_with_image_token(Path(tokenizer_from), staging, llm.config.vocab_size)
+        text_config = llm_config_to_hf(llm.config)
+        config = {"architectures": ["LlavaForConditionalGeneration"], "model_type": HF_MODEL_TYPE,
+                  "text_config": text_config,
+                  "vision_config": {k: v for k, v in vision_config_to_hf(vision_config).items() if k != "mllm_cl"},
+                  "image_token_index": image_id, "image_seq_length": vision_config.num_image_tokens,
+                  "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
+                  "vision_feature_layer": vision_config.select_layer, "vision_feature_select_strategy": strategy,
+                  "tie_word_embeddings": text_config.get("tie_word_embeddings", False), TEMPLATE_KEY: template}
+        atomic_save_tensors(staging / SINGLE_FILE, {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                            metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        tokenizer_config = (json.loads((staging / "tokenizer_config.json").read_text())
+                            if (staging / "tokenizer_config.json").is_file() else {})
+        tokenizer_config |= {"chat_template": chat_template_jinja(template), "image_token": IMAGE_TOKEN}
+        (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
+        size = vision_config.image_size
+        (staging / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+            "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN),
+            "image_std": list(CLIP_STD), "do_convert_rgb": True}, indent=2))
+        (staging / "processor_config.json").write_text(json.dumps({
+            "processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN, "patch_size": vision_config.patch_size,
+            "vision_feature_select_strategy": strategy,
+            "num_additional_image_tokens": 1}, indent=2))
+    return Path(folder)

@@ -1,0 +1,259 @@
+"""LLaVA checkpoints in transformers' layout and the original LLaVA repository's: read (logits equal to
+`LlavaForConditionalGeneration`'s), written (transformers loads ours: logits and greedy tokens equal), the
+original layout equal to its transformers twin, and bad folders named."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_llava import IMG, P, mixed_batch
+from test_tokenizer import byte_tokenizer_folder
+
+from mllm_cl.config import LLMConfig, VisionConfig
+from mllm_cl.conversation import render_prompt
+from mllm_cl.llava import LlavaModel, load_llava, save_llava
+from mllm_cl.llava_layouts import chat_template_jinja
+from mllm_cl.llm import LanguageModel
+from mllm_cl.projector import build_projector
+from mllm_cl.tokenizer import load_tokenizer
+from mllm_cl.vision import VisionTower
+from mllm_cl.weights import CheckpointMismatchError, llm_config_to_hf, save_llm, save_vision_tower, vision_config_to_hf
+
+transformers = pytest.importorskip("transformers")
+VOCAB = 272
+
+
+def text_config(arch: str) -> LLMConfig:
+    if arch == "llama":
+        return LLMConfig(arch="llama", vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, d_model=48, d_ff=96,
+                         norm="rmsnorm", mlp="swiglu", bias=False, parallel_residual=False, max_seq_len=256,
+                         bos_token_id=1, eos_token_id=2)
+    return LLMConfig(vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=4, d_model=48, d_ff=96, rotary_pct=0.5,
+                     max_seq_len=256)
+
+
+def hf_llava(arch: str, strategy: str, image_id: int = VOCAB - 1):
+    vision = VisionConfig(image_size=16, patch_size=8, d_model=32, n_layer=2, n_head=4, d_ff=64)
+    hf_text = llm_config_to_hf(text_config(arch))
+    text_cls = transformers.LlamaConfig if arch == "llama" else transformers.GPTNeoXConfig
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**{k: v for k, v in vision_config_to_hf(vision).items()
+                                                       if k != "mllm_cl"}),
+        text_config=text_cls(**hf_text), image_token_index=image_id,
+        image_seq_length=P + (strategy == "full"), vision_feature_layer=-2, vision_feature_select_strategy=strategy)
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # random, non-trivial values everywhere
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+def batch_for(tokens: int) -> dict:
+    """mixed_batch() with `tokens` image positions per image (P, or P + 1 with the class token)."""
+    batch = mixed_batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if tokens == P:
+        return batch
+    out = []
+    for row, m in zip(ids.tolist(), mask.tolist()):
+        real = row[:sum(m)]
+        widened, i = [], 0
+        while i < len(real):
+            if real[i] == IMG:
+                widened += [IMG] * tokens
+                i += P
+            else:
+                widened.append(real[i])
+                i += 1
+        out.append(widened)
+    width = max(map(len, out))
+    return dict(input_ids=torch.tensor([r + [0] * (width - len(r)) for r in out]),
+                attention_mask=torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in out]),
+                pixel_values=batch["pixel_values"])
+
+
+def hf_logits(model, batch: dict, image_id: int = VOCAB - 1) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"].masked_fill(batch["input_ids"] == IMG, image_id),
+                     attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]).logits
+
+
+def assert_same_logits(ours: LlavaModel, hf, batch: dict) -> None:
+    with torch.no_grad():
+        got = ours(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], hf_logits(hf, batch)[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["default", "full"])
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_a_transformers_llava_folder_loads_with_equal_logits(tmp_path: Path, arch: str, strategy: str) -> None:
+    hf = hf_llava(arch, strategy)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")  # shards and their index, as 7B downloads come
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    ours = load_llava(tmp_path / "hf")
+    assert ours.vision.config.select_feature == ("patch" if strategy == "default" else "cls_patch")
+    assert ours.template == "vicuna_v1"  # LLaVA-1.5's, unless the folder says otherwise
+    assert_same_logits(ours, hf, batch_for(ours.num_image_tokens))
+
+
+def tiny_ours(arch: str = "llama") -> LlavaModel:
+    torch.manual_seed(1)
+    vision = VisionTower(VisionConfig(image_size=16, patch_size=8, d_model=32, n_layer=2, n_head=4, d_ff=64))
+    llm = LanguageModel(text_config(arch))
+    with torch.no_grad():
+        for p in [*llm.parameters(), *vision.parameters()]:
+            p.normal_(0.0, 0.2)
+    return LlavaModel(vision, build_projector("mlp2x_gelu", 32, 48), llm).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_ours_exported_loads_in_transformers_with_equal_logits_and_tokens(tmp_path: Path, arch: str) -> None:
+    ours = tiny_ours(arch)
+    tokenizer = byte_tokenizer_folder(tmp_path / "tok", tokenizer_config={"bos_token": "<s>", "eos_token": "</s>"})
+    folder = save_llava(ours, tmp_path / "export", tokenizer_from=tokenizer, layout="hf", template="vicuna_v1")
+    config = json.loads((folder / "config.json").read_text())
+    image_id = config["image_token_index"]
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    batch = mixed_batch()
+    with torch.no_grad():
+        got = ours(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], hf_logits(hf, batch, image_id)[real], atol=1e-4, rtol=1e-4)
+    ids, pixels = batch["input_ids"][1:2, :7], batch["pixel_values"][:1]  # one prompt with one image
+    with torch.no_grad():
+        mine = ours.generate(ids, pixel_values=pixels, max_new_tokens=5).tokens[0].tolist()
+        theirs = hf.generate(input_ids=ids.masked_fill(ids == IMG, image_id), pixel_values=pixels, max_new_tokens=5,
+                             do_sample=False, min_new_tokens=5)[0, 7:].tolist()
+    assert mine == theirs
+    processor_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    assert processor_tokenizer.convert_tokens_to_ids("<image>") == image_id
+    assert load_llava(folder).template == "vicuna_v1"
+
+
+def test_exported_chat_template_renders_our_prompt(tmp_path: Path) -> None:
+    folder = byte_tokenizer_folder(tmp_path / "tok", tokenizer_config={"bos_token": "<s>", "eos_token": "</s>"})
+    ours = load_tokenizer(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    messages = [("user", "What colour?"), ("assistant", "Red."), ("user", "And now?")]
+    for name in ("vicuna_v1", "chatml", "pythia"):
+        theirs.chat_template = chat_template_jinja(name)
+        text = theirs.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
+                                          add_generation_prompt=True)
+        assert theirs(text, add_special_tokens=False).input_ids == render_prompt(ours, messages, name, 0), name
+
+
+def original_layout(tmp_path: Path, hf) -> tuple[Path, Path]:
+    """The transformers twin rewritten as the LLaVA repository stores it: a LLaMA folder + mm_* keys and
+    model.mm_projector.*, and the CLIP tower in a folder of its own."""
+    twin = load_llava(tmp_path / "hf")
+    llm_folder = save_llm(twin.llm, tmp_path / "original")
+    clip = save_vision_tower(twin.vision, tmp_path / "clip")
+    config = json.loads((llm_folder / "config.json").read_text())
+    config |= {"mm_projector_type": "mlp2x_gelu", "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+               "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_hidden_size": 32}
+    (llm_folder / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(llm_folder / "model.safetensors"))
+    weights |= {f"model.mm_projector.{k}": v.contiguous() for k, v in twin.projector.state_dict().items()}
+    save_file(weights, str(llm_folder / "model.safetensors"))
+    return llm_folder, clip
+
+
+def test_the_original_layout_equals_its_transformers_twin(tmp_path: Path) -> None:
+    hf = hf_llava("llama", "default")
+    hf.save_pretrained(tmp_path / "hf")
+    folder, clip = original_layout(tmp_path, hf)
+    assert_same_logits(load_llava(folder, vision=clip), hf, mixed_batch())
+    with pytest.raises(CheckpointMismatchError, match="mm_vision_tower='openai/clip-vit-large-patch14-336' is not a "
+                                                      "local folder"):
+        load_llava(folder)
+
+
+def test_bad_folders_are_named(tmp_path: Path) -> None:
+    hf = hf_llava("llama", "default")
+    hf.save_pretrained(tmp_path / "hf")
+    folder, clip = original_layout(tmp_path, hf)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "mm_projector_type": "qformer"}))
+    with pytest.raises(CheckpointMismatchError, match="mm_projector_type='qformer' is not a projector we have"):
+        load_llava(folder, vision=clip)
+    (folder / "config.json").write_text(json.dumps({**config, "mm_hidden_size": 1024}))
+    with pytest.raises(CheckpointMismatchError, match="mm_hidden_size=1024, but the vision tower"):
+        load_llava(folder, vision=clip)
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if k != "model.mm_projector.2.bias"},
+              str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match="does not hold the mlp2x_gelu projector 32 -> 48"):
+        load_llava(folder, vision=clip)
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**hf_config, "vision_feature_select_strategy": "x"}))
+    with pytest.raises(CheckpointMismatchError, match="vision_feature_select_strategy='x' is not supported"):
+        load_llava(tmp_path / "hf")
+
+
+def test_consolidate_reads_and_writes_the_transformers_layout(tmp_path: Path) -> None:
+    import consolidate
+    from mllm_cl.consolidation import modelmix
+
+    tokenizer = byte_tokenizer_folder(tmp_path / "tok", tokenizer_config={"bos_token": "<s>", "eos_token": "</s>"})
+    old = tiny_ours()
+    new = tiny_ours()
+    with torch.no_grad():
+        for p in new.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    save_llava(old, tmp_path / "old", tokenizer_from=tokenizer, layout="hf", template="vicuna_v1")
+    save_llava(new, tmp_path / "new", tokenizer_from=tokenizer)  # the other layout: they mix
+    consolidate.main([str(tmp_path / "old"), str(tmp_path / "new"), "--method", "modelmix", "--alpha", "0.25",
+                      "--out", str(tmp_path / "out")])
+    merged = load_llava(tmp_path / "out")
+    expected = modelmix({k: v for k, v in old.state_dict().items()}, new.state_dict(), 0.25)
+    for key, value in merged.state_dict().items():
+        if not key.startswith("vision."):
+            torch.testing.assert_close(value, expected[key], atol=1e-6, rtol=1e-6, msg=key)
+    consolidate.main([str(tmp_path / "new"), str(tmp_path / "old"), "--method", "modelmix", "--alpha", "1",
+                      "--out", str(tmp_path / "out_hf")])
+    assert json.loads((tmp_path / "out_hf" / "config.json").read_text())["model_type"] == "llava"  # NEW's layout
+
+
+def test_export_command(tmp_path: Path, capsys) -> None:
+    import export
+
+    tokenizer = byte_tokenizer_folder(tmp_path / "tok", tokenizer_config={"bos_token": "<s>", "eos_token": "</s>"})
+    save_llava(tiny_ours(), tmp_path / "ours", tokenizer_from=tokenizer, template="chatml")
+    assert export.main([str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tokenizer.chat_template == chat_template_jinja("chatml")  # the template it was trained with
+    assert transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf") is not None
+    assert export.main([str(tmp_path / "ours"), str(tmp_path / "hf")]) == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+
+
+def test_a_llava_checkpoint_as_init_selects_vicuna_unless_told(tmp_path: Path) -> None:
+    from mllm_cl.config import StageConfig
+    from mllm_cl.continual import load_init
+
+    hf = hf_llava("llama", "default")
+    hf.save_pretrained(tmp_path / "hf")
+    byte_tokenizer_folder(tmp_path / "hf")  # a LLaVA-1.5 download carries its tokenizer beside the weights
+    model, _, cfg = load_init(StageConfig(init=str(tmp_path / "hf"), max_len=128))
+    assert cfg.template == "vicuna_v1" and isinstance(model, LlavaModel)
+    assert load_init(StageConfig(init=str(tmp_path / "hf"), max_len=128, template="pythia"))[2].template == "pythia"
+
+
+def test_eval_reads_a_transformers_llava_folder(tmp_path: Path, capsys) -> None:
+    import eval as eval_cli
+
+    hf = hf_llava("llama", "default")
+    hf.save_pretrained(tmp_path / "hf")
+    byte_tokenizer_folder(tmp_path / "hf")
+    task = tmp_path / "nl" / "tiny.jsonl"
+    task.parent.mkdir()
+    task.write_text(json.dumps({"id": "a", "kind": "multiple_choice", "requests": [["Sky:", " blue"], ["Sky:", " red"]],
+                                "gold": 0}) + "\n")
+    assert eval_cli.main([str(tmp_path / "hf"), "--suite", "nl", "--nl-dir", str(task.parent)]) == 0
+    assert "tiny" in capsys.readouterr().out
