@@ -138,7 +138,7 @@ def initial_evaluation(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig
     file; the cache is used only when it was made from the same `init`, evaluation settings and test files.
     """
     path = Path(cfg.initial_eval or Path(cfg.out_dir) / "initial_eval.json")
-    setup = {"init": str(Path(cfg.init).resolve()), "eval": to_dict(cfg.eval),
+    setup = {"format": 2, "init": str(Path(cfg.init).resolve()), "eval": to_dict(cfg.eval),
              "tests": {t.name: [t.test, t.image_folder] for t in cfg.tasks}}
     if path.is_file():
         cached = json.loads(path.read_text())
@@ -156,9 +156,9 @@ def evaluate_model(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig) ->
     was_training = model.training
     model.eval()
     nl_files = {Path(path).stem: Path(path) for path in cfg.eval.nl_files}
-    nl = {r.task: r.metrics for r in evaluate_nl_suite(model.llm, tokenizer, nl_files,
-                                                       max_seq_len=model.llm.config.max_seq_len,
-                                                       batch_size=cfg.eval.batch_size, limit=cfg.eval.nl_limit or None)}
+    nl_results = evaluate_nl_suite(model.llm, tokenizer, nl_files, max_seq_len=model.llm.config.max_seq_len,
+                                   batch_size=cfg.eval.batch_size, limit=cfg.eval.nl_limit or None)
+    nl = {r.task: {**r.metrics, "correct": r.correct} for r in nl_results}  # per document, for intervals
     vl = {}
     for task in cfg.tasks:
         examples = read_vl_test_set(task.test, task.image_folder or None, cfg.eval.vl_limit or None)

@@ -10,12 +10,12 @@ The NL suite (paper 1's language skill, lm-eval style log-likelihood) is in eval
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from mllm_cl.evaluation_nl import EvalDataError, TextEncoder, evaluate_nl_documents, read_nl_documents
+from mllm_cl.evaluation_nl import EvalDataError, TextEncoder, read_nl_documents, score_nl_documents
 from mllm_cl.evaluation_vl import evaluate_vl_examples, read_vl_test_set
 from mllm_cl.llava import LlavaModel
 from mllm_cl.tokenizer import Tokenizer
@@ -32,6 +32,7 @@ class TaskResult:
     task: str
     metrics: dict[str, float]  # acc (+ acc_norm | perplexity), n
     seconds: float
+    correct: list[int] = field(default_factory=list)  # NL: 1/0 per document, in file order
 
     @property
     def examples_per_s(self) -> float:
@@ -73,8 +74,9 @@ def evaluate_nl_suite(model: torch.nn.Module, tokenizer: TextEncoder, task_files
     results = []
     for task, docs in documents.items():
         start = _clock(model)
-        metrics = evaluate_nl_documents(model, tokenizer, docs, max_seq_len=max_seq_len, batch_size=batch_size)
-        results.append(TaskResult(task, metrics, _clock(model) - start))
+        metrics, correct = score_nl_documents(model, tokenizer, docs, max_seq_len=max_seq_len,
+                                              batch_size=batch_size)
+        results.append(TaskResult(task, metrics, _clock(model) - start, correct))
     return results
 
 

@@ -230,6 +230,13 @@ def _continuation_scores(logits: torch.Tensor, rows: list[int], positions: list[
 def evaluate_nl_documents(model: torch.nn.Module, tokenizer: TextEncoder, docs: list[NLDoc], *,
                           max_seq_len: int, batch_size: int = 16) -> dict[str, float]:
     """Metrics of one task: {"acc", "acc_norm", "n"} for multiple choice, {"acc", "perplexity", "n"} for last word."""
+    return score_nl_documents(model, tokenizer, docs, max_seq_len=max_seq_len, batch_size=batch_size)[0]
+
+
+def score_nl_documents(model: torch.nn.Module, tokenizer: TextEncoder, docs: list[NLDoc], *,
+                       max_seq_len: int, batch_size: int = 16) -> tuple[dict[str, float], list[int]]:
+    """(`evaluate_nl_documents`' metrics, 1/0 per document: whether it was answered correctly), the latter for
+    intervals that resample documents (`metrics.bootstrap_delta_interval`)."""
     requests: list[tuple[str, str]] = []
     for doc in docs:
         requests += doc.requests if isinstance(doc, MultipleChoiceDoc) else [(doc.context, doc.target)]
@@ -238,17 +245,18 @@ def evaluate_nl_documents(model: torch.nn.Module, tokenizer: TextEncoder, docs: 
                                  pad_id=tokenizer.eos_id or 0)
     if isinstance(docs[0], LastWordDoc):
         mean_nll = -sum(loglik for loglik, _ in scores) / len(docs)
-        return {"acc": sum(greedy for _, greedy in scores) / len(docs),
-                "perplexity": math.exp(mean_nll) if mean_nll < 700 else math.inf, "n": len(docs)}
-    correct = correct_norm = 0
+        outcomes = [int(greedy) for _, greedy in scores]
+        return ({"acc": sum(outcomes) / len(docs), "perplexity": math.exp(mean_nll) if mean_nll < 700 else math.inf,
+                 "n": len(docs)}, outcomes)
+    outcomes, correct_norm = [], 0
     offset = 0
     for doc in docs:
         logliks = [loglik for loglik, _ in scores[offset:offset + len(doc.requests)]]
         normed = [ll / len(cont.encode("utf-8")) for ll, (_, cont) in zip(logliks, doc.requests)]
-        correct += _first_argmax(logliks) == doc.gold
+        outcomes.append(int(_first_argmax(logliks) == doc.gold))
         correct_norm += _first_argmax(normed) == doc.gold
         offset += len(doc.requests)
-    return {"acc": correct / len(docs), "acc_norm": correct_norm / len(docs), "n": len(docs)}
+    return {"acc": sum(outcomes) / len(docs), "acc_norm": correct_norm / len(docs), "n": len(docs)}, outcomes
 
 
 def _first_argmax(values: list[float]) -> int:

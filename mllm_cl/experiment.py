@@ -128,7 +128,9 @@ def shared_stage(cfg: ExperimentConfig, stage: str, out: Path, train: TrainConfi
 
 
 def summarise(cfg: ExperimentConfig, runs: dict[str, dict], wall_seconds: float) -> dict[str, Any]:
-    """Per method: the accuracy matrix, NL omega after each task, NL Delta and VL harmonic mean (percent)."""
+    """Per method: the accuracy matrix, NL omega after each task (also split into paper 1's NLU and NLG), NL Delta
+    and VL harmonic mean (percent), with 95% intervals: Wilson for every accuracy, a paired bootstrap over
+    documents for NL Delta."""
     task_names = [t.name for t in cfg.tasks]
     methods = {}
     for run_name, run in runs.items():
@@ -136,17 +138,45 @@ def summarise(cfg: ExperimentConfig, runs: dict[str, dict], wall_seconds: float)
         omega_base = metrics.nl_omega(base_nl)
         matrix = [[100.0 * after["vl"][t]["acc"] for t in task_names] for after in run["after_task"]]
         nl_after = [metrics.nl_omega(nl_accuracies(after)) for after in run["after_task"]]
+        final = run["after_task"][-1]
         methods[run_name] = {
             "methods": run["methods"], "task_names": task_names, "acc_matrix": matrix,
             "nl_base": omega_base, "nl_after_task": nl_after, "nl_delta": metrics.nl_delta(omega_base, nl_after[-1]),
-            "nl_tasks_final": nl_accuracies(run["after_task"][-1]), "nl_tasks_base": base_nl,
+            "nl_tasks_final": nl_accuracies(final), "nl_tasks_base": base_nl,
             "vl_after_task": [metrics.average_accuracy(matrix, k) for k in range(len(matrix))],
             "vl_hmean": metrics.vl_hmean(matrix[-1]),
             "forgetting": metrics.forgetting(matrix), "bwt": metrics.backward_transfer(matrix),
+            "acc_matrix_ci": [[wilson(after["vl"][t]) for t in task_names] for after in run["after_task"]],
+            "nl_delta_ci": delta_interval(run["initial"], final),
+            "nl_tasks_final_ci": {task: wilson(m) for task, m in final["nl"].items()},
+            "nlu_base": group_omega(run["initial"], "nlu"), "nlg_base": group_omega(run["initial"], "nlg"),
+            "nlu_after_task": [group_omega(after, "nlu") for after in run["after_task"]],
+            "nlg_after_task": [group_omega(after, "nlg") for after in run["after_task"]],
         }
     return {"name": cfg.name, "wall_seconds": wall_seconds, "date": datetime.now(timezone.utc).isoformat(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "tasks": task_names,
             "nl_files": cfg.eval.nl_files, "methods": methods}
+
+
+def wilson(task_metrics: dict[str, Any]) -> list[float]:
+    """The 95% Wilson interval of one task's accuracy, in percent."""
+    n = int(task_metrics["n"])
+    return list(metrics.wilson_interval(round(task_metrics["acc"] * n), n))
+
+
+def delta_interval(base: dict[str, Any], now: dict[str, Any]) -> list[float] | None:
+    """The paired-bootstrap 95% interval of NL Delta, when both evaluations kept per-document outcomes."""
+    if not all("correct" in m for scores in (base, now) for m in scores["nl"].values()):
+        return None
+    return list(metrics.bootstrap_delta_interval({t: m["correct"] for t, m in base["nl"].items()},
+                                                 {t: m["correct"] for t, m in now["nl"].items()}))
+
+
+def group_omega(scores: dict[str, Any], group: str) -> float | None:
+    """omega over paper 1's NLU benchmarks (multiple choice: WinoGrande, ARC, the world's fact cloze) or NLG ones
+    (last word: LAMBADA and the world's analogue, the tasks scored with a perplexity); None if there are none."""
+    chosen = {task: 100.0 * m["acc"] for task, m in scores["nl"].items() if ("perplexity" in m) == (group == "nlg")}
+    return metrics.nl_omega(chosen) if chosen else None
 
 
 def nl_accuracies(scores: dict[str, Any]) -> dict[str, float]:

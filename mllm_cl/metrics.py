@@ -81,3 +81,51 @@ def nl_delta(omega_base: float, omega_now: float) -> float:
 def vl_hmean(accuracies: Mapping[str, float] | Sequence[float]) -> float:
     """The vision-language score: the harmonic mean of the VL benchmarks' accuracies."""
     return harmonic_mean(accuracies)
+
+
+# ---------------------------------------------------------------- uncertainty
+
+Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(correct: float, n: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy, in percent (Wilson 1927): with p = correct / n,
+
+        (p + z^2/2n  +/-  z * sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)
+
+    which, unlike p +/- z*sqrt(p(1-p)/n), stays inside [0, 100] and is not empty at 0% or 100%."""
+    if n <= 0 or not 0 <= correct <= n:
+        raise ValueError(f"wilson_interval needs 0 <= correct <= n and n > 0, got {correct} of {n}")
+    p, z2 = correct / n, z * z
+    centre = p + z2 / (2 * n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    scale = 1 + z2 / n
+    return 100.0 * max(0.0, (centre - half) / scale), 100.0 * min(1.0, (centre + half) / scale)
+
+
+def bootstrap_delta_interval(base: Mapping[str, Sequence[int]], now: Mapping[str, Sequence[int]],
+                             resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """A paired bootstrap interval of Delta = omega(base) - omega(now) from per-document correctness (0/1).
+
+    Each resample draws, per benchmark, documents with replacement and scores the *same* documents before and
+    after, so what the two models share (the documents' difficulty) cancels out; the interval is the
+    (1 - level) / 2 and (1 + level) / 2 percentiles of the resampled Deltas, in points."""
+    if set(base) != set(now) or not base:
+        raise ValueError(f"base and now must score the same benchmarks, got {sorted(base)} and {sorted(now)}")
+    rng = np.random.default_rng(seed)
+    omega_base = np.empty((resamples, len(base)))
+    omega_now = np.empty((resamples, len(base)))
+    for column, task in enumerate(sorted(base)):
+        before, after = np.asarray(base[task], dtype=float), np.asarray(now[task], dtype=float)
+        if before.shape != after.shape or before.size == 0:
+            raise ValueError(f"{task}: {before.size} documents before and {after.size} after; they must be the same")
+        picks = rng.integers(0, before.size, size=(resamples, before.size))
+        omega_base[:, column] = 100.0 * before[picks].mean(axis=1)
+        omega_now[:, column] = 100.0 * after[picks].mean(axis=1)
+
+    def omega(accuracies: np.ndarray) -> np.ndarray:  # harmonic mean per row, a zero counting as 0.1%
+        return accuracies.shape[1] / (1.0 / np.where(accuracies > 0, accuracies, 0.1)).sum(axis=1)
+
+    deltas = omega(omega_base) - omega(omega_now)
+    low, high = np.percentile(deltas, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)

@@ -81,16 +81,30 @@ def _number(value: Any, where: str) -> float:
     return float(value)
 
 
+def _interval(value: Any, where: str) -> list[float]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise ReportInputError(f"{where}: expected an interval [low, high], got {value!r}")
+    return [_number(v, where) for v in value]
+
+
 def _check_method(entry: Any, where: str) -> dict[str, Any]:
     if not isinstance(entry, dict):
         raise ReportInputError(f"{where}: expected an object with fields {list(FIELDS)}")
     if not set(entry) & set(FIELDS):  # other fields (a run's extra figures) are carried along, not drawn
         raise ReportInputError(f"{where}: none of the report's fields {list(FIELDS)} (it has {sorted(entry)})")
     out: dict[str, Any] = {}
-    for field in ("nl_delta", "vl_hmean"):
+    for field in ("nl_delta", "vl_hmean", "nlu_base", "nlg_base"):
         if field in entry:
             out[field] = _number(entry[field], f"{where}, {field}")
-    for field in ("nl_after_task", "vl_after_task"):
+    if entry.get("nl_delta_ci") is not None:
+        out["nl_delta_ci"] = _interval(entry["nl_delta_ci"], f"{where}, nl_delta_ci")
+    if "acc_matrix_ci" in entry:
+        rows = entry["acc_matrix_ci"]
+        if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
+            raise ReportInputError(f"{where}, acc_matrix_ci: expected a list of rows of [low, high]")
+        out["acc_matrix_ci"] = [[_interval(v, f"{where}, acc_matrix_ci[{k}][{j}]") for j, v in enumerate(r)]
+                                for k, r in enumerate(rows)]
+    for field in ("nl_after_task", "vl_after_task", "nlu_after_task", "nlg_after_task"):
         if field in entry:
             if not isinstance(entry[field], list):
                 raise ReportInputError(f"{where}, {field}: expected a list of numbers")
@@ -298,6 +312,37 @@ def _cell(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.2f}"
 
 
+def _with_interval(value: float | None, interval: Sequence[float] | None) -> str:
+    if value is None or not interval:
+        return _cell(value)
+    return f"{_cell(value)} [{interval[0]:.1f}, {interval[1]:.1f}]"
+
+
+def _nlu_nlg_section(methods: dict[str, dict[str, Any]]) -> list[str]:
+    """Paper 1's split: NLU (multiple-choice benchmarks) and NLG (last-word), omega before and after each task."""
+    rows = [[name, _cell(m.get("nlu_base")), " / ".join(_cell(v) for v in m["nlu_after_task"]),
+             _cell(m.get("nlg_base")), " / ".join(_cell(v) for v in m["nlg_after_task"])]
+            for name, m in methods.items() if m.get("nlu_after_task") and m.get("nlg_after_task")]
+    if not rows:
+        return []
+    return ["## NLU and NLG (paper 1)", "", _table(["method", "NLU base", "NLU after each task", "NLG base",
+                                                     "NLG after each task"], rows), ""]
+
+
+def _learned_section(methods: dict[str, dict[str, Any]]) -> list[str]:
+    """Each task's VL accuracy right after learning it, with its Wilson interval."""
+    rows = []
+    for name, m in methods.items():
+        matrix, intervals = m.get("acc_matrix"), m.get("acc_matrix_ci")
+        if matrix is None or intervals is None:
+            continue
+        rows.append([name] + [_with_interval(matrix[k][k], intervals[k][k]) for k in range(len(matrix))])
+    if not rows:
+        return []
+    names = next((m["task_names"] for m in methods.values() if "task_names" in m), [])
+    return ["## VL accuracy right after learning each task [95% CI]", "", _table(["method", *names], rows), ""]
+
+
 def _file_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
@@ -313,12 +358,15 @@ def write_report(run_dirs_or_results: dict | str | Path | Sequence[str | Path], 
     rows = []
     for name, m in methods.items():
         matrix = m.get("acc_matrix")
-        rows.append([name, _cell(m.get("nl_delta")), _cell(m.get("vl_hmean")),
+        rows.append([name, _with_interval(m.get("nl_delta"), m.get("nl_delta_ci")), _cell(m.get("vl_hmean")),
                      _cell(average_accuracy(matrix) if matrix is not None else None),
                      _cell(backward_transfer(matrix) if matrix is not None and len(matrix) > 1 else None),
                      _cell(float(np.mean(forgetting(matrix))) if matrix is not None and len(matrix) > 1 else None)])
-    md += ["## Summary", "", _table(["method", "NL Delta", "VL hmean", "final avg acc", "BWT", "mean forgetting"],
-                                    rows), ""]
+    md += ["## Summary", "", _table(["method", "NL Delta [95% CI]", "VL hmean", "final avg acc", "BWT",
+                                     "mean forgetting"], rows), "",
+           "NL Delta's interval is a paired bootstrap over the benchmarks' documents; accuracies below carry their "
+           "95% Wilson interval.", ""]
+    md += _nlu_nlg_section(methods) + _learned_section(methods)
 
     for field, title, ylabel in (("nl_delta", "NL forgetting (Delta) per method", "NL Delta (points)"),
                                  ("vl_hmean", "VL harmonic mean per method", "VL hmean (%)")):

@@ -27,6 +27,12 @@ def test_smoke_experiment_end_to_end(tmp_path: Path) -> None:
         assert all(0.0 <= a <= 100.0 for row in matrix for a in row)
         assert len(summary["nl_after_task"]) == len(summary["vl_after_task"]) == len(tasks)
         assert isinstance(summary["nl_delta"], float) and isinstance(summary["vl_hmean"], float)
+        low, high = summary["nl_delta_ci"]  # the paired bootstrap brackets the measured Delta
+        assert low <= summary["nl_delta"] + 1e-9 and summary["nl_delta"] - 1e-9 <= high
+        for row, intervals in zip(matrix, summary["acc_matrix_ci"]):
+            assert all(lo <= a + 1e-9 and a - 1e-9 <= hi for a, (lo, hi) in zip(row, intervals))
+        assert summary["nlu_base"] is not None and summary["nlg_base"] is not None  # facts_mc and last_word
+        assert len(summary["nlu_after_task"]) == len(summary["nlg_after_task"]) == len(tasks)
         for index, task in enumerate(tasks):
             assert (run / "methods" / name / f"task_{index + 1}_{task}" / "eval.json").is_file()
     for stage in ("pretrain_text", "pretrain_vision", "align"):
@@ -35,6 +41,7 @@ def test_smoke_experiment_end_to_end(tmp_path: Path) -> None:
     load_llava(run / "methods" / "naive" / f"task_5_{tasks[-1]}" / "model")
     report = (run / "REPORT.md").read_text()
     assert "naive" in report and "uir+sac" in report
+    assert "NL Delta [95% CI]" in report and "## NLU and NLG (paper 1)" in report
     pngs = sorted(p.name for p in run.glob("*.png"))
     assert pngs, "the report draws its plots as PNG files"
 

@@ -59,3 +59,31 @@ def test_bad_matrices_are_named():
         accuracy_matrix([[1.0, 2.0]])
     with pytest.raises(ValueError, match=r"entry \[1\]\[0\]"):
         average_accuracy([[1.0, NAN], [NAN, 2.0]])
+
+
+def test_wilson_interval_against_hand_computed_values() -> None:
+    from mllm_cl.metrics import wilson_interval
+
+    # 8 of 10, z = 1.96: centre (0.8 + 0.19208) / 1.38416 = 0.71676, half 1.96 * sqrt(0.016 + 0.0096040) / 1.38416
+    # = 0.22657 -> [49.02, 94.33]
+    low, high = wilson_interval(8, 10, z=1.96)
+    assert low == pytest.approx(49.02, abs=0.01) and high == pytest.approx(94.33, abs=0.01)
+    # 0 of 20: [0, z^2 / (n + z^2)] = [0, 3.8416 / 23.8416] = [0, 16.11]
+    low, high = wilson_interval(0, 20, z=1.96)
+    assert low == 0.0 and high == pytest.approx(16.11, abs=0.01)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 0)
+
+
+def test_paired_bootstrap_delta_interval() -> None:
+    from mllm_cl.metrics import bootstrap_delta_interval
+
+    same = {"a": [1, 0] * 50, "b": [1, 1, 0, 0] * 25}
+    assert bootstrap_delta_interval(same, same) == (0.0, 0.0)  # paired: identical answers, no spread at all
+    base = {"a": [1] * 80 + [0] * 20}
+    now = {"a": [1] * 40 + [0] * 60}  # Delta = 80 - 40 = 40 points
+    low, high = bootstrap_delta_interval(base, now, resamples=4000, seed=1)
+    assert low < 40 < high and 25 < low and high < 55
+    assert bootstrap_delta_interval(base, now, seed=1) == bootstrap_delta_interval(base, now, seed=1)
+    with pytest.raises(ValueError, match="same benchmarks"):
+        bootstrap_delta_interval(base, {"b": [1]})

@@ -65,3 +65,14 @@ def test_bad_input_is_named(tmp_path):
         load_results({"methods": {"x": {"acc_matrix": [[1, None], [2, 3]], "task_names": ["a", "b", "c"]}}})
     with pytest.raises(ReportInputError, match="results.json"):
         load_results([tmp_path / "nowhere.json"])
+
+
+def test_intervals_and_the_nlu_nlg_split_are_reported(tmp_path) -> None:
+    method = {"nl_delta": 7.83, "nl_delta_ci": [3.1, 12.04], "vl_hmean": 5.0, "acc_matrix": [[70.0]],
+              "acc_matrix_ci": [[[61.2, 77.5]]], "task_names": ["color"], "nlu_base": 95.0, "nlg_base": 86.5,
+              "nlu_after_task": [54.6], "nlg_after_task": [3.5]}
+    report = write_report({"methods": {"naive": method}}, tmp_path).read_text()
+    assert "| naive | 7.83 [3.1, 12.0] |" in report
+    assert "| naive | 95.00 | 54.60 | 86.50 | 3.50 |" in report and "| naive | 70.00 [61.2, 77.5] |" in report
+    with pytest.raises(ReportInputError, match=r"nl_delta_ci: expected an interval \[low, high\]"):
+        write_report({"methods": {"naive": {**method, "nl_delta_ci": [1.0]}}}, tmp_path)
