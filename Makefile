@@ -21,8 +21,9 @@ test: $(ENV_STAMP)
 	$(PYTHON) -m pytest tests
 
 # The papers' experiment on the synthetic world: nothing downloaded, a few minutes on 2 CPU cores.
+# SEEDS=3: the whole grid once per seed (about 3x the time), reported as mean and sd per method.
 demo: $(ENV_STAMP)
-	$(PYTHON) train.py experiment --config configs/experiments/demo.json
+	$(PYTHON) train.py experiment --config configs/experiments/demo.json $(if $(SEEDS),seeds=$(SEEDS))
 
 # Real offline assets (SmolLM2-135M-Instruct, NL benchmarks, easy-vqa) into data/offline/.
 data: $(ENV_STAMP)

@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mllm_cl import metrics
 from mllm_cl.config import (LLM_PRESETS, VISION_PRESETS, ExperimentConfig, StageConfig, StageError, TaskSpec,
                             TrainConfig)
@@ -32,6 +34,10 @@ from mllm_cl.synthetic import build_world
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
+    if cfg.seeds < 1:
+        raise StageError(f"seeds must be at least 1, got {cfg.seeds}")
+    if cfg.seeds > 1:
+        return run_seeds(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock(out / "timing.json")
@@ -60,6 +66,42 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_report(results, out)
     print(f"\n{cfg.name}: wrote {out / 'results.json'} and {out / 'REPORT.md'} in {results['wall_seconds']:.0f}s")
+    return results
+
+
+SEED_FIELDS = ("nl_delta", "vl_hmean", "nl_base")  # figures summarised over seeds, besides the accuracy matrix
+
+
+def run_seeds(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The experiment once per seed s = 0..seeds-1 (every stage's train.seed set to s, the world shared), in
+    out_dir/seed_<s>/; then per method the mean and the sample standard deviation of each figure over seeds."""
+    out = Path(cfg.out_dir)
+    per_seed = {}
+    for seed in range(cfg.seeds):
+        trains = {name: replace(getattr(cfg, name), seed=seed)
+                  for name in ("pretrain_text", "pretrain_vision", "align", "task_train")}
+        print(f"\n##### seed {seed} of {cfg.seeds} #####", flush=True)
+        per_seed[seed] = run_experiment(replace(cfg, seeds=1, out_dir=str(out / f"seed_{seed}"), **trains))
+    methods = {}
+    for name in per_seed[0]["methods"]:
+        runs = [per_seed[seed]["methods"][name] for seed in per_seed]
+        summary: dict[str, Any] = {"methods": runs[0]["methods"], "task_names": runs[0]["task_names"]}
+        for field in SEED_FIELDS:
+            values = [run[field] for run in runs]
+            summary |= {field: float(np.mean(values)), f"{field}_sd": float(np.std(values, ddof=1)),
+                        f"{field}_per_seed": values}
+        matrices = np.array([run["acc_matrix"] for run in runs])  # (seeds, T, T)
+        summary |= {"acc_matrix": matrices.mean(axis=0).tolist(),
+                    "acc_matrix_sd": matrices.std(axis=0, ddof=1).tolist(),
+                    "nl_after_task": np.mean([run["nl_after_task"] for run in runs], axis=0).tolist(),
+                    "vl_after_task": np.mean([run["vl_after_task"] for run in runs], axis=0).tolist()}
+        methods[name] = summary
+    results = {"name": cfg.name, "seeds": list(per_seed), "tasks": per_seed[0]["tasks"],
+               "wall_seconds": sum(r["wall_seconds"] for r in per_seed.values()),
+               "date": datetime.now(timezone.utc).isoformat(), "methods": methods}
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_report(results, out)
+    print(f"\n{cfg.name}: {cfg.seeds} seeds; wrote {out / 'results.json'} and {out / 'REPORT.md'}")
     return results
 
 

@@ -93,7 +93,7 @@ def _check_method(entry: Any, where: str) -> dict[str, Any]:
     if not set(entry) & set(FIELDS):  # other fields (a run's extra figures) are carried along, not drawn
         raise ReportInputError(f"{where}: none of the report's fields {list(FIELDS)} (it has {sorted(entry)})")
     out: dict[str, Any] = {}
-    for field in ("nl_delta", "vl_hmean", "nlu_base", "nlg_base"):
+    for field in ("nl_delta", "vl_hmean", "nlu_base", "nlg_base", "nl_delta_sd", "vl_hmean_sd"):
         if field in entry:
             out[field] = _number(entry[field], f"{where}, {field}")
     if entry.get("nl_delta_ci") is not None:
@@ -318,6 +318,16 @@ def _with_interval(value: float | None, interval: Sequence[float] | None) -> str
     return f"{_cell(value)} [{interval[0]:.1f}, {interval[1]:.1f}]"
 
 
+def _seeds_section(methods: dict[str, dict[str, Any]]) -> list[str]:
+    """Mean and sample standard deviation over seeds, for results of `seeds` > 1."""
+    rows = [[name, f"{_cell(m['nl_delta'])} +/- {_cell(m['nl_delta_sd'])}",
+             f"{_cell(m['vl_hmean'])} +/- {_cell(m['vl_hmean_sd'])}"]
+            for name, m in methods.items() if "nl_delta_sd" in m and "vl_hmean_sd" in m]
+    if not rows:
+        return []
+    return ["## Over seeds (mean +/- sd)", "", _table(["method", "NL Delta", "VL hmean"], rows), ""]
+
+
 def _nlu_nlg_section(methods: dict[str, dict[str, Any]]) -> list[str]:
     """Paper 1's split: NLU (multiple-choice benchmarks) and NLG (last-word), omega before and after each task."""
     rows = [[name, _cell(m.get("nlu_base")), " / ".join(_cell(v) for v in m["nlu_after_task"]),
@@ -366,7 +376,7 @@ def write_report(run_dirs_or_results: dict | str | Path | Sequence[str | Path], 
                                      "mean forgetting"], rows), "",
            "NL Delta's interval is a paired bootstrap over the benchmarks' documents; accuracies below carry their "
            "95% Wilson interval.", ""]
-    md += _nlu_nlg_section(methods) + _learned_section(methods)
+    md += _seeds_section(methods) + _nlu_nlg_section(methods) + _learned_section(methods)
 
     for field, title, ylabel in (("nl_delta", "NL forgetting (Delta) per method", "NL Delta (points)"),
                                  ("vl_hmean", "VL harmonic mean per method", "VL hmean (%)")):

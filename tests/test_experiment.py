@@ -4,6 +4,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from mllm_cl.config import ExperimentConfig, load_json
 from mllm_cl.experiment import run_experiment
 from mllm_cl.llava import load_llava
@@ -50,3 +52,21 @@ def test_smoke_experiment_end_to_end(tmp_path: Path) -> None:
     assert again["methods"]["naive"]["acc_matrix"] == results["methods"]["naive"]["acc_matrix"]
     # ... and its wall-clock time counts the earlier invocations too
     assert again["wall_seconds"] >= json.loads((run / "timing.json").read_text())["seconds"] >= results["wall_seconds"]
+
+
+def test_seeds_run_the_grid_per_seed_and_report_mean_and_sd(tmp_path: Path) -> None:
+    cfg = load_json(ExperimentConfig, ROOT / "configs/experiments/smoke.json")
+    cfg = replace(cfg, out_dir=str(tmp_path / "seeds"), world=str(tmp_path / "world"), seeds=2,
+                  methods={"naive": ["naive"]})
+    results = run_experiment(cfg)
+    naive = results["methods"]["naive"]
+    first, second = naive["nl_delta_per_seed"]
+    assert first != second  # other seeds, other runs
+    assert naive["nl_delta"] == pytest.approx((first + second) / 2)
+    assert naive["nl_delta_sd"] == pytest.approx(abs(first - second) / 2 ** 0.5)
+    assert (tmp_path / "seeds" / "seed_1" / "results.json").is_file()
+    assert "## Over seeds (mean +/- sd)" in (tmp_path / "seeds" / "REPORT.md").read_text()
+    alone = run_experiment(replace(cfg, out_dir=str(tmp_path / "alone"), seeds=1))  # the same seed, the same run
+    assert alone["methods"]["naive"]["nl_delta"] == first
+    assert alone["methods"]["naive"]["acc_matrix"] == json.loads(
+        (tmp_path / "seeds" / "seed_0" / "results.json").read_text())["methods"]["naive"]["acc_matrix"]
