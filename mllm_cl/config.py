@@ -263,6 +263,9 @@ class TrainConfig:
         return self.global_batch_size // self.micro_batch_size
 
 
+# TrainConfig fields a resumed run may change: they do not change what is computed.
+RESUMABLE_TRAIN_FIELDS = ("resume", "device", "log_every", "save_every")
+
 STAGES = ("pretrain-text", "pretrain-vision", "align", "finetune", "continual")
 
 

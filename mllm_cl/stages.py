@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from mllm_cl.clip_text import CLIPContrastive, TextTowerConfig, clip_config_hf, save_clip
-from mllm_cl.config import (LLM_PRESETS, STAGES, VISION_PRESETS, StageConfig, StageError, llm_preset, require,
-                            to_dict, vision_preset)
+from mllm_cl.config import (LLM_PRESETS, RESUMABLE_TRAIN_FIELDS, STAGES, VISION_PRESETS, StageConfig, StageError,
+                            llm_preset, require, to_dict, vision_preset)
 from mllm_cl.continual import load_init, run_continual
 from mllm_cl.data import (DataError, TextCorpus, check_fits, load_image, multimodal_dataset, read_records,
                           validate_entry)
@@ -54,8 +54,7 @@ def run_stage(cfg: StageConfig) -> Path:
 
 
 SETTINGS_FILE = "stage_config.json"
-# Settings a resumed run may change: they do not change what is computed.
-RESUMABLE_CHANGES = {"train": ("resume", "device", "log_every", "save_every")}
+RESUMABLE_CHANGES = {"train": RESUMABLE_TRAIN_FIELDS}  # per section: settings a resumed run may change
 
 
 def claim_out_dir(cfg: StageConfig) -> Path:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from mllm_cl.checkpointing import disable_checkpointing, enable_checkpointing
-from mllm_cl.config import TrainConfig
+from mllm_cl.config import RESUMABLE_TRAIN_FIELDS, TrainConfig
 from mllm_cl.data import EpochBatches
 from mllm_cl.device import resolve_device
 from mllm_cl.errors import UserError
@@ -292,7 +292,7 @@ def _record(line: str) -> dict[str, Any] | None:
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The settings a resumed run must share with the saved one (logging, saving and device may change)."""
-    return {k: v for k, v in config.items() if k not in ("resume", "device", "log_every", "save_every")}
+    return {k: v for k, v in config.items() if k not in RESUMABLE_TRAIN_FIELDS}
 
 
 def _checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
