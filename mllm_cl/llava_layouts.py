@@ -18,7 +18,6 @@ Anything these layouts say that we cannot honour is a CheckpointMismatchError na
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from mllm_cl.config import ConfigError, VisionConfig
 from mllm_cl.conversation import get_template
 from mllm_cl.data import CLIP_MEAN, CLIP_STD
 from mllm_cl.llm import LanguageModel
-from mllm_cl.model_folder import (CONFIG_FILE, SINGLE_FILE, TOKENIZER_FILES, atomic_save_tensors, read_config,
+from mllm_cl.model_folder import (CONFIG_FILE, SINGLE_FILE, atomic_save_tensors, copy_tokenizer_files, read_config,
                                   read_tensors, staged_folder)
 from mllm_cl.projector import Projector, build_projector
 from mllm_cl.vision import VisionTower
@@ -210,9 +209,7 @@ def chat_template_jinja(name: str) -> str:
 
 def _tokenizer_with_image_token(source: Path, staging: Path, vocab_size: int) -> int:
     """Copy the tokenizer files, adding IMAGE_TOKEN (on a spare embedding row) if it has none; return its id."""
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, staging / name)
+    copy_tokenizer_files(source, staging)
     spec = json.loads((staging / "tokenizer.json").read_text())
     added = spec.setdefault("added_tokens", [])
     existing = [t["id"] for t in added if t.get("content") == IMAGE_TOKEN]

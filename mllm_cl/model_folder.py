@@ -188,8 +188,12 @@ def write_model_folder(folder: str | Path, tensors: dict[str, torch.Tensor], con
                   metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if copy_from is not None:
-            for name in TOKENIZER_FILES:
-                source = Path(copy_from) / name
-                if source.is_file():
-                    shutil.copy2(source, staging / name)
+            copy_tokenizer_files(copy_from, staging)
     return Path(folder)
+
+
+def copy_tokenizer_files(source: str | Path, target: str | Path) -> None:
+    """Copy whichever of TOKENIZER_FILES `source` holds into the folder `target`."""
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, Path(target) / name)
