@@ -39,4 +39,4 @@ bench: $(ENV_STAMP)
 	$(PYTHON) bench/consolidate_speed.py
 
 clean:
-	rm -rf runs data/synthetic data/synthetic.partial .pytest_cache
+	rm -rf runs data/synthetic data/synthetic.partial data/synthetic-experiment data/synthetic-experiment.partial .pytest_cache

@@ -80,6 +80,7 @@ def run_continual(cfg: StageConfig) -> Path:
     results: dict[str, Any] = {"methods": cfg.methods, "tasks": names, "after_task": []}
     start = time.time()
     results["initial"] = initial_evaluation(model, tokenizer, cfg)
+    initial_seconds = time.time() - start  # near zero when another run already made the shared file
 
     for index, task in enumerate(cfg.tasks):
         task_dir = out / f"task_{index + 1}_{task.name}"
@@ -98,6 +99,7 @@ def run_continual(cfg: StageConfig) -> Path:
         if any(m.needs_previous for m in methods) and not done:
             ctx.snapshot_previous()
         seed_everything(derive_seed(cfg.train.seed, "task", index))  # adapters and whatever else a hook draws
+        task_start = time.time()
         for method in methods:
             method.before_task(ctx)
         if not done:
@@ -108,14 +110,17 @@ def run_continual(cfg: StageConfig) -> Path:
             print(f"task {index + 1} ({task.name}) already finished: replayed the methods' hooks on its model")
         else:
             save_llava(model, task_dir / "model", tokenizer_from=tokenizer_folder(cfg.init), template=cfg.template)
+            eval_start = time.time()
             scores = evaluate_model(model, tokenizer, cfg)
             scores["method_log"] = ctx.log
+            scores["seconds"] = {"train": eval_start - task_start, "eval": time.time() - eval_start}
             atomic_write_text(task_dir / "eval.json", json.dumps(scores, indent=2) + "\n")
             # A finished task resumes from its model folder; its trainer checkpoint (weights, fp32 masters and
             # Adam moments: 4x the model) is dead weight, 2 GB per task and method for SmolLM2-135M.
             remove_checkpoint(task_dir)
         results["after_task"].append(json.loads((task_dir / "eval.json").read_text()))
         results["wall_seconds"] = time.time() - start
+        results["seconds"] = time_spent(results["after_task"], initial_seconds)
         atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
     return out / f"task_{len(cfg.tasks)}_{cfg.tasks[-1].name}" / "model"
 
@@ -129,6 +134,14 @@ def load_init(cfg: StageConfig, device: torch.device | None = None) -> tuple[Lla
     tokenizer = load_tokenizer(tokenizer_folder(cfg.init))
     check_fits(cfg.max_len, tokenizer, model.llm.config, f"init={cfg.init}")
     return model, tokenizer, replace(cfg, template=cfg.template or model.template or "pythia")
+
+
+def time_spent(after_task: list[dict[str, Any]], initial_seconds: float) -> dict[str, float]:
+    """Seconds spent training (methods' hooks and saving included) and evaluating, summed over the finished tasks
+    (of every invocation: each task's eval.json keeps its own) plus this invocation's initial evaluation."""
+    per_task = [scores.get("seconds", {}) for scores in after_task]
+    return {"train": sum(t.get("train", 0.0) for t in per_task),
+            "eval": initial_seconds + sum(t.get("eval", 0.0) for t in per_task)}
 
 
 def initial_evaluation(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig) -> dict[str, Any]:

@@ -13,9 +13,12 @@ an interrupted experiment picks up where it stopped (an unfinished stage resumes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,12 +28,12 @@ import numpy as np
 
 from mllm_cl import metrics
 from mllm_cl.config import (LLM_PRESETS, VISION_PRESETS, ExperimentConfig, StageConfig, StageError, TaskSpec,
-                            TrainConfig)
+                            TrainConfig, from_dict, to_dict)
 from mllm_cl.methods import expand_methods
 from mllm_cl.model_folder import atomic_write_text
 from mllm_cl.report import write_report
 from mllm_cl.stages import run_stage
-from mllm_cl.synthetic import build_world
+from mllm_cl.synthetic import WORLD_VERSION, build_world
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -38,33 +41,44 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         raise StageError(f"seeds must be at least 1, got {cfg.seeds}")
     if cfg.seeds > 1:
         return run_seeds(cfg)
+    unknown = sorted(set(cfg.run_train) - set(cfg.methods))
+    if unknown:
+        raise StageError(f"run_train names {unknown}, which are not method runs; the runs are {list(cfg.methods)}")
+    for run_name in cfg.run_train:
+        run_train(cfg, run_name)  # a bad field fails here, before any stage runs
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock(out / "timing.json")
-    world = ensure_world(cfg)
+    with clock.part("world"):
+        world = ensure_world(cfg)
+    check_same_world(out, world)
     cfg = with_world_defaults(cfg, world)
-    llm = shared_stage(cfg, "pretrain-text", out / "pretrain_text", cfg.pretrain_text, llm=cfg.llm,
-                       train_file=cfg.text_corpus, skip=cfg.llm not in LLM_PRESETS, given=cfg.llm)
-    # The tower learns from the world's captions, so its text side reads them with the world's tokenizer.
-    vision = shared_stage(cfg, "pretrain-vision", out / "pretrain_vision", cfg.pretrain_vision, vision=cfg.vision,
-                          tokenizer=str(world / "tokenizer.json"), train_file=cfg.align_file,
-                          image_folder=str(world), skip=cfg.vision not in VISION_PRESETS, given=cfg.vision)
-    aligned = shared_stage(cfg, "align", out / "align", cfg.align, llm=str(llm), vision=str(vision),
-                           tokenizer=cfg.tokenizer or str(llm), train_file=cfg.align_file, image_folder=str(world))
-    clock.save()
+    with clock.part("pretrain-text"):
+        llm = shared_stage(cfg, "pretrain-text", out / "pretrain_text", cfg.pretrain_text, llm=cfg.llm,
+                           train_file=cfg.text_corpus, skip=cfg.llm not in LLM_PRESETS, given=cfg.llm)
+    with clock.part("pretrain-vision"):  # the tower reads the world's captions with the world's tokenizer
+        vision = shared_stage(cfg, "pretrain-vision", out / "pretrain_vision", cfg.pretrain_vision,
+                              vision=cfg.vision, tokenizer=str(world / "tokenizer.json"), train_file=cfg.align_file,
+                              image_folder=str(world), skip=cfg.vision not in VISION_PRESETS, given=cfg.vision)
+    with clock.part("align"):
+        aligned = shared_stage(cfg, "align", out / "align", cfg.align, llm=str(llm), vision=str(vision),
+                               tokenizer=cfg.tokenizer or str(llm), train_file=cfg.align_file,
+                               image_folder=str(world))
     runs = {}
     for run_name, methods in cfg.methods.items():
         options = {m: o for m, o in cfg.method_options.items() if m in expand_methods(methods)}
-        stage = base_stage(cfg, "continual", out / "methods" / run_name, cfg.task_train, init=str(aligned),
+        stage = base_stage(cfg, "continual", out / "methods" / run_name, run_train(cfg, run_name), init=str(aligned),
                            tasks=cfg.tasks, inquiries=cfg.inquiries, methods=methods, method_options=options,
                            initial_eval=str(out / "initial_eval.json"))  # every run starts from the same model
         print(f"\n=== method run {run_name!r}: {methods} ===", flush=True)
-        run_stage(stage)
+        with clock.part(f"method:{run_name}"):
+            run_stage(stage)
         runs[run_name] = json.loads((out / "methods" / run_name / "results.json").read_text())
-        clock.save()
     results = summarise(cfg, runs, wall_seconds=clock.seconds())
+    results["timing"] = time_table(clock, runs)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_report(results, out)
+    print(f"\nwhere the time went:\n{format_time_table(results['timing'])}")
     print(f"\n{cfg.name}: wrote {out / 'results.json'} and {out / 'REPORT.md'} in {results['wall_seconds']:.0f}s")
     return results
 
@@ -106,29 +120,87 @@ def run_seeds(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 class Clock:
-    """Wall-clock seconds of an experiment over all its invocations: an interrupted and resumed run reports the
-    time of every invocation up to its last saved point (the end of a shared stage or of a method run)."""
+    """Wall-clock seconds of an experiment over all its invocations, in total and per part (the world, each shared
+    stage, each method run): an interrupted and resumed run reports the time of every invocation up to its last
+    saved point (the end of a part)."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.start = path, time.time()
-        self.before = float(json.loads(path.read_text())["seconds"]) if path.is_file() else 0.0
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        self.before = float(saved.get("seconds", 0.0))
+        self.parts: dict[str, float] = {k: float(v) for k, v in saved.get("parts", {}).items()}
 
     def seconds(self) -> float:
         return self.before + time.time() - self.start
 
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        """Add the time spent inside the block to part `name`, then save."""
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.parts[name] = self.parts.get(name, 0.0) + time.time() - start
+            self.save()
+
     def save(self) -> None:
-        atomic_write_text(self.path, json.dumps({"seconds": self.seconds()}) + "\n")
+        atomic_write_text(self.path, json.dumps({"seconds": self.seconds(), "parts": self.parts}) + "\n")
+
+
+def time_table(clock: Clock, runs: dict[str, dict]) -> dict[str, Any]:
+    """Where the experiment's time went: each shared part, and each method run split into training (methods'
+    hooks and saving included) and evaluation (its share of the initial evaluation included)."""
+    shared = {name: seconds for name, seconds in clock.parts.items() if not name.startswith("method:")}
+    methods = {}
+    for name, run in runs.items():
+        wall = clock.parts.get(f"method:{name}", 0.0)
+        spent = run.get("seconds", {"train": 0.0, "eval": 0.0})
+        methods[name] = {"train": spent["train"], "eval": spent["eval"], "wall": wall}
+    return {"total": clock.seconds(), "shared": shared, "methods": methods}
+
+
+def format_time_table(timing: dict[str, Any]) -> str:
+    lines = [f"{'part':<24}{'seconds':>9}{'share':>8}"]
+    total = timing["total"] or 1.0
+
+    def row(name: str, seconds: float) -> None:
+        lines.append(f"{name:<24}{seconds:>9.1f}{100 * seconds / total:>7.1f}%")
+
+    for name, seconds in timing["shared"].items():
+        row(name, seconds)
+    for name, spent in timing["methods"].items():
+        row(f"{name}: train", spent["train"])
+        row(f"{name}: evaluate", spent["eval"])
+    row("total", timing["total"])
+    return "\n".join(lines)
 
 
 def ensure_world(cfg: ExperimentConfig) -> Path:
+    """The world's folder, generated when it holds no world or one an older generator drew."""
     world = Path(cfg.world)
-    if not (world / "world.json").is_file():
-        if not cfg.world_size:
-            raise StageError(f"{world} holds no world.json and world_size is empty: generate it with "
-                             f"`python data/synthetic_world.py --out {world}`")
-        print(f"generating the synthetic world ({cfg.world_size}, seed {cfg.world_seed}) into {world}", flush=True)
-        build_world(world, seed=cfg.world_seed, size=cfg.world_size)
+    manifest = world / "world.json"
+    version = json.loads(manifest.read_text()).get("version", 1) if manifest.is_file() else None
+    if version == WORLD_VERSION:
+        return world
+    if not cfg.world_size:
+        state = "holds no world.json" if version is None else f"holds a version-{version} world"
+        raise StageError(f"{world} {state} (this code draws version {WORLD_VERSION}) and world_size is empty: "
+                         f"generate it with `python data/synthetic_world.py --out {world}`")
+    why = "" if version is None else f" (it held a version-{version} world)"
+    print(f"generating the synthetic world ({cfg.world_size}, seed {cfg.world_seed}) into {world}{why}", flush=True)
+    build_world(world, seed=cfg.world_seed, size=cfg.world_size)
     return world
+
+
+def check_same_world(out: Path, world: Path) -> None:
+    """Refuse to continue a run in `out` whose stages were trained on another world: its models (and the world's
+    tokenizer they were trained with) no longer match the data. The world is named by its manifest's hash."""
+    digest = hashlib.sha256((world / "world.json").read_bytes()).hexdigest()
+    record = out / "world.sha256"
+    if record.is_file() and record.read_text().strip() != digest:
+        raise StageError(f"{out} holds a run trained on another world than the one now in {world} (its world.json "
+                         f"changed): remove {out} (`make clean`) or set another out_dir")
+    atomic_write_text(record, digest + "\n")
 
 
 def with_world_defaults(cfg: ExperimentConfig, world: Path) -> ExperimentConfig:
@@ -146,6 +218,12 @@ def with_world_defaults(cfg: ExperimentConfig, world: Path) -> ExperimentConfig:
                    text_corpus=cfg.text_corpus or str(world / "text/train.txt"),
                    align_file=cfg.align_file or str(world / "align.json"),
                    inquiries=cfg.inquiries or str(world / "inquiries.json"))
+
+
+def run_train(cfg: ExperimentConfig, run_name: str) -> TrainConfig:
+    """The task training settings of one method run: task_train with that run's `run_train` fields."""
+    return from_dict(TrainConfig, {**to_dict(cfg.task_train), **cfg.run_train.get(run_name, {})},
+                     f"run_train.{run_name}")
 
 
 def base_stage(cfg: ExperimentConfig, stage: str, out: Path, train: TrainConfig, **fields: Any) -> StageConfig:
@@ -190,6 +268,8 @@ def summarise(cfg: ExperimentConfig, runs: dict[str, dict], wall_seconds: float)
             "forgetting": metrics.forgetting(matrix), "bwt": metrics.backward_transfer(matrix),
             "acc_matrix_ci": [[wilson(after["vl"][t]) for t in task_names] for after in run["after_task"]],
             "nl_delta_ci": delta_interval(run["initial"], final),
+            "nl_delta_after_task": [metrics.nl_delta(omega_base, omega) for omega in nl_after],
+            "nl_delta_ci_after_task": [delta_interval(run["initial"], after) for after in run["after_task"]],
             "nl_tasks_final_ci": {task: wilson(m) for task, m in final["nl"].items()},
             "nlu_base": group_omega(run["initial"], "nlu"), "nlg_base": group_omega(run["initial"], "nlg"),
             "nlu_after_task": [group_omega(after, "nlu") for after in run["after_task"]],

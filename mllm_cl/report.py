@@ -104,7 +104,10 @@ def _check_method(entry: Any, where: str) -> dict[str, Any]:
             raise ReportInputError(f"{where}, acc_matrix_ci: expected a list of rows of [low, high]")
         out["acc_matrix_ci"] = [[_interval(v, f"{where}, acc_matrix_ci[{k}][{j}]") for j, v in enumerate(r)]
                                 for k, r in enumerate(rows)]
-    for field in ("nl_after_task", "vl_after_task", "nlu_after_task", "nlg_after_task"):
+    if isinstance(entry.get("nl_delta_ci_after_task"), list):
+        out["nl_delta_ci_after_task"] = [None if v is None else _interval(v, f"{where}, nl_delta_ci_after_task[{i}]")
+                                         for i, v in enumerate(entry["nl_delta_ci_after_task"])]
+    for field in ("nl_after_task", "vl_after_task", "nlu_after_task", "nlg_after_task", "nl_delta_after_task"):
         if field in entry:
             if not isinstance(entry[field], list):
                 raise ReportInputError(f"{where}, {field}: expected a list of numbers")
@@ -353,6 +356,54 @@ def _learned_section(methods: dict[str, dict[str, Any]]) -> list[str]:
     return ["## VL accuracy right after learning each task [95% CI]", "", _table(["method", *names], rows), ""]
 
 
+def _paper1_table3(methods: dict[str, dict[str, Any]]) -> list[str]:
+    """Paper 1's Table 3 layout: after one VL task (the first), its VL accuracy and the language scores."""
+    rows = []
+    for name, m in methods.items():
+        matrix, deltas = m.get("acc_matrix"), m.get("nl_delta_after_task")
+        if matrix is None or not deltas or not m.get("nlu_after_task") or not m.get("nlg_after_task"):
+            continue
+        intervals = m.get("acc_matrix_ci")
+        delta_ci = (m.get("nl_delta_ci_after_task") or [None])[0]
+        rows.append([name, _with_interval(matrix[0][0], intervals[0][0] if intervals else None),
+                     _cell(m["nlu_after_task"][0]), _cell(m["nlg_after_task"][0]), _cell(m["nl_after_task"][0]),
+                     _with_interval(deltas[0], delta_ci)])
+    if not rows:
+        return []
+    first = next(m["task_names"][0] for m in methods.values() if m.get("task_names"))
+    return [f"## After one VL task ({first}), paper 1's Table 3 layout", "",
+            _table(["method", "VL acc [95% CI]", "NLU omega", "NLG omega", "NL omega", "NL Delta [95% CI]"], rows), ""]
+
+
+def _paper1_table4(methods: dict[str, dict[str, Any]]) -> list[str]:
+    """Paper 1's Table 4 layout: along the task sequence, the VL average accuracy so far and NL Delta."""
+    rows, names = [], []
+    for name, m in methods.items():
+        deltas, vl = m.get("nl_delta_after_task"), m.get("vl_after_task")
+        if not deltas or not vl:
+            continue
+        names = m.get("task_names", names)
+        intervals = m.get("nl_delta_ci_after_task") or [None] * len(deltas)
+        rows.append([name] + [f"{_cell(v)} / {_with_interval(d, ci)}" for v, d, ci in zip(vl, deltas, intervals)])
+    if not rows:
+        return []
+    return ["## Along the sequence, paper 1's Table 4 layout (VL avg acc so far / NL Delta [95% CI])", "",
+            _table(["method"] + [f"after {t}" for t in names], rows), ""]
+
+
+def _timing_section(timing: dict[str, Any] | None) -> list[str]:
+    """Where the experiment's time went (seconds and share of the total)."""
+    if not timing:
+        return []
+    total = timing["total"] or 1.0
+    rows = [[name, f"{seconds:.0f}", f"{100 * seconds / total:.0f}%"] for name, seconds in timing["shared"].items()]
+    for name, spent in timing["methods"].items():
+        rows += [[f"{name}: train", f"{spent['train']:.0f}", f"{100 * spent['train'] / total:.0f}%"],
+                 [f"{name}: evaluate", f"{spent['eval']:.0f}", f"{100 * spent['eval'] / total:.0f}%"]]
+    rows.append(["total", f"{timing['total']:.0f}", "100%"])
+    return ["## Where the time went", "", _table(["part", "seconds", "share"], rows), ""]
+
+
 def _file_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
@@ -377,6 +428,7 @@ def write_report(run_dirs_or_results: dict | str | Path | Sequence[str | Path], 
            "NL Delta's interval is a paired bootstrap over the benchmarks' documents; accuracies below carry their "
            "95% Wilson interval.", ""]
     md += _seeds_section(methods) + _nlu_nlg_section(methods) + _learned_section(methods)
+    md += _paper1_table3(methods) + _paper1_table4(methods)
 
     for field, title, ylabel in (("nl_delta", "NL forgetting (Delta) per method", "NL Delta (points)"),
                                  ("vl_hmean", "VL harmonic mean per method", "VL hmean (%)")):
@@ -408,6 +460,8 @@ def write_report(run_dirs_or_results: dict | str | Path | Sequence[str | Path], 
             table_rows.append(["forgetting"] + [_cell(f) for f in forgetting(matrix)] + ["-"])
         md += [f"## Accuracy matrix: {name}", "", _table(["after task \\ task"] + names, table_rows), "",
                f"![accuracy matrix of {name}]({file})", ""]
+    if isinstance(run_dirs_or_results, dict):
+        md += _timing_section(run_dirs_or_results.get("timing"))
     report = out / "REPORT.md"
     report.write_text("\n".join(md))
     return report

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from mllm_cl.config import ExperimentConfig, load_json
-from mllm_cl.experiment import run_experiment
+from mllm_cl.config import ConfigError, ExperimentConfig, StageError, load_json
+from mllm_cl.experiment import check_same_world, ensure_world, run_experiment
+from mllm_cl.synthetic import WORLD_VERSION
 from mllm_cl.llava import load_llava
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +45,24 @@ def test_smoke_experiment_end_to_end(tmp_path: Path) -> None:
     report = (run / "REPORT.md").read_text()
     assert "naive" in report and "uir+sac" in report
     assert "NL Delta [95% CI]" in report and "## NLU and NLG (paper 1)" in report
+    assert "Table 3 layout" in report and "Table 4 layout" in report and "## Where the time went" in report
     pngs = sorted(p.name for p in run.glob("*.png"))
     assert pngs, "the report draws its plots as PNG files"
+    for summary in on_disk["methods"].values():  # NL Delta along the sequence ends at the final NL Delta
+        assert summary["nl_delta_after_task"][-1] == summary["nl_delta"]
+        assert len(summary["nl_delta_ci_after_task"]) == len(tasks)
+
+    # Where the time went: every shared part, and every method run's training and evaluation.
+    timing = on_disk["timing"]
+    assert list(timing["shared"]) == ["world", "pretrain-text", "pretrain-vision", "align"]
+    assert timing["methods"].keys() == cfg.methods.keys()
+    assert all(m["train"] > 0 and m["eval"] > 0 and m["train"] + m["eval"] <= m["wall"] + 1e-6
+               for m in timing["methods"].values())
+    assert sum(timing["shared"].values()) + sum(m["wall"] for m in timing["methods"].values()) <= timing["total"]
+    # run_train gives one run its own learning rate; the others keep task_train's
+    saved = {name: json.loads((run / "methods" / name / "stage_config.json").read_text())["train"]["lrs"]
+             for name in cfg.methods}
+    assert saved["msgm+rehearsal"] == {"": 2e-3} and saved["naive"] == {"": 1e-3}
 
     # Running it again reuses every finished stage and gives the same accuracies.
     again = run_experiment(cfg)
@@ -57,7 +74,7 @@ def test_smoke_experiment_end_to_end(tmp_path: Path) -> None:
 def test_seeds_run_the_grid_per_seed_and_report_mean_and_sd(tmp_path: Path) -> None:
     cfg = load_json(ExperimentConfig, ROOT / "configs/experiments/smoke.json")
     cfg = replace(cfg, out_dir=str(tmp_path / "seeds"), world=str(tmp_path / "world"), seeds=2,
-                  methods={"naive": ["naive"]})
+                  methods={"naive": ["naive"]}, run_train={})
     results = run_experiment(cfg)
     naive = results["methods"]["naive"]
     first, second = naive["nl_delta_per_seed"]
@@ -70,3 +87,31 @@ def test_seeds_run_the_grid_per_seed_and_report_mean_and_sd(tmp_path: Path) -> N
     assert alone["methods"]["naive"]["nl_delta"] == first
     assert alone["methods"]["naive"]["acc_matrix"] == json.loads(
         (tmp_path / "seeds" / "seed_0" / "results.json").read_text())["methods"]["naive"]["acc_matrix"]
+
+
+def test_run_train_names_runs_and_train_fields(tmp_path: Path) -> None:
+    cfg = replace(load_json(ExperimentConfig, ROOT / "configs/experiments/smoke.json"), out_dir=str(tmp_path / "r"))
+    with pytest.raises(StageError, match=r"run_train names \['lroa'\], which are not method runs"):
+        run_experiment(replace(cfg, run_train={"lroa": {"epochs": 2}}))
+    with pytest.raises(ConfigError, match=r"run_train.naive: unknown key\(s\) \['lr'\]"):
+        run_experiment(replace(cfg, run_train={"naive": {"lr": 2e-4}}))
+    assert not (tmp_path / "r").exists()  # refused before anything ran
+
+
+def test_a_run_on_another_world_is_refused_and_an_old_world_regenerated(tmp_path: Path) -> None:
+    cfg = load_json(ExperimentConfig, ROOT / "configs/experiments/smoke.json")
+    cfg = replace(cfg, out_dir=str(tmp_path / "run"), world=str(tmp_path / "world"), methods={"naive": ["naive"]})
+    world = ensure_world(cfg)
+    (tmp_path / "run").mkdir()
+    check_same_world(tmp_path / "run", world)
+    check_same_world(tmp_path / "run", world)  # the same world again: fine
+    manifest = json.loads((world / "world.json").read_text())
+    assert manifest["version"] == WORLD_VERSION
+    (world / "world.json").write_text(json.dumps({**manifest, "version": 1}))  # a world an older generator drew
+    assert json.loads((ensure_world(cfg) / "world.json").read_text()) == manifest  # redrawn, identical
+    (world / "world.json").write_text(json.dumps({**manifest, "seed": 7}))
+    with pytest.raises(StageError, match="trained on another world"):
+        check_same_world(tmp_path / "run", world)
+    with pytest.raises(StageError, match="holds a version-1 world"):
+        (world / "world.json").write_text(json.dumps({**manifest, "version": 1}))
+        ensure_world(replace(cfg, world_size=""))
