@@ -355,6 +355,8 @@ class ExperimentConfig:
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> options, every run
     # run name -> task_train fields that differ for that run (paper 1: lr 2e-5 full fine-tuning, 2e-4 LoRA)
     run_train: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # run name -> method -> options that differ for that run (paper 2's LoRA in a grid beside paper 1's)
+    run_method_options: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     seeds: int = 1  # N > 1: the whole experiment once per seed 0..N-1 (seed_<s>/), then mean and sd per method
     device: str = "auto"
 

@@ -29,7 +29,7 @@ import numpy as np
 from mllm_cl import metrics
 from mllm_cl.config import (LLM_PRESETS, VISION_PRESETS, ExperimentConfig, StageConfig, StageError, TaskSpec,
                             TrainConfig, from_dict, to_dict)
-from mllm_cl.methods import expand_methods
+from mllm_cl.methods import build_methods, expand_methods
 from mllm_cl.model_folder import atomic_write_text
 from mllm_cl.report import write_report
 from mllm_cl.stages import run_stage
@@ -41,11 +41,14 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         raise StageError(f"seeds must be at least 1, got {cfg.seeds}")
     if cfg.seeds > 1:
         return run_seeds(cfg)
-    unknown = sorted(set(cfg.run_train) - set(cfg.methods))
-    if unknown:
-        raise StageError(f"run_train names {unknown}, which are not method runs; the runs are {list(cfg.methods)}")
-    for run_name in cfg.run_train:
-        run_train(cfg, run_name)  # a bad field fails here, before any stage runs
+    for field_name in ("run_train", "run_method_options"):
+        unknown = sorted(set(getattr(cfg, field_name)) - set(cfg.methods))
+        if unknown:
+            raise StageError(f"{field_name} names {unknown}, which are not method runs; the runs are "
+                             f"{list(cfg.methods)}")
+    for run_name, methods in cfg.methods.items():  # a bad field or option fails here, before any stage runs
+        run_train(cfg, run_name)
+        build_methods(methods, run_options(cfg, run_name))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock(out / "timing.json")
@@ -66,9 +69,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
                                image_folder=str(world))
     runs = {}
     for run_name, methods in cfg.methods.items():
-        options = {m: o for m, o in cfg.method_options.items() if m in expand_methods(methods)}
         stage = base_stage(cfg, "continual", out / "methods" / run_name, run_train(cfg, run_name), init=str(aligned),
-                           tasks=cfg.tasks, inquiries=cfg.inquiries, methods=methods, method_options=options,
+                           tasks=cfg.tasks, inquiries=cfg.inquiries, methods=methods,
+                           method_options=run_options(cfg, run_name),
                            initial_eval=str(out / "initial_eval.json"))  # every run starts from the same model
         print(f"\n=== method run {run_name!r}: {methods} ===", flush=True)
         with clock.part(f"method:{run_name}"):
@@ -224,6 +227,16 @@ def run_train(cfg: ExperimentConfig, run_name: str) -> TrainConfig:
     """The task training settings of one method run: task_train with that run's `run_train` fields."""
     return from_dict(TrainConfig, {**to_dict(cfg.task_train), **cfg.run_train.get(run_name, {})},
                      f"run_train.{run_name}")
+
+
+def run_options(cfg: ExperimentConfig, run_name: str) -> dict[str, dict[str, Any]]:
+    """The method options of one run: `method_options` for the methods it uses, updated by its
+    `run_method_options`."""
+    used = expand_methods(cfg.methods[run_name])
+    options = {m: dict(o) for m, o in cfg.method_options.items() if m in used}
+    for method, given in cfg.run_method_options.get(run_name, {}).items():
+        options[method] = {**options.get(method, {}), **given}
+    return options
 
 
 def base_stage(cfg: ExperimentConfig, stage: str, out: Path, train: TrainConfig, **fields: Any) -> StageConfig:

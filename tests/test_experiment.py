@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from mllm_cl.config import ConfigError, ExperimentConfig, StageError, load_json
-from mllm_cl.experiment import check_same_world, ensure_world, run_experiment
+from mllm_cl.experiment import check_same_world, ensure_world, run_experiment, run_options
+from mllm_cl.methods import build_methods
 from mllm_cl.synthetic import WORLD_VERSION
 from mllm_cl.llava import load_llava
 
@@ -115,3 +116,26 @@ def test_a_run_on_another_world_is_refused_and_an_old_world_regenerated(tmp_path
     with pytest.raises(StageError, match="holds a version-1 world"):
         (world / "world.json").write_text(json.dumps({**manifest, "version": 1}))
         ensure_world(replace(cfg, world_size=""))
+
+
+def test_run_method_options_give_one_run_its_own_method_settings(tmp_path: Path) -> None:
+    cfg = load_json(ExperimentConfig, ROOT / "configs/experiments/smoke.json")
+    cfg = replace(cfg, out_dir=str(tmp_path / "r"), methods={"p1": ["msgm"], "p2": ["llava_c"]},
+                  method_options={"lora": {"rank": 8}, "sac": {"alpha": 0.2}}, run_train={},
+                  run_method_options={"p2": {"lora": {"rank": 4, "alpha": 8.0, "rslora": False}}})
+    assert run_options(cfg, "p1") == {"lora": {"rank": 8}}
+    assert run_options(cfg, "p2") == {"lora": {"rank": 4, "alpha": 8.0, "rslora": False}, "sac": {"alpha": 0.2}}
+    with pytest.raises(StageError, match=r"run_method_options names \['p3'\]"):
+        run_experiment(replace(cfg, run_method_options={"p3": {}}))
+    with pytest.raises(ConfigError, match=r"\['ewc'\] that are not in methods"):
+        run_experiment(replace(cfg, run_method_options={"p1": {"ewc": {"weight": 1.0}}}))
+    assert not (tmp_path / "r").exists()  # refused before anything ran
+
+
+def test_the_paper2_grid_config_builds_every_run() -> None:
+    cfg = load_json(ExperimentConfig, ROOT / "configs/experiments/paper2.json")
+    assert cfg.inquiries.endswith("text_inquiries.json")
+    for run_name, methods in cfg.methods.items():
+        built = build_methods(methods, run_options(cfg, run_name))
+        lora = [m for m in built if m.name == "lora"]
+        assert lora and (lora[0].rank, lora[0].rslora) == (4, False), run_name  # every run fine-tunes with LoRA

@@ -167,3 +167,16 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_world(tmp_path: Path) -> No
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         build_world(tmp_path, seed=0, size="smoke")
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_text_inquiries_are_unanswered_questions_about_the_text_world(world: Path) -> None:
+    inquiries = read_json(world / "text_inquiries.json")
+    names = {e["name"] for e in read_json(world / "text/entities.json")}
+    assert len(inquiries) == read_json(world / "world.json")["sizes"]["inquiries"]
+    for record in inquiries:
+        assert "image" not in record and len(record["conversations"]) == 1, record  # no image, no answer
+        question = record["conversations"][0]["value"]
+        assert question.endswith("?") and IMAGE_PREFIX not in question
+        assert any(name in question for name in names), question
+    nl = " ".join(c for d in read_jsonl(world / "nl/facts_mc.jsonl") for c, _ in d["requests"])
+    assert not any(r["conversations"][0]["value"] in nl for r in inquiries)  # not the NL benchmarks' text

@@ -24,7 +24,9 @@ _METHODS: tuple[type[Method], ...] = (Method, LoRA, SoftTargets, Rehearsal, UIR,
 REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in _METHODS}
 
 # mSGM (paper 1) is SGM without its weight-init and output-layer-freezing parts: LoRA + Soft Targets.
-COMPOSITES: dict[str, tuple[str, ...]] = {"msgm": ("lora", "soft_targets")}
+# LLaVA-c (paper 2) is LoRA fine-tuning (merged after each task) + UIR + SAC; its LoRA differs from paper 1's
+# (rank 128, alpha 256, plain alpha / rank scaling), so a grid sets that run's `lora` options.
+COMPOSITES: dict[str, tuple[str, ...]] = {"msgm": ("lora", "soft_targets"), "llava_c": ("lora", "uir", "sac")}
 METHOD_NAMES: tuple[str, ...] = (*REGISTRY, *COMPOSITES)
 
 

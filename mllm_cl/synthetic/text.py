@@ -61,6 +61,18 @@ STORY_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Questions about a creature's facts, asked without their answers: the general text inquiries LLaVA-c's UIR
+# regularises on (paper 2 draws them from a text QA set; these are the world's own, not its NL benchmarks).
+QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "kind": ("What kind of animal is {name}?", "Is {name} a cat, a dog or something else?"),
+    "colour": ("What colour is {name}?", "Which colour does {name} have?"),
+    "size": ("How big is {name}?",),
+    "home": ("Where does {name} live?", "Where does {name} sleep at night?"),
+    "food": ("What does {name} like to eat?", "What is the favourite food of {name}?"),
+    "friend": ("Who is the best friend of {name}?", "With whom does {name} often play?"),
+}
+
+
 @dataclass(frozen=True)
 class Entity:
     """A creature of the world and its facts; `friend` is another creature's name."""
@@ -186,3 +198,11 @@ def make_last_word(entities: list[Entity], keys: list[tuple[str, str, str]], rng
         context, target = _story(by_name[name], by_name[other], attribute, template)
         docs.append({"id": f"last_word-{i:05d}", "kind": "last_word", "context": context, "target": target})
     return docs
+
+
+def make_text_questions(entities: list[Entity], n: int, rng: random.Random) -> list[str]:
+    """`n` questions about the creatures' facts (without answers), drawn uniformly over creature, attribute and
+    wording."""
+    pool = [template.format(**e.facts()) for e in entities for templates in QUESTION_TEMPLATES.values()
+            for template in templates]
+    return [rng.choice(pool) for _ in range(n)]

@@ -4,7 +4,9 @@
 
 writes a text corpus and NL benchmarks (task 1, the LLM's language pre-training; see text.py),
 64x64 images with alignment captions, VL instruction tasks in LLaVA JSON, text-only inquiries for UIR
-(LLaVA-c), a byte-level BPE tokenizer trained on all of it, and `world.json`, a manifest of the lot.
+(LLaVA-c: the VL tasks' questions without their images in inquiries.json, general questions about the text
+world in text_inquiries.json), a byte-level BPE tokenizer trained on the world's text, and `world.json`, a
+manifest of the lot.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from mllm_cl.synthetic import text
 from mllm_cl.synthetic.images import COLOURS, SHAPES, SIZES, Shape, Word, radius, render
 
 # How much of everything each size makes. `demo` is what `make demo` runs on.
-WORLD_VERSION = 2  # bumped whenever the same seed and size would draw a different world
+WORLD_VERSION = 3  # bumped whenever the same seed and size would draw a different world
 WORLD_SIZES: dict[str, dict[str, int]] = {
     "smoke": dict(entities=8, documents=300, heldout=40, facts_mc=40, last_word=40, train=40, test=20,
                   align=40, inquiries=30),
@@ -312,6 +314,11 @@ def build_world(out: str | Path, seed: int = 0, size: str = "demo", image_size: 
         classes, make = TASKS[rng.choice(list(TASKS))]
         inquiries.append(llava_record(f"inquiry-{i:05d}", None, make(rng.choice(classes), rng)[1], None))
     write_json(root, "inquiries.json", inquiries)
+    # General text inquiries (LLaVA-c's kind): questions about the text world, no answers.
+    rng = random.Random(f"{seed}:text_inquiries")
+    write_json(root, "text_inquiries.json",
+               [llava_record(f"text-inquiry-{i:05d}", None, question, None)
+                for i, question in enumerate(text.make_text_questions(entities, sizes["inquiries"], rng))])
 
     # Tokenizer on all of the world's text, chat template words included.
     chats = [f"{CHAT_TEMPLATE.system} USER: {question.removeprefix(IMAGE_PREFIX)} ASSISTANT: {answer}"
@@ -343,6 +350,7 @@ def build_world(out: str | Path, seed: int = 0, size: str = "demo", image_size: 
             "train_tokens": sum(len(e.ids) for e in tokenizer.encode_batch(train_docs)),
             "facts_mc": {"count": len(facts_mc), "gold": dict(sorted(Counter(d["gold"] for d in facts_mc).items()))},
             "last_word": {"count": len(last_word)}, "align": len(align), "inquiries": len(inquiries),
+            "text_inquiries": sizes["inquiries"],
             "tasks": {t: {s: {"count": len(rs), "answers": answer_counts(rs)} for s, rs in splits.items()}
                       for t, splits in tasks.items()},
         },

@@ -38,6 +38,14 @@ def test_every_listed_name_builds_and_naive_does_nothing() -> None:
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_llava_c_is_lora_then_uir_then_sac_with_paper_2s_lora() -> None:
+    lora, uir, sac = build_methods(["llava_c"], {"lora": {"rank": 4, "alpha": 8.0, "rslora": False},
+                                                 "sac": {"alpha": 0.2}})
+    assert [type(m).__name__ for m in (lora, uir, sac)] == ["LoRA", "UIR", "SACMethod"]
+    assert (lora.rank, lora.alpha, lora.rslora, sac.alpha, sac.rule) == (4, 8.0, False, 0.2, "nuclear")
+    assert "llava_c" in METHOD_NAMES
+
+
 def test_options_reach_the_parts_of_a_composite() -> None:
     lora, soft = build_methods(["msgm"], {"lora": {"rank": 4, "alpha": 16.0}, "soft_targets": {"a": 0.1}})
     assert (lora.rank, lora.alpha, soft.a) == (4, 16.0, 0.1)
