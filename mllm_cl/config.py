@@ -288,6 +288,8 @@ class EvalSpec:
     vl_limit: int = 0  # first N test samples of each VL task (0: all)
     batch_size: int = 32
     max_new_tokens: int = 8
+    # VL tests outside the task sequence, measured after every task (paper 2's general VL benchmarks)
+    general_vl: list[TaskSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -343,12 +345,19 @@ class ExperimentConfig:
     text_corpus: str = ""  # default: <world>/text/train.txt
     align_file: str = ""  # default: <world>/align.json
     inquiries: str = ""  # default: <world>/inquiries.json
+    # "paper1": the tasks start from the aligned model. "paper2" (LLaVA-c): a shared `finetune` stage first
+    # instruction-tunes it on a general mix (general_file), and its held-out VL part (general_test) is measured
+    # beside NL after every task.
+    protocol: str = "paper1"
+    general_file: str = ""  # default: <world>/general/train.json
+    general_test: str = ""  # default: <world>/general/test.json
     tasks: list[TaskSpec] = field(default_factory=list)  # default: the world's tasks (see world_tasks)
     world_tasks: list[str] = field(default_factory=list)  # which of the world's tasks, in order (default: all)
     nl_files: list[str] = field(default_factory=list)  # default: <world>/nl/*.jsonl
     pretrain_text: TrainConfig = _train(epochs=1, global_batch_size=16, micro_batch_size=16, lrs={"": 3e-3})
     pretrain_vision: TrainConfig = _train(epochs=2, global_batch_size=64, micro_batch_size=64, lrs={"": 1e-3})
     align: TrainConfig = _train(epochs=1, global_batch_size=32, micro_batch_size=32, lrs={"": 1e-3})
+    finetune: TrainConfig = _train(epochs=1, global_batch_size=16, micro_batch_size=16, lrs={"": 1e-3})
     task_train: TrainConfig = _train(epochs=1, global_batch_size=16, micro_batch_size=16, lrs={"": 1e-3})
     eval: EvalSpec = field(default_factory=EvalSpec)
     methods: dict[str, list[str]] = field(default_factory=lambda: {"naive": ["naive"]})  # run name -> methods

@@ -165,20 +165,29 @@ def initial_evaluation(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig
 
 @torch.no_grad()
 def evaluate_model(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig) -> dict[str, dict[str, dict]]:
-    """NL skill of the LLM alone on every NL file, VL accuracy on every task's test split."""
+    """NL skill of the LLM alone on every NL file, VL accuracy on every task's test split (and on the general VL
+    tests, when the evaluation names any)."""
     was_training = model.training
     model.eval()
     nl_files = {Path(path).stem: Path(path) for path in cfg.eval.nl_files}
     nl_results = evaluate_nl_suite(model.llm, tokenizer, nl_files, max_seq_len=model.llm.config.max_seq_len,
                                    batch_size=cfg.eval.batch_size, limit=cfg.eval.nl_limit or None)
     nl = {r.task: {**r.metrics, "correct": r.correct} for r in nl_results}  # per document, for intervals
-    vl = {}
-    for task in cfg.tasks:
-        examples = read_vl_test_set(task.test, task.image_folder or None, cfg.eval.vl_limit or None)
-        vl[task.name] = evaluate_vl_examples(model, tokenizer, examples, template=cfg.template,
-                                             batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+
+    def vl_scores(tests: list) -> dict[str, dict]:
+        scores = {}
+        for test in tests:
+            examples = read_vl_test_set(test.test, test.image_folder or None, cfg.eval.vl_limit or None)
+            scores[test.name] = evaluate_vl_examples(model, tokenizer, examples, template=cfg.template,
+                                                     batch_size=cfg.eval.batch_size,
+                                                     max_new_tokens=cfg.eval.max_new_tokens)
+        return scores
+
+    results = {"nl": nl, "vl": vl_scores(cfg.tasks)}
+    if cfg.eval.general_vl:
+        results["general_vl"] = vl_scores(cfg.eval.general_vl)
     model.train(was_training)
-    return {"nl": nl, "vl": vl}
+    return results
 
 
 def _train_task(cfg: StageConfig, ctx: TaskContext, methods: list[Method], pad_id: int, task_dir: Path) -> None:

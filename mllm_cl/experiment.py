@@ -36,11 +36,16 @@ from mllm_cl.stages import run_stage
 from mllm_cl.synthetic import WORLD_VERSION, build_world
 
 
+PROTOCOLS = ("paper1", "paper2")  # where the continual tasks start: the aligned model, or an instruction-tuned one
+
+
 def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     if cfg.seeds < 1:
         raise StageError(f"seeds must be at least 1, got {cfg.seeds}")
     if cfg.seeds > 1:
         return run_seeds(cfg)
+    if cfg.protocol not in PROTOCOLS:
+        raise StageError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
     for field_name in ("run_train", "run_method_options"):
         unknown = sorted(set(getattr(cfg, field_name)) - set(cfg.methods))
         if unknown:
@@ -64,12 +69,15 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
                               vision=cfg.vision, tokenizer=str(world / "tokenizer.json"), train_file=cfg.align_file,
                               image_folder=str(world), skip=cfg.vision not in VISION_PRESETS, given=cfg.vision)
     with clock.part("align"):
-        aligned = shared_stage(cfg, "align", out / "align", cfg.align, llm=str(llm), vision=str(vision),
-                               tokenizer=cfg.tokenizer or str(llm), train_file=cfg.align_file,
-                               image_folder=str(world))
+        start = shared_stage(cfg, "align", out / "align", cfg.align, llm=str(llm), vision=str(vision),
+                             tokenizer=cfg.tokenizer or str(llm), train_file=cfg.align_file, image_folder=str(world))
+    if cfg.protocol == "paper2":  # LLaVA-c's start: an instruction-tuned model (its LLaVA-1.5)
+        with clock.part("finetune"):
+            start = shared_stage(cfg, "finetune", out / "finetune", cfg.finetune, init=str(start),
+                                 train_file=cfg.general_file, image_folder=str(world))
     runs = {}
     for run_name, methods in cfg.methods.items():
-        stage = base_stage(cfg, "continual", out / "methods" / run_name, run_train(cfg, run_name), init=str(aligned),
+        stage = base_stage(cfg, "continual", out / "methods" / run_name, run_train(cfg, run_name), init=str(start),
                            tasks=cfg.tasks, inquiries=cfg.inquiries, methods=methods,
                            method_options=run_options(cfg, run_name),
                            initial_eval=str(out / "initial_eval.json"))  # every run starts from the same model
@@ -96,7 +104,7 @@ def run_seeds(cfg: ExperimentConfig) -> dict[str, Any]:
     per_seed = {}
     for seed in range(cfg.seeds):
         trains = {name: replace(getattr(cfg, name), seed=seed)
-                  for name in ("pretrain_text", "pretrain_vision", "align", "task_train")}
+                  for name in ("pretrain_text", "pretrain_vision", "align", "finetune", "task_train")}
         print(f"\n##### seed {seed} of {cfg.seeds} #####", flush=True)
         per_seed[seed] = run_experiment(replace(cfg, seeds=1, out_dir=str(out / f"seed_{seed}"), **trains))
     methods = {}
@@ -217,7 +225,12 @@ def with_world_defaults(cfg: ExperimentConfig, world: Path) -> ExperimentConfig:
                           for t in cfg.world_tasks or manifest["tasks"]]
     nl_files = cfg.nl_files or [str(p) for p in sorted((world / "nl").glob("*.jsonl"))]
     tokenizer = cfg.tokenizer or (str(world / "tokenizer.json") if cfg.llm in LLM_PRESETS else "")
-    return replace(cfg, tasks=tasks, eval=replace(cfg.eval, nl_files=nl_files), tokenizer=tokenizer,
+    general_test = cfg.general_test or str(world / "general/test.json")
+    general_vl = cfg.eval.general_vl or ([TaskSpec(name="general", test=general_test, image_folder=str(world))]
+                                         if cfg.protocol == "paper2" else [])
+    return replace(cfg, tasks=tasks, eval=replace(cfg.eval, nl_files=nl_files, general_vl=general_vl),
+                   tokenizer=tokenizer, general_file=cfg.general_file or str(world / "general/train.json"),
+                   general_test=general_test,
                    text_corpus=cfg.text_corpus or str(world / "text/train.txt"),
                    align_file=cfg.align_file or str(world / "align.json"),
                    inquiries=cfg.inquiries or str(world / "inquiries.json"))
@@ -288,7 +301,13 @@ def summarise(cfg: ExperimentConfig, runs: dict[str, dict], wall_seconds: float)
             "nlu_after_task": [group_omega(after, "nlu") for after in run["after_task"]],
             "nlg_after_task": [group_omega(after, "nlg") for after in run["after_task"]],
         }
-    return {"name": cfg.name, "wall_seconds": wall_seconds, "date": datetime.now(timezone.utc).isoformat(),
+        if "general_vl" in run["initial"]:  # paper 2's general VL score, pooled over its tests
+            methods[run_name] |= {
+                "general_vl_base": general_accuracy(run["initial"]),
+                "general_vl_after_task": [general_accuracy(after) for after in run["after_task"]],
+                "general_vl_ci_after_task": [general_interval(after) for after in run["after_task"]]}
+    return {"name": cfg.name, "protocol": cfg.protocol, "wall_seconds": wall_seconds,
+            "date": datetime.now(timezone.utc).isoformat(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "tasks": task_names,
             "nl_files": cfg.eval.nl_files, "methods": methods}
 
@@ -297,6 +316,17 @@ def wilson(task_metrics: dict[str, Any]) -> list[float]:
     """The 95% Wilson interval of one task's accuracy, in percent."""
     n = int(task_metrics["n"])
     return list(metrics.wilson_interval(round(task_metrics["acc"] * n), n))
+
+
+def general_accuracy(scores: dict[str, Any]) -> float:
+    """Accuracy over all general-VL test questions pooled, in percent."""
+    tests = scores["general_vl"].values()
+    return 100.0 * sum(m["acc"] * m["n"] for m in tests) / sum(m["n"] for m in tests)
+
+
+def general_interval(scores: dict[str, Any]) -> list[float]:
+    tests = list(scores["general_vl"].values())
+    return wilson({"acc": general_accuracy(scores) / 100.0, "n": sum(m["n"] for m in tests)})
 
 
 def delta_interval(base: dict[str, Any], now: dict[str, Any]) -> list[float] | None:

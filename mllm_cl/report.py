@@ -93,7 +93,7 @@ def _check_method(entry: Any, where: str) -> dict[str, Any]:
     if not set(entry) & set(FIELDS):  # other fields (a run's extra figures) are carried along, not drawn
         raise ReportInputError(f"{where}: none of the report's fields {list(FIELDS)} (it has {sorted(entry)})")
     out: dict[str, Any] = {}
-    for field in ("nl_delta", "vl_hmean", "nlu_base", "nlg_base", "nl_delta_sd", "vl_hmean_sd"):
+    for field in ("nl_delta", "vl_hmean", "nlu_base", "nlg_base", "nl_delta_sd", "vl_hmean_sd", "general_vl_base"):
         if field in entry:
             out[field] = _number(entry[field], f"{where}, {field}")
     if entry.get("nl_delta_ci") is not None:
@@ -104,10 +104,12 @@ def _check_method(entry: Any, where: str) -> dict[str, Any]:
             raise ReportInputError(f"{where}, acc_matrix_ci: expected a list of rows of [low, high]")
         out["acc_matrix_ci"] = [[_interval(v, f"{where}, acc_matrix_ci[{k}][{j}]") for j, v in enumerate(r)]
                                 for k, r in enumerate(rows)]
-    if isinstance(entry.get("nl_delta_ci_after_task"), list):
-        out["nl_delta_ci_after_task"] = [None if v is None else _interval(v, f"{where}, nl_delta_ci_after_task[{i}]")
-                                         for i, v in enumerate(entry["nl_delta_ci_after_task"])]
-    for field in ("nl_after_task", "vl_after_task", "nlu_after_task", "nlg_after_task", "nl_delta_after_task"):
+    for name in ("nl_delta_ci_after_task", "general_vl_ci_after_task"):
+        if isinstance(entry.get(name), list):
+            out[name] = [None if v is None else _interval(v, f"{where}, {name}[{i}]")
+                         for i, v in enumerate(entry[name])]
+    for field in ("nl_after_task", "vl_after_task", "nlu_after_task", "nlg_after_task", "nl_delta_after_task",
+                  "general_vl_after_task"):
         if field in entry:
             if not isinstance(entry[field], list):
                 raise ReportInputError(f"{where}, {field}: expected a list of numbers")
@@ -391,6 +393,19 @@ def _paper1_table4(methods: dict[str, dict[str, Any]]) -> list[str]:
             _table(["method"] + [f"after {t}" for t in names], rows), ""]
 
 
+def _general_section(methods: dict[str, dict[str, Any]]) -> list[str]:
+    """Paper 2's general VL score (the held-out instruction mix) before and after each task."""
+    rows = [[name, _cell(m["general_vl_base"]),
+             " / ".join(_with_interval(v, ci) for v, ci in zip(m["general_vl_after_task"],
+                                                                m.get("general_vl_ci_after_task") or
+                                                                [None] * len(m["general_vl_after_task"])))]
+            for name, m in methods.items() if "general_vl_base" in m and m.get("general_vl_after_task")]
+    if not rows:
+        return []
+    return ["## General VL (paper 2: the held-out instruction mix)", "",
+            _table(["method", "before the tasks", "after each task [95% CI]"], rows), ""]
+
+
 def _timing_section(timing: dict[str, Any] | None) -> list[str]:
     """Where the experiment's time went (seconds and share of the total)."""
     if not timing:
@@ -428,7 +443,7 @@ def write_report(run_dirs_or_results: dict | str | Path | Sequence[str | Path], 
            "NL Delta's interval is a paired bootstrap over the benchmarks' documents; accuracies below carry their "
            "95% Wilson interval.", ""]
     md += _seeds_section(methods) + _nlu_nlg_section(methods) + _learned_section(methods)
-    md += _paper1_table3(methods) + _paper1_table4(methods)
+    md += _paper1_table3(methods) + _paper1_table4(methods) + _general_section(methods)
 
     for field, title, ylabel in (("nl_delta", "NL forgetting (Delta) per method", "NL Delta (points)"),
                                  ("vl_hmean", "VL harmonic mean per method", "VL hmean (%)")):

@@ -47,6 +47,8 @@ def test_smoke_experiment_end_to_end(tmp_path: Path) -> None:
     assert "naive" in report and "uir+sac" in report
     assert "NL Delta [95% CI]" in report and "## NLU and NLG (paper 1)" in report
     assert "Table 3 layout" in report and "Table 4 layout" in report and "## Where the time went" in report
+    assert on_disk["protocol"] == "paper1" and "general_vl_base" not in on_disk["methods"]["naive"]
+    assert "## General VL" not in report
     pngs = sorted(p.name for p in run.glob("*.png"))
     assert pngs, "the report draws its plots as PNG files"
     for summary in on_disk["methods"].values():  # NL Delta along the sequence ends at the final NL Delta
@@ -139,3 +141,27 @@ def test_the_paper2_grid_config_builds_every_run() -> None:
         built = build_methods(methods, run_options(cfg, run_name))
         lora = [m for m in built if m.name == "lora"]
         assert lora and (lora[0].rank, lora[0].rslora) == (4, False), run_name  # every run fine-tunes with LoRA
+
+
+def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_path: Path) -> None:
+    cfg = load_json(ExperimentConfig, ROOT / "configs/experiments/smoke.json")
+    cfg = replace(cfg, out_dir=str(tmp_path / "p2"), world=str(tmp_path / "world"), protocol="paper2",
+                  world_tasks=["color", "size"], methods={"llava_c": ["llava_c"]}, run_train={},
+                  method_options={"lora": {"rank": 4, "alpha": 8.0, "rslora": False}, "sac": {"alpha": 0.2}},
+                  inquiries=str(tmp_path / "world" / "text_inquiries.json"))
+    results = run_experiment(cfg)
+    run = tmp_path / "p2"
+    assert results["protocol"] == "paper2" and (run / "finetune" / "model" / "config.json").is_file()
+    stage = json.loads((run / "methods" / "llava_c" / "stage_config.json").read_text())
+    assert Path(stage["init"]) == run / "finetune" / "model"  # the tasks start from the instruction-tuned model
+    assert stage["eval"]["general_vl"][0]["test"].endswith("general/test.json")
+    finetune = json.loads((run / "finetune" / "stage_config.json").read_text())
+    assert finetune["train_file"].endswith("general/train.json") and Path(finetune["init"]) == run / "align" / "model"
+    llava_c = results["methods"]["llava_c"]
+    assert 0.0 <= llava_c["general_vl_base"] <= 100.0 and len(llava_c["general_vl_after_task"]) == 2
+    assert all(lo <= v + 1e-9 and v - 1e-9 <= hi
+               for v, (lo, hi) in zip(llava_c["general_vl_after_task"], llava_c["general_vl_ci_after_task"]))
+    assert "finetune" in results["timing"]["shared"]
+    assert "## General VL (paper 2" in (run / "REPORT.md").read_text()
+    with pytest.raises(StageError, match="protocol must be one of paper1, paper2"):
+        run_experiment(replace(cfg, protocol="llava"))

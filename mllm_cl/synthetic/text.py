@@ -200,9 +200,14 @@ def make_last_word(entities: list[Entity], keys: list[tuple[str, str, str]], rng
     return docs
 
 
-def make_text_questions(entities: list[Entity], n: int, rng: random.Random) -> list[str]:
-    """`n` questions about the creatures' facts (without answers), drawn uniformly over creature, attribute and
+def make_text_qa(entities: list[Entity], n: int, rng: random.Random) -> list[tuple[str, str]]:
+    """`n` (question, answer) pairs about the creatures' facts, drawn uniformly over creature, attribute and
     wording."""
-    pool = [template.format(**e.facts()) for e in entities for templates in QUESTION_TEMPLATES.values()
-            for template in templates]
+    pool = [(template.format(**e.facts()), e.facts()[attribute]) for e in entities
+            for attribute, templates in QUESTION_TEMPLATES.items() for template in templates]
     return [rng.choice(pool) for _ in range(n)]
+
+
+def make_text_questions(entities: list[Entity], n: int, rng: random.Random) -> list[str]:
+    """`n` questions about the creatures' facts, without their answers."""
+    return [question for question, _ in make_text_qa(entities, n, rng)]

@@ -29,17 +29,17 @@ from mllm_cl.synthetic import text
 from mllm_cl.synthetic.images import COLOURS, SHAPES, SIZES, Shape, Word, radius, render
 
 # How much of everything each size makes. `demo` is what `make demo` runs on.
-WORLD_VERSION = 3  # bumped whenever the same seed and size would draw a different world
+WORLD_VERSION = 4  # bumped whenever the same seed and size would draw a different world
 WORLD_SIZES: dict[str, dict[str, int]] = {
     "smoke": dict(entities=8, documents=300, heldout=40, facts_mc=40, last_word=40, train=40, test=20,
-                  align=40, inquiries=30),
+                  align=40, inquiries=30, general=60),
     "small": dict(entities=20, documents=2000, heldout=150, facts_mc=120, last_word=100, train=500, test=100,
-                  align=600, inquiries=200),
+                  align=600, inquiries=200, general=900),
     "demo": dict(entities=40, documents=6000, heldout=300, facts_mc=240, last_word=200, train=1500, test=200,
-                 align=2000, inquiries=500),
+                 align=2000, inquiries=500, general=1500),
     # `make experiment`: tasks of a size one epoch at paper 1's schedule can learn (the demo's, 4x the training data)
     "experiment": dict(entities=40, documents=6000, heldout=300, facts_mc=240, last_word=200, train=6000, test=500,
-                       align=4000, inquiries=2000),
+                       align=4000, inquiries=2000, general=12000),
 }
 READ_WORDS = ("sun", "cat", "box", "map", "cup", "pen", "hat", "key")
 COUNTS = ("1", "2", "3", "4", "5")
@@ -159,6 +159,50 @@ TASKS: dict[str, tuple[tuple[str, ...], Callable[[str, random.Random], tuple[Sce
     "read": (READ_WORDS, read_task),
     "choice": (LETTERS, choice_task),
 }
+
+
+# ----------------------------------------------------------------------------- the general instruction mix
+# The world's "LLaVA-665k" (paper 2's continual fine-tuning starts from a model instruction-tuned on it): VL
+# questions on attributes and in wordings that no continual task uses, and text questions about the text world
+# with their answers. Its VL part, held out, is the general-VL test.
+
+def shape_question(answer: str, rng: random.Random) -> tuple[Scene, str]:
+    """Which shape? One shape of any colour and size, answered by its name."""
+    return [random_shape(rng, kind=answer)], rng.choice(("Name the shape in this picture.",
+                                                         "Tell me which shape this is."))
+
+
+def word_question(answer: str, rng: random.Random) -> tuple[Scene, str]:
+    """Which word? The read task's pictures, asked in another wording."""
+    return read_task(answer, rng)[0], rng.choice(("Read the word in the picture aloud.", "Which word can you see?"))
+
+
+GENERAL_VL: dict[str, tuple[tuple[str, ...], Callable[[str, random.Random], tuple[Scene, str]]]] = {
+    "shape": (SHAPES, shape_question),
+    "word": (READ_WORDS, word_question),
+}
+
+
+def make_general_mix(entities: list[text.Entity], n_train: int, n_test: int, images: ImageFolder,
+                     seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, test): train mixes the GENERAL_VL questions and text questions with answers in equal parts;
+    test holds only VL questions (the general-VL benchmark), on pictures drawn for it alone."""
+    rng = random.Random(f"{seed}:general")
+    train: list[dict] = []
+    parts = len(GENERAL_VL) + 1
+    for name, (classes, make) in GENERAL_VL.items():
+        for i, answer in enumerate(balanced(classes, n_train // parts, rng)):
+            path, question = draw_until_new(images, lambda: make(answer, rng))
+            train.append(llava_record(f"general-{name}-{i:05d}", path, question, answer))
+    for i, (question, answer) in enumerate(text.make_text_qa(entities, n_train - len(train), rng)):
+        train.append(llava_record(f"general-text-{i:05d}", None, question, answer))
+    rng.shuffle(train)
+    test = []
+    for name, (classes, make) in GENERAL_VL.items():
+        for i, answer in enumerate(balanced(classes, n_test // len(GENERAL_VL), rng)):
+            path, question = draw_until_new(images, lambda: make(answer, rng))
+            test.append(llava_record(f"general-{name}-test-{i:05d}", path, question, answer))
+    return train, test
 
 
 # ----------------------------------------------------------------------------- captions for alignment
@@ -307,6 +351,10 @@ def build_world(out: str | Path, seed: int = 0, size: str = "demo", image_size: 
         for split, records in tasks[task].items():
             write_json(root, f"tasks/{task}/{split}.json", records)
 
+    general_train, general_test = make_general_mix(entities, sizes["general"], sizes["test"], images, seed)
+    write_json(root, "general/train.json", general_train)
+    write_json(root, "general/test.json", general_test)
+
     # Text-only inquiries for UIR: the tasks' questions about imagined pictures, no answers.
     rng = random.Random(f"{seed}:inquiries")
     inquiries = []
@@ -350,6 +398,7 @@ def build_world(out: str | Path, seed: int = 0, size: str = "demo", image_size: 
             "train_tokens": sum(len(e.ids) for e in tokenizer.encode_batch(train_docs)),
             "facts_mc": {"count": len(facts_mc), "gold": dict(sorted(Counter(d["gold"] for d in facts_mc).items()))},
             "last_word": {"count": len(last_word)}, "align": len(align), "inquiries": len(inquiries),
+            "general": {"train": len(general_train), "test": len(general_test)},
             "text_inquiries": sizes["inquiries"],
             "tasks": {t: {s: {"count": len(rs), "answers": answer_counts(rs)} for s, rs in splits.items()}
                       for t, splits in tasks.items()},
