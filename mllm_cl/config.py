@@ -351,6 +351,10 @@ class ExperimentConfig:
     protocol: str = "paper1"
     general_file: str = ""  # default: <world>/general/train.json
     general_test: str = ""  # default: <world>/general/test.json
+    # paper 2's Figure 4 (protocol paper2): curve name -> method run whose model after the first task is
+    # consolidated at every alpha of alpha_curve_alphas, e.g. {"vanilla": "lora", "uir": "lora+uir"}
+    alpha_curves: dict[str, str] = field(default_factory=dict)
+    alpha_curve_alphas: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
     tasks: list[TaskSpec] = field(default_factory=list)  # default: the world's tasks (see world_tasks)
     world_tasks: list[str] = field(default_factory=list)  # which of the world's tasks, in order (default: all)
     nl_files: list[str] = field(default_factory=list)  # default: <world>/nl/*.jsonl

@@ -27,8 +27,10 @@ from typing import Any
 import numpy as np
 
 from mllm_cl import metrics
+from mllm_cl.alpha_curves import alpha_curves
 from mllm_cl.config import (LLM_PRESETS, VISION_PRESETS, ExperimentConfig, StageConfig, StageError, TaskSpec,
                             TrainConfig, from_dict, to_dict)
+from mllm_cl.device import resolve_device
 from mllm_cl.methods import build_methods, expand_methods
 from mllm_cl.model_folder import atomic_write_text
 from mllm_cl.report import write_report
@@ -46,6 +48,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         return run_seeds(cfg)
     if cfg.protocol not in PROTOCOLS:
         raise StageError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
+    if cfg.alpha_curves and cfg.protocol != "paper2":
+        raise StageError("alpha_curves measure the general score, which protocol paper2 defines: set protocol=paper2")
+    unknown = sorted(set(cfg.alpha_curves.values()) - set(cfg.methods))
+    if unknown:
+        raise StageError(f"alpha_curves names runs {unknown}, which are not method runs; the runs are "
+                         f"{list(cfg.methods)}")
     for field_name in ("run_train", "run_method_options"):
         unknown = sorted(set(getattr(cfg, field_name)) - set(cfg.methods))
         if unknown:
@@ -85,10 +93,14 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         with clock.part(f"method:{run_name}"):
             run_stage(stage)
         runs[run_name] = json.loads((out / "methods" / run_name / "results.json").read_text())
+    curves = None
+    if cfg.alpha_curves:
+        with clock.part("alpha curves"):
+            curves = run_alpha_curves(cfg, out, start)
     results = summarise(cfg, runs, wall_seconds=clock.seconds())
     results["timing"] = time_table(clock, runs)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    write_report(results, out)
+    write_report(results, out, alpha_curves=curves)
     print(f"\nwhere the time went:\n{format_time_table(results['timing'])}")
     print(f"\n{cfg.name}: wrote {out / 'results.json'} and {out / 'REPORT.md'} in {results['wall_seconds']:.0f}s")
     return results
@@ -271,6 +283,22 @@ def shared_stage(cfg: ExperimentConfig, stage: str, out: Path, train: TrainConfi
         return model
     print(f"\n=== {stage} ===", flush=True)
     return run_stage(base_stage(cfg, stage, out, train, **fields))
+
+
+def run_alpha_curves(cfg: ExperimentConfig, out: Path, start: Path) -> dict[str, Any]:
+    """Paper 2's Figure 4 from the first task of the runs `alpha_curves` names (alpha_curves.json), cached: a
+    finished experiment run again reads it back."""
+    path = out / "alpha_curves.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    first = cfg.tasks[0]
+    trained = {name: out / "methods" / run / f"task_1_{first.name}" / "model" for name, run in cfg.alpha_curves.items()}
+    stage = base_stage(cfg, "continual", out / "alpha_curves", cfg.task_train, init=str(start), tasks=[first])
+    print(f"\n=== alpha curves: {sorted(trained)} on {first.name} ===", flush=True)
+    curves = alpha_curves(stage, trained, tuple(cfg.alpha_curve_alphas),
+                          device=resolve_device(cfg.device))
+    atomic_write_text(path, json.dumps(curves, indent=2) + "\n")
+    return curves
 
 
 def summarise(cfg: ExperimentConfig, runs: dict[str, dict], wall_seconds: float) -> dict[str, Any]:

@@ -406,6 +406,44 @@ def _general_section(methods: dict[str, dict[str, Any]]) -> list[str]:
             _table(["method", "before the tasks", "after each task [95% CI]"], rows), ""]
 
 
+def _alpha_label(alpha: float | None) -> str:
+    return "none" if alpha is None else f"{alpha:.1f}"
+
+
+def _alpha_curves_section(curves: dict[str, Any] | None, out: Path) -> list[str]:
+    """Paper 2's Figure 4: general and task score against alpha per consolidation, the two regions per curve,
+    and whether SAC widens the general-stable region over ModelMix."""
+    if not curves:
+        return []
+    runs = curves["runs"]
+    labels = [f"{a:.1f}" for a in next(iter(runs.values()))["alpha"]]
+    for field, title, ylabel in (("general", "General score vs alpha", "general (%)"),
+                                 ("task", f"Task accuracy ({curves['task']}) vs alpha", "task acc (%)")):
+        line_figure({run: c[field] for run, c in runs.items()}, labels, title, ylabel).save(
+            out / f"alpha_{field}.png")
+    rows = [[run, _alpha_label(r["alpha_G"]), _alpha_label(r["alpha_T"]), _cell(runs[run]["general"][-1]),
+             _cell(runs[run]["task"][-1])] for run, r in curves["regions"].items()]
+    md = [f"## Alpha curves (paper 2, Figure 4): one unseen task ({curves['task']}), base general score "
+          f"{_cell(curves['base_general'])}", "",
+          f"general = harmonic mean of NL omega and general-VL accuracy. alpha_G: {curves['rules']['alpha_G']}; "
+          f"alpha_T: {curves['rules']['alpha_T']}. A curve whose alpha_T <= alpha_G has a stable region.", "",
+          _table(["run / consolidation", "alpha_G", "alpha_T", "general at alpha 1", "task at alpha 1"], rows), ""]
+    for model in sorted({run.split("/")[0] for run in runs}):
+        found = {run.split("/")[1]: r["alpha_G"] for run, r in curves["regions"].items() if run.startswith(model + "/")}
+        if "modelmix" not in found:
+            continue
+        base = found["modelmix"]
+        verdicts = []
+        for rule in ("sac-top", "sac-nuclear"):
+            if rule in found:
+                wider = (found[rule] or -1.0) > (base or -1.0)
+                verdicts.append(f"{rule} {'widens' if wider else 'does not widen'} it "
+                                f"(alpha_G {_alpha_label(found[rule])} against ModelMix's {_alpha_label(base)})")
+        md += [f"* {model}: " + "; ".join(verdicts) + "."]
+    md += ["", "![general vs alpha](alpha_general.png) ![task vs alpha](alpha_task.png)", ""]
+    return md
+
+
 def _timing_section(timing: dict[str, Any] | None) -> list[str]:
     """Where the experiment's time went (seconds and share of the total)."""
     if not timing:
@@ -423,8 +461,10 @@ def _file_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def write_report(run_dirs_or_results: dict | str | Path | Sequence[str | Path], out_dir: str | Path) -> Path:
-    """Write out_dir/REPORT.md and its PNG plots; returns the path of REPORT.md."""
+def write_report(run_dirs_or_results: dict | str | Path | Sequence[str | Path], out_dir: str | Path,
+                 alpha_curves: dict[str, Any] | None = None) -> Path:
+    """Write out_dir/REPORT.md and its PNG plots (with paper 2's alpha curves when given: the structure of
+    alpha_curves.json); returns the path of REPORT.md."""
     methods = load_results(run_dirs_or_results)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -475,6 +515,7 @@ def write_report(run_dirs_or_results: dict | str | Path | Sequence[str | Path], 
             table_rows.append(["forgetting"] + [_cell(f) for f in forgetting(matrix)] + ["-"])
         md += [f"## Accuracy matrix: {name}", "", _table(["after task \\ task"] + names, table_rows), "",
                f"![accuracy matrix of {name}]({file})", ""]
+    md += _alpha_curves_section(alpha_curves, out)
     if isinstance(run_dirs_or_results, dict):
         md += _timing_section(run_dirs_or_results.get("timing"))
     report = out / "REPORT.md"

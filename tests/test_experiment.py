@@ -8,6 +8,7 @@ import pytest
 
 from mllm_cl.config import ConfigError, ExperimentConfig, StageError, load_json
 from mllm_cl.experiment import check_same_world, ensure_world, run_experiment, run_options
+from mllm_cl.alpha_curves import CONSOLIDATIONS
 from mllm_cl.methods import build_methods
 from mllm_cl.synthetic import WORLD_VERSION
 from mllm_cl.llava import load_llava
@@ -146,9 +147,10 @@ def test_the_paper2_grid_config_builds_every_run() -> None:
 def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_path: Path) -> None:
     cfg = load_json(ExperimentConfig, ROOT / "configs/experiments/smoke.json")
     cfg = replace(cfg, out_dir=str(tmp_path / "p2"), world=str(tmp_path / "world"), protocol="paper2",
-                  world_tasks=["color", "size"], methods={"llava_c": ["llava_c"]}, run_train={},
+                  world_tasks=["color", "size"], methods={"llava_c": ["llava_c"], "lora": ["lora"]}, run_train={},
                   method_options={"lora": {"rank": 4, "alpha": 8.0, "rslora": False}, "sac": {"alpha": 0.2}},
-                  inquiries=str(tmp_path / "world" / "text_inquiries.json"))
+                  inquiries=str(tmp_path / "world" / "text_inquiries.json"), alpha_curves={"vanilla": "lora"},
+                  alpha_curve_alphas=[0.0, 0.5, 1.0])
     results = run_experiment(cfg)
     run = tmp_path / "p2"
     assert results["protocol"] == "paper2" and (run / "finetune" / "model" / "config.json").is_file()
@@ -163,5 +165,20 @@ def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_pat
                for v, (lo, hi) in zip(llava_c["general_vl_after_task"], llava_c["general_vl_ci_after_task"]))
     assert "finetune" in results["timing"]["shared"]
     assert "## General VL (paper 2" in (run / "REPORT.md").read_text()
+    # The alpha curves: alpha 0 is the instruction-tuned model itself, alpha 1 the LoRA run's model after task 1.
+    curves = json.loads((run / "alpha_curves.json").read_text())
+    assert curves["task"] == "color" and set(curves["runs"]) == {f"vanilla/{c}" for c in CONSOLIDATIONS}
+    for name, curve in curves["runs"].items():
+        assert curve["alpha"] == [0.0, 0.5, 1.0] and len(curve["general"]) == len(curve["task"]) == 3, name
+        assert curve["general"][0] == pytest.approx(curves["base_general"])
+        assert curve["task"][-1] == pytest.approx(results["methods"]["lora"]["acc_matrix"][0][0])
+        assert set(curves["regions"][name]) == {"alpha_G", "alpha_T"}
+    report = (run / "REPORT.md").read_text()
+    assert "## Alpha curves (paper 2, Figure 4)" in report and (run / "alpha_general.png").is_file()
+    assert "alpha curves" in results["timing"]["shared"]
     with pytest.raises(StageError, match="protocol must be one of paper1, paper2"):
         run_experiment(replace(cfg, protocol="llava"))
+    with pytest.raises(StageError, match="set protocol=paper2"):
+        run_experiment(replace(cfg, protocol="paper1"))
+    with pytest.raises(StageError, match=r"alpha_curves names runs \['lroa'\]"):
+        run_experiment(replace(cfg, alpha_curves={"vanilla": "lroa"}))

@@ -1,0 +1,108 @@
+"""The alpha curves of LLaVA-c (paper 2, Figure 4): how much general skill and task skill a consolidated model
+keeps as the consolidation weight alpha goes from 0 (the model before the task) to 1 (the model after it).
+
+For each model trained on one unseen task from a base model (vanilla LoRA, and LoRA with UIR), the update is
+consolidated at every alpha with ModelMix (theta_old + alpha * Delta, eq 4) and with SAC under both readings of
+its window rule (`top` and `nuclear`, see `mllm_cl.consolidation`), from one set of SVDs per trained model (the
+code path of `consolidate.py --sweep`). At every point:
+
+    general = harmonic mean(NL omega, general-VL accuracy)        task = the task's VL accuracy
+
+and two regions summarise each curve:
+
+    alpha_G = the largest alpha up to which general stays >= 95% of the base model's
+    alpha_T = the smallest alpha whose task accuracy is >= 90% of the unconsolidated model's (alpha = 1)
+
+A consolidation that widens the general-stable region (larger alpha_G at the same alpha_T) keeps more of the
+old skills for the same gain, which is what the paper claims for SAC over ModelMix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mllm_cl import metrics
+from mllm_cl.config import StageConfig
+from mllm_cl.consolidation import modelmix
+from mllm_cl.continual import evaluate_model, load_init
+from mllm_cl.llava import load_llava
+from mllm_cl.spectral import decompose_updates, sac_from_spectra
+
+ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
+CONSOLIDATIONS = ("modelmix", "sac-top", "sac-nuclear")
+GENERAL_KEEP, TASK_REACH = 0.95, 0.90  # the region rules above
+
+
+def consolidated(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor],
+                 alphas: tuple[float, ...]) -> Iterator[tuple[str, float, dict[str, torch.Tensor]]]:
+    """(consolidation, alpha, weights) for every consolidation and alpha; the SVDs are computed once."""
+    spectra = decompose_updates(old, new)
+    for alpha in alphas:
+        yield "modelmix", alpha, modelmix(old, new, alpha)
+        for rule in ("top", "nuclear"):
+            yield f"sac-{rule}", alpha, sac_from_spectra(old, new, spectra, alpha, rule)
+
+
+def general_score(scores: dict[str, Any]) -> tuple[float, float, float]:
+    """(general, NL omega, general-VL accuracy), in percent, from one evaluation."""
+    nl = metrics.nl_omega({task: 100.0 * m["acc"] for task, m in scores["nl"].items()})
+    tests = scores["general_vl"].values()
+    vl = 100.0 * sum(m["acc"] * m["n"] for m in tests) / sum(m["n"] for m in tests)
+    return metrics.nl_omega({"nl": nl, "general_vl": vl}), nl, vl
+
+
+def regions(alphas: list[float], general: list[float], task: list[float], base_general: float) -> dict[str, Any]:
+    """alpha_G and alpha_T of one curve (None when no alpha qualifies), by the rules in the module docstring."""
+    alpha_g = None
+    for alpha, value in zip(alphas, general):
+        if value < GENERAL_KEEP * base_general:
+            break
+        alpha_g = alpha
+    reach = TASK_REACH * task[alphas.index(1.0)]
+    alpha_t = next((alpha for alpha, value in zip(alphas, task) if value >= reach), None)
+    return {"alpha_G": alpha_g, "alpha_T": alpha_t}
+
+
+def alpha_curves(cfg: StageConfig, trained: dict[str, str | Path], alphas: tuple[float, ...] = ALPHAS,
+                 device: torch.device | None = None) -> dict[str, Any]:
+    """The curves for every trained model (name -> folder) learned on `cfg.tasks[0]` from `cfg.init`; `cfg.eval`
+    names the NL files and the general-VL tests. Returns the alpha_curves.json structure."""
+    if len(cfg.tasks) != 1 or not cfg.eval.general_vl:
+        raise ValueError("alpha curves need exactly one task and general-VL tests in the evaluation")
+    if 1.0 not in alphas or 0.0 not in alphas:
+        raise ValueError(f"alpha curves need alpha 0 and 1 among the alphas (the two ends), got {alphas}")
+    model, tokenizer, cfg = load_init(cfg, device)
+    keys = [k for k in model.state_dict() if not k.startswith("vision.")]
+    old = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items() if k in keys}
+    base_general = general_score(evaluate_model(model, tokenizer, cfg))[0]
+    task = cfg.tasks[0].name
+    curves: dict[str, dict[str, list[float]]] = {}
+    for name, folder in trained.items():
+        trained_state = load_llava(folder).state_dict()
+        new = {k: trained_state[k].detach().to("cpu", torch.float32) for k in keys}
+        ends: dict[float, dict] = {}  # alpha 0 and 1 are the same model for every consolidation
+        for consolidation, alpha, weights in consolidated(old, new, alphas):
+            if alpha in ends:
+                scores = ends[alpha]
+            else:
+                model.load_state_dict(weights, strict=False)
+                scores = evaluate_model(model, tokenizer, cfg)
+                if alpha in (0.0, 1.0):
+                    ends[alpha] = scores
+            general, nl, vl = general_score(scores)
+            curve = curves.setdefault(f"{name}/{consolidation}", {"alpha": [], "general": [], "task": [], "nl": [],
+                                                                   "general_vl": []})
+            for key, value in (("alpha", alpha), ("general", general), ("task", 100.0 * scores["vl"][task]["acc"]),
+                               ("nl", nl), ("general_vl", vl)):
+                curve[key].append(value)
+            print(f"alpha curves: {name}/{consolidation} alpha {alpha:.1f}: general {general:.1f} "
+                  f"(NL {nl:.1f}, general VL {vl:.1f}), {task} {curve['task'][-1]:.1f}", flush=True)
+    return {"task": task, "base_general": base_general,
+            "rules": {"alpha_G": f"the largest alpha up to which general >= {GENERAL_KEEP:.0%} of base_general",
+                      "alpha_T": f"the smallest alpha whose task accuracy >= {TASK_REACH:.0%} of alpha 1's"},
+            "runs": curves,
+            "regions": {run: regions(c["alpha"], c["general"], c["task"], base_general) for run, c in curves.items()}}
