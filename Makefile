@@ -7,7 +7,7 @@ MODEL ?=
 VISION ?=
 EXPERIMENT_OVERRIDES = $(if $(MODEL),llm=$(MODEL) template=$(or $(TEMPLATE),pythia)) $(if $(VISION),vision=$(VISION))
 
-.PHONY: setup test demo data experiment bench clean
+.PHONY: setup test demo paper2 data experiment bench clean
 
 setup: $(ENV_STAMP)
 
@@ -24,6 +24,10 @@ test: $(ENV_STAMP)
 # SEEDS=3: the whole grid once per seed (about 3x the time), reported as mean and sd per method.
 demo: $(ENV_STAMP)
 	$(PYTHON) train.py experiment --config configs/experiments/demo.json $(if $(SEEDS),seeds=$(SEEDS))
+
+# Paper 2's (LLaVA-c's) protocol on the synthetic world: instruction-tune first, its grid on LoRA, the alpha curves.
+paper2: $(ENV_STAMP)
+	$(PYTHON) train.py experiment --config configs/experiments/paper2.json
 
 # Real offline assets (SmolLM2-135M-Instruct, NL benchmarks, easy-vqa) into data/offline/.
 data: $(ENV_STAMP)
