@@ -355,6 +355,10 @@ class ExperimentConfig:
     # consolidated at every alpha of alpha_curve_alphas, e.g. {"vanilla": "lora", "uir": "lora+uir"}
     alpha_curves: dict[str, str] = field(default_factory=dict)
     alpha_curve_alphas: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+    # paper 2's Table 4 and Figure 1: the ablation's runs in order, and the run whose methods also learn every task
+    # at once (their training sets mixed, as many steps as the whole sequence): the multitask reference point
+    ablation: list[str] = field(default_factory=list)
+    joint_run: str = ""
     tasks: list[TaskSpec] = field(default_factory=list)  # default: the world's tasks (see world_tasks)
     world_tasks: list[str] = field(default_factory=list)  # which of the world's tasks, in order (default: all)
     nl_files: list[str] = field(default_factory=list)  # default: <world>/nl/*.jsonl

@@ -30,6 +30,7 @@ from mllm_cl import metrics
 from mllm_cl.alpha_curves import alpha_curves
 from mllm_cl.config import (LLM_PRESETS, VISION_PRESETS, ExperimentConfig, StageConfig, StageError, TaskSpec,
                             TrainConfig, from_dict, to_dict)
+from mllm_cl.continual import evaluate_model, load_init
 from mllm_cl.device import resolve_device
 from mllm_cl.methods import build_methods, expand_methods
 from mllm_cl.model_folder import atomic_write_text
@@ -50,10 +51,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         raise StageError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
     if cfg.alpha_curves and cfg.protocol != "paper2":
         raise StageError("alpha_curves measure the general score, which protocol paper2 defines: set protocol=paper2")
-    unknown = sorted(set(cfg.alpha_curves.values()) - set(cfg.methods))
-    if unknown:
-        raise StageError(f"alpha_curves names runs {unknown}, which are not method runs; the runs are "
-                         f"{list(cfg.methods)}")
+    for field_name, named in (("alpha_curves", cfg.alpha_curves.values()), ("ablation", cfg.ablation),
+                              ("joint_run", [cfg.joint_run] if cfg.joint_run else [])):
+        unknown = sorted(set(named) - set(cfg.methods))
+        if unknown:
+            raise StageError(f"{field_name} names runs {unknown}, which are not method runs; the runs are "
+                             f"{list(cfg.methods)}")
     for field_name in ("run_train", "run_method_options"):
         unknown = sorted(set(getattr(cfg, field_name)) - set(cfg.methods))
         if unknown:
@@ -93,11 +96,19 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         with clock.part(f"method:{run_name}"):
             run_stage(stage)
         runs[run_name] = json.loads((out / "methods" / run_name / "results.json").read_text())
+    joint = None
+    if cfg.joint_run:
+        with clock.part("joint"):
+            joint = run_joint(cfg, out, start)
     curves = None
     if cfg.alpha_curves:
         with clock.part("alpha curves"):
             curves = run_alpha_curves(cfg, out, start)
     results = summarise(cfg, runs, wall_seconds=clock.seconds())
+    if joint is not None:
+        results["joint"] = joint
+    if cfg.ablation:
+        results["ablation"] = cfg.ablation
     results["timing"] = time_table(clock, runs)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_report(results, out, alpha_curves=curves)
@@ -285,6 +296,45 @@ def shared_stage(cfg: ExperimentConfig, stage: str, out: Path, train: TrainConfi
     return run_stage(base_stage(cfg, stage, out, train, **fields))
 
 
+def run_joint(cfg: ExperimentConfig, out: Path, start: Path) -> dict[str, Any]:
+    """The multitask reference (paper 2, Figure 1): `joint_run`'s methods trained once on every task's training
+    set mixed (steps: the whole sequence's), then scored on every task, NL and general VL; cached in
+    joint/scores.json."""
+    path = out / "joint" / "scores.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    folders = {t.image_folder for t in cfg.tasks}
+    if len(folders) != 1:
+        raise StageError(f"the joint run mixes the tasks' samples, so their images must share one folder; "
+                         f"the tasks use {sorted(folders)}")
+    (out / "joint").mkdir(parents=True, exist_ok=True)
+    mixed = {}
+    for split in ("train", "test"):
+        records = [dict(record, id=f"{task.name}-{index}") for task in cfg.tasks
+                   for index, record in enumerate(json.loads(Path(getattr(task, split)).read_text()))]
+        mixed[split] = out / "joint" / f"{split}.json"
+        atomic_write_text(mixed[split], json.dumps(records) + "\n")
+    train = run_train(cfg, cfg.joint_run)
+    train = replace(train, steps=train.steps * len(cfg.tasks))  # epochs-based: one epoch of the mix is the same
+    joint_task = TaskSpec(name="joint", train=str(mixed["train"]), test=str(mixed["test"]),
+                          image_folder=folders.pop())
+    print(f"\n=== joint run: {cfg.methods[cfg.joint_run]} on {[t.name for t in cfg.tasks]} mixed ===", flush=True)
+    model = run_stage(base_stage(cfg, "continual", out / "joint" / "run", train, init=str(start), tasks=[joint_task],
+                                 inquiries=cfg.inquiries, methods=cfg.methods[cfg.joint_run],
+                                 method_options=run_options(cfg, cfg.joint_run)))
+    stage = base_stage(cfg, "continual", out / "joint", train, init=str(model), tasks=cfg.tasks)
+    trained, tokenizer, stage = load_init(stage, resolve_device(cfg.device))
+    scores = evaluate_model(trained, tokenizer, stage)
+    summary = {"run": cfg.joint_run, "methods": cfg.methods[cfg.joint_run], "steps": train.steps,
+               "vl": {t: 100.0 * m["acc"] for t, m in scores["vl"].items()},
+               "nl": metrics.nl_omega(nl_accuracies(scores))}
+    if "general_vl" in scores:
+        summary["general_vl"] = general_accuracy(scores)
+        summary["general"] = metrics.nl_omega({"nl": summary["nl"], "general_vl": summary["general_vl"]})
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def run_alpha_curves(cfg: ExperimentConfig, out: Path, start: Path) -> dict[str, Any]:
     """Paper 2's Figure 4 from the first task of the runs `alpha_curves` names (alpha_curves.json), cached: a
     finished experiment run again reads it back."""
@@ -334,6 +384,9 @@ def summarise(cfg: ExperimentConfig, runs: dict[str, dict], wall_seconds: float)
                 "general_vl_base": general_accuracy(run["initial"]),
                 "general_vl_after_task": [general_accuracy(after) for after in run["after_task"]],
                 "general_vl_ci_after_task": [general_interval(after) for after in run["after_task"]]}
+            methods[run_name]["general_after_task"] = [  # paper 2's general score: hmean(NL omega, general VL)
+                metrics.nl_omega({"nl": nl, "general_vl": vl})
+                for nl, vl in zip(nl_after, methods[run_name]["general_vl_after_task"])]
     return {"name": cfg.name, "protocol": cfg.protocol, "wall_seconds": wall_seconds,
             "date": datetime.now(timezone.utc).isoformat(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "tasks": task_names,

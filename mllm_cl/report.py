@@ -109,7 +109,7 @@ def _check_method(entry: Any, where: str) -> dict[str, Any]:
             out[name] = [None if v is None else _interval(v, f"{where}, {name}[{i}]")
                          for i, v in enumerate(entry[name])]
     for field in ("nl_after_task", "vl_after_task", "nlu_after_task", "nlg_after_task", "nl_delta_after_task",
-                  "general_vl_after_task"):
+                  "general_vl_after_task", "general_after_task"):
         if field in entry:
             if not isinstance(entry[field], list):
                 raise ReportInputError(f"{where}, {field}: expected a list of numbers")
@@ -406,6 +406,25 @@ def _general_section(methods: dict[str, dict[str, Any]]) -> list[str]:
             _table(["method", "before the tasks", "after each task [95% CI]"], rows), ""]
 
 
+def _ablation_section(methods: dict[str, dict[str, Any]], ablation: list[str], joint: dict[str, Any] | None) -> list[str]:
+    """Paper 2's Table 4 layout: the ablation's runs and the joint multitask run, final general score and every
+    task's final accuracy."""
+    rows, names = [], []
+    for name in ablation:
+        m = methods.get(name, {})
+        if "acc_matrix" not in m or not m.get("general_after_task"):
+            continue
+        names = m["task_names"]
+        rows.append([name, _cell(m["general_after_task"][-1])] + [_cell(v) for v in m["acc_matrix"][-1]])
+    if joint is not None and names:
+        rows.append([f"joint ({joint['run']}, all tasks at once)", _cell(joint.get("general"))]
+                    + [_cell(joint["vl"].get(t)) for t in names])
+    if not rows:
+        return []
+    return ["## Ablation and the joint reference (paper 2's Table 4 layout, after the last task)", "",
+            _table(["run", "general score"] + [f"{t} acc" for t in names], rows), ""]
+
+
 def _alpha_label(alpha: float | None) -> str:
     return "none" if alpha is None else f"{alpha:.1f}"
 
@@ -515,6 +534,8 @@ def write_report(run_dirs_or_results: dict | str | Path | Sequence[str | Path], 
             table_rows.append(["forgetting"] + [_cell(f) for f in forgetting(matrix)] + ["-"])
         md += [f"## Accuracy matrix: {name}", "", _table(["after task \\ task"] + names, table_rows), "",
                f"![accuracy matrix of {name}]({file})", ""]
+    if isinstance(run_dirs_or_results, dict) and run_dirs_or_results.get("ablation"):
+        md += _ablation_section(methods, run_dirs_or_results["ablation"], run_dirs_or_results.get("joint"))
     md += _alpha_curves_section(alpha_curves, out)
     if isinstance(run_dirs_or_results, dict):
         md += _timing_section(run_dirs_or_results.get("timing"))

@@ -150,7 +150,7 @@ def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_pat
                   world_tasks=["color", "size"], methods={"llava_c": ["llava_c"], "lora": ["lora"]}, run_train={},
                   method_options={"lora": {"rank": 4, "alpha": 8.0, "rslora": False}, "sac": {"alpha": 0.2}},
                   inquiries=str(tmp_path / "world" / "text_inquiries.json"), alpha_curves={"vanilla": "lora"},
-                  alpha_curve_alphas=[0.0, 0.5, 1.0])
+                  alpha_curve_alphas=[0.0, 0.5, 1.0], ablation=["lora", "llava_c"], joint_run="lora")
     results = run_experiment(cfg)
     run = tmp_path / "p2"
     assert results["protocol"] == "paper2" and (run / "finetune" / "model" / "config.json").is_file()
@@ -176,6 +176,15 @@ def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_pat
     report = (run / "REPORT.md").read_text()
     assert "## Alpha curves (paper 2, Figure 4)" in report and (run / "alpha_general.png").is_file()
     assert "alpha curves" in results["timing"]["shared"]
+    # The joint run: the LoRA run's methods on both tasks' samples at once, as many steps as the sequence.
+    joint = results["joint"]
+    assert joint["run"] == "lora" and joint["steps"] == 2 * cfg.task_train.steps and set(joint["vl"]) == {"color", "size"}
+    mixed = json.loads((run / "joint" / "train.json").read_text())
+    assert len(mixed) == sum(len(json.loads(Path(t).read_text())) for t in
+                             (tmp_path / "world/tasks/color/train.json", tmp_path / "world/tasks/size/train.json"))
+    assert 0.0 <= joint["general"] <= 100.0 and "Ablation and the joint reference" in report
+    assert llava_c["general_after_task"][-1] == pytest.approx(
+        2 / (1 / max(llava_c["nl_after_task"][-1], 0.1) + 1 / max(llava_c["general_vl_after_task"][-1], 0.1)))
     with pytest.raises(StageError, match="protocol must be one of paper1, paper2"):
         run_experiment(replace(cfg, protocol="llava"))
     with pytest.raises(StageError, match="set protocol=paper2"):
