@@ -47,12 +47,22 @@ def consolidated(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor],
             yield f"sac-{rule}", alpha, sac_from_spectra(old, new, spectra, alpha, rule)
 
 
+def general_vl_accuracy(scores: dict[str, Any]) -> float:
+    """Accuracy over all general-VL test questions of one evaluation pooled, in percent."""
+    tests = scores["general_vl"].values()
+    return 100.0 * sum(m["acc"] * m["n"] for m in tests) / sum(m["n"] for m in tests)
+
+
+def general_of(nl: float, general_vl: float) -> float:
+    """Paper 2's general score: the harmonic mean of NL omega and general-VL accuracy (a zero counts as 0.1%)."""
+    return metrics.nl_omega({"nl": nl, "general_vl": general_vl})
+
+
 def general_score(scores: dict[str, Any]) -> tuple[float, float, float]:
     """(general, NL omega, general-VL accuracy), in percent, from one evaluation."""
     nl = metrics.nl_omega({task: 100.0 * m["acc"] for task, m in scores["nl"].items()})
-    tests = scores["general_vl"].values()
-    vl = 100.0 * sum(m["acc"] * m["n"] for m in tests) / sum(m["n"] for m in tests)
-    return metrics.nl_omega({"nl": nl, "general_vl": vl}), nl, vl
+    vl = general_vl_accuracy(scores)
+    return general_of(nl, vl), nl, vl
 
 
 def regions(alphas: list[float], general: list[float], task: list[float], base_general: float) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from mllm_cl import metrics
-from mllm_cl.alpha_curves import alpha_curves
+from mllm_cl.alpha_curves import alpha_curves, general_of, general_score, general_vl_accuracy
 from mllm_cl.config import (LLM_PRESETS, VISION_PRESETS, ExperimentConfig, StageConfig, StageError, TaskSpec,
                             TrainConfig, from_dict, to_dict)
 from mllm_cl.continual import evaluate_model, load_init
@@ -329,8 +329,7 @@ def run_joint(cfg: ExperimentConfig, out: Path, start: Path) -> dict[str, Any]:
                "vl": {t: 100.0 * m["acc"] for t, m in scores["vl"].items()},
                "nl": metrics.nl_omega(nl_accuracies(scores))}
     if "general_vl" in scores:
-        summary["general_vl"] = general_accuracy(scores)
-        summary["general"] = metrics.nl_omega({"nl": summary["nl"], "general_vl": summary["general_vl"]})
+        summary["general"], _, summary["general_vl"] = general_score(scores)
     atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -381,12 +380,11 @@ def summarise(cfg: ExperimentConfig, runs: dict[str, dict], wall_seconds: float)
         }
         if "general_vl" in run["initial"]:  # paper 2's general VL score, pooled over its tests
             methods[run_name] |= {
-                "general_vl_base": general_accuracy(run["initial"]),
-                "general_vl_after_task": [general_accuracy(after) for after in run["after_task"]],
+                "general_vl_base": general_vl_accuracy(run["initial"]),
+                "general_vl_after_task": [general_vl_accuracy(after) for after in run["after_task"]],
                 "general_vl_ci_after_task": [general_interval(after) for after in run["after_task"]]}
-            methods[run_name]["general_after_task"] = [  # paper 2's general score: hmean(NL omega, general VL)
-                metrics.nl_omega({"nl": nl, "general_vl": vl})
-                for nl, vl in zip(nl_after, methods[run_name]["general_vl_after_task"])]
+            methods[run_name]["general_after_task"] = [
+                general_of(nl, vl) for nl, vl in zip(nl_after, methods[run_name]["general_vl_after_task"])]
     return {"name": cfg.name, "protocol": cfg.protocol, "wall_seconds": wall_seconds,
             "date": datetime.now(timezone.utc).isoformat(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "tasks": task_names,
@@ -399,15 +397,10 @@ def wilson(task_metrics: dict[str, Any]) -> list[float]:
     return list(metrics.wilson_interval(round(task_metrics["acc"] * n), n))
 
 
-def general_accuracy(scores: dict[str, Any]) -> float:
-    """Accuracy over all general-VL test questions pooled, in percent."""
-    tests = scores["general_vl"].values()
-    return 100.0 * sum(m["acc"] * m["n"] for m in tests) / sum(m["n"] for m in tests)
-
-
 def general_interval(scores: dict[str, Any]) -> list[float]:
-    tests = list(scores["general_vl"].values())
-    return wilson({"acc": general_accuracy(scores) / 100.0, "n": sum(m["n"] for m in tests)})
+    """The 95% Wilson interval of the pooled general-VL accuracy, in percent."""
+    n = sum(m["n"] for m in scores["general_vl"].values())
+    return wilson({"acc": general_vl_accuracy(scores) / 100.0, "n": n})
 
 
 def delta_interval(base: dict[str, Any], now: dict[str, Any]) -> list[float] | None:

@@ -127,7 +127,7 @@ def spatial_task(answer: str, rng: random.Random) -> tuple[Scene, str]:
     """Is X left of / right of / above / below Y? Asks the true relation or its opposite; yes or no.
 
     Not learnable at demo size: it needs where a shape is, which the tiny tower's tokens keep only in their slot
-    (README, "Why these three tasks"); naive fine-tuning stays at chance even after 400 steps."""
+    (README, "Why these three tasks"); naive fine-tuning stayed at chance after 150 steps."""
     relation = rng.choice(list(RELATIONS))
     first, second = spatial_pair(relation, rng)
     asked = relation if answer == "yes" else OPPOSITE[relation]
@@ -191,17 +191,13 @@ def make_general_mix(entities: list[text.Entity], n_train: int, n_test: int, ima
     train: list[dict] = []
     parts = len(GENERAL_VL) + 1
     for name, (classes, make) in GENERAL_VL.items():
-        for i, answer in enumerate(balanced(classes, n_train // parts, rng)):
-            path, question = draw_until_new(images, lambda: make(answer, rng))
-            train.append(llava_record(f"general-{name}-{i:05d}", path, question, answer))
+        train += draw_split(classes, make, n_train // parts, rng, images, f"general-{name}")
     for i, (question, answer) in enumerate(text.make_text_qa(entities, n_train - len(train), rng)):
         train.append(llava_record(f"general-text-{i:05d}", None, question, answer))
     rng.shuffle(train)
     test = []
     for name, (classes, make) in GENERAL_VL.items():
-        for i, answer in enumerate(balanced(classes, n_test // len(GENERAL_VL), rng)):
-            path, question = draw_until_new(images, lambda: make(answer, rng))
-            test.append(llava_record(f"general-{name}-test-{i:05d}", path, question, answer))
+        test += draw_split(classes, make, n_test // len(GENERAL_VL), rng, images, f"general-{name}-test")
     return train, test
 
 
@@ -274,14 +270,19 @@ def balanced(classes: tuple[str, ...], n: int, rng: random.Random) -> list[str]:
     return answers
 
 
-def make_task_split(task: str, split: str, n: int, images: ImageFolder, seed: int) -> list[dict]:
-    classes, make = TASKS[task]
-    rng = random.Random(f"{seed}:{task}:{split}")
+def draw_split(classes: tuple[str, ...], make: Callable[[str, random.Random], tuple[Scene, str]], n: int,
+               rng: random.Random, images: ImageFolder, prefix: str) -> list[dict]:
+    """`n` records with balanced answers, each on a picture not drawn before, ids `<prefix>-NNNNN`."""
     records = []
     for i, answer in enumerate(balanced(classes, n, rng)):
         path, question = draw_until_new(images, lambda: make(answer, rng))
-        records.append(llava_record(f"{task}-{split}-{i:05d}", path, question, answer))
+        records.append(llava_record(f"{prefix}-{i:05d}", path, question, answer))
     return records
+
+
+def make_task_split(task: str, split: str, n: int, images: ImageFolder, seed: int) -> list[dict]:
+    classes, make = TASKS[task]
+    return draw_split(classes, make, n, random.Random(f"{seed}:{task}:{split}"), images, f"{task}-{split}")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
