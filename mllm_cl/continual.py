@@ -26,7 +26,7 @@ from mllm_cl.config import StageConfig, StageError, require, to_dict
 from mllm_cl.data import TextOnlyInquiries, batches, check_fits, multimodal_dataset
 from mllm_cl.device import resolve_device
 from mllm_cl.evaluation import evaluate_nl_suite
-from mllm_cl.evaluation_vl import evaluate_vl_examples, read_vl_test_set
+from mllm_cl.evaluation_vl import VLEvalCache, evaluate_vl_examples, read_vl_test_set
 from mllm_cl.llava import LlavaModel, load_llava, save_llava, tokenizer_folder
 from mllm_cl.losses import LossResult, forward_loss
 from mllm_cl.methods import Method, TaskContext, build_methods
@@ -79,7 +79,8 @@ def run_continual(cfg: StageConfig) -> Path:
     results_path = out / "results.json"
     results: dict[str, Any] = {"methods": cfg.methods, "tasks": names, "after_task": []}
     start = time.time()
-    results["initial"] = initial_evaluation(model, tokenizer, cfg)
+    cache = VLEvalCache()  # the tower stays frozen: every evaluation of this run reuses its image features
+    results["initial"] = initial_evaluation(model, tokenizer, cfg, cache)
     initial_seconds = time.time() - start  # near zero when another run already made the shared file
 
     for index, task in enumerate(cfg.tasks):
@@ -111,7 +112,7 @@ def run_continual(cfg: StageConfig) -> Path:
         else:
             save_llava(model, task_dir / "model", tokenizer_from=tokenizer_folder(cfg.init), template=cfg.template)
             eval_start = time.time()
-            scores = evaluate_model(model, tokenizer, cfg)
+            scores = evaluate_model(model, tokenizer, cfg, cache)
             scores["method_log"] = ctx.log
             scores["seconds"] = {"train": eval_start - task_start, "eval": time.time() - eval_start}
             atomic_write_text(task_dir / "eval.json", json.dumps(scores, indent=2) + "\n")
@@ -144,7 +145,8 @@ def time_spent(after_task: list[dict[str, Any]], initial_seconds: float) -> dict
             "eval": initial_seconds + sum(t.get("eval", 0.0) for t in per_task)}
 
 
-def initial_evaluation(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig) -> dict[str, Any]:
+def initial_evaluation(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig,
+                       cache: VLEvalCache | None = None) -> dict[str, Any]:
     """The scores of `init` before any task, cached in `cfg.initial_eval` (default <out_dir>/initial_eval.json).
 
     Runs that start from the same model with the same evaluation (the experiment's method runs) share one
@@ -157,16 +159,18 @@ def initial_evaluation(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig
         cached = json.loads(path.read_text())
         if cached.get("setup") == setup:
             return cached
-    scores = {**evaluate_model(model, tokenizer, cfg), "setup": setup}
+    scores = {**evaluate_model(model, tokenizer, cfg, cache), "setup": setup}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(scores, indent=2) + "\n")
     return scores
 
 
 @torch.no_grad()
-def evaluate_model(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig) -> dict[str, dict[str, dict]]:
+def evaluate_model(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig,
+                   cache: VLEvalCache | None = None) -> dict[str, dict[str, dict]]:
     """NL skill of the LLM alone on every NL file, VL accuracy on every task's test split (and on the general VL
-    tests, when the evaluation names any)."""
+    tests, when the evaluation names any). A `cache` kept across the evaluations of one model (or of models
+    sharing its tower) saves reading the test files and encoding their images again."""
     was_training = model.training
     model.eval()
     nl_files = {Path(path).stem: Path(path) for path in cfg.eval.nl_files}
@@ -177,10 +181,12 @@ def evaluate_model(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig) ->
     def vl_scores(tests: list) -> dict[str, dict]:
         scores = {}
         for test in tests:
-            examples = read_vl_test_set(test.test, test.image_folder or None, cfg.eval.vl_limit or None)
+            folder, limit = test.image_folder or None, cfg.eval.vl_limit or None
+            examples = (cache.test_set(test.test, folder, limit) if cache is not None
+                        else read_vl_test_set(test.test, folder, limit))
             scores[test.name] = evaluate_vl_examples(model, tokenizer, examples, template=cfg.template,
                                                      batch_size=cfg.eval.batch_size,
-                                                     max_new_tokens=cfg.eval.max_new_tokens)
+                                                     max_new_tokens=cfg.eval.max_new_tokens, cache=cache)
         return scores
 
     results = {"nl": nl, "vl": vl_scores(cfg.tasks)}

@@ -9,6 +9,8 @@ answer names ("A", "(A)", "A.", "The answer is A", or the option's text itself).
 from __future__ import annotations
 
 import re
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +119,55 @@ def read_vl_test_set(path: str | Path, image_folder: str | Path | None, limit: i
     return examples
 
 
+class VLEvalCache:
+    """What repeated evaluations of models that share one frozen vision tower can reuse: each test file as read
+    and validated, and the tower's features of each test image.
+
+    Every stage after pre-training keeps the tower frozen, so a continual run that evaluates after every task,
+    or the alpha curves that evaluate some sixty consolidations of one model, would otherwise read, decode and
+    encode the same images every time. Features are kept for one tower (the module object, on one device, in
+    one dtype) and all dropped when any of its parameters changes in place (a tensor's version counter moves),
+    so a stale feature is never used. A batch with any image not cached is encoded whole, exactly as without a
+    cache, so cached and uncached evaluations give the same answers. `max_bytes` bounds the features kept;
+    images beyond it are encoded each time.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self._tests: dict[tuple, list[VLExample]] = {}
+        self._tower: weakref.ref | None = None
+        self._state: tuple = ()
+        self._features: dict[Path, torch.Tensor] = {}
+        self._bytes = 0
+
+    def test_set(self, path: str | Path, image_folder: str | Path | None, limit: int | None = None) -> list[VLExample]:
+        """`read_vl_test_set`'s examples, read again only when the file changes."""
+        path = Path(path)
+        stamp = path.stat().st_mtime_ns if path.is_file() else None
+        key = (str(path.resolve()), str(image_folder), limit, stamp)
+        if stamp is None or key not in self._tests:
+            self._tests[key] = read_vl_test_set(path, image_folder, limit)
+        return self._tests[key]
+
+    def features(self, vision: torch.nn.Module, images: list[Path], pixels: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The tower's (N, P, d_vision) features of `images`; `pixels()` gives their (N, 3, S, S) input."""
+        first = next(vision.parameters())
+        state = (first.device, first.dtype, tuple(p._version for p in vision.parameters()))
+        if self._tower is None or self._tower() is not vision or state != self._state:
+            self._features.clear()
+            self._tower, self._state, self._bytes = weakref.ref(vision), state, 0
+        if all(image in self._features for image in images):
+            return torch.stack([self._features[image] for image in images])
+        with torch.no_grad():
+            features = vision(pixels())
+        for image, feature in zip(images, features):
+            size = feature.numel() * feature.element_size()
+            if image not in self._features and self._bytes + size <= self.max_bytes:
+                self._features[image] = feature
+                self._bytes += size
+        return features
+
+
 def stop_ids(tokenizer: Tokenizer, template: Template) -> list[int]:
     """The ids that end an answer: the tokenizer's EOS and the template's end-of-turn token."""
     ids = {tokenizer.eos_id}
@@ -127,8 +178,9 @@ def stop_ids(tokenizer: Tokenizer, template: Template) -> list[int]:
 
 @torch.inference_mode()
 def generate_answers(model: LlavaModel, tokenizer: Tokenizer, examples: list[VLExample], *, template: str,
-                     batch_size: int = 16, max_new_tokens: int = 32) -> list[str]:
-    """Greedy answers, one per example, in order. Prompts are batched by length and right-padded."""
+                     batch_size: int = 16, max_new_tokens: int = 32, cache: VLEvalCache | None = None) -> list[str]:
+    """Greedy answers, one per example, in order. Prompts are batched by length and right-padded. With a `cache`,
+    the tower's features of images it has seen are reused."""
     template = get_template(template)
     device = next(model.llm.parameters()).device
     dtype = next(model.vision.parameters()).dtype
@@ -145,9 +197,17 @@ def generate_answers(model: LlavaModel, tokenizer: Tokenizer, examples: list[VLE
         for row, i in enumerate(batch):
             input_ids[row, :len(prompts[i])] = torch.tensor(prompts[i])
             attention_mask[row, :len(prompts[i])] = 1
-        images = [load_image(examples[i].image, image_size) for i in batch if examples[i].image is not None]
-        pixel_values = torch.stack(images).to(device, dtype) if images else None  # (N,3,S,S)
-        out = model.generate(input_ids.to(device), attention_mask.to(device), pixel_values,
+        images = [examples[i].image for i in batch if examples[i].image is not None]
+
+        def pixels() -> torch.Tensor:  # (N, 3, S, S)
+            return torch.stack([load_image(image, image_size) for image in images]).to(device, dtype)
+
+        pixel_values = features = None
+        if images and cache is not None:
+            features = cache.features(model.vision, images, pixels)
+        elif images:
+            pixel_values = pixels()
+        out = model.generate(input_ids.to(device), attention_mask.to(device), pixel_values, features,
                              max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=tokenizer.pad_id)
         for row, i in enumerate(batch):
             tokens = out.tokens[row, :int(out.lengths[row])].tolist()
@@ -158,9 +218,10 @@ def generate_answers(model: LlavaModel, tokenizer: Tokenizer, examples: list[VLE
 
 
 def evaluate_vl_examples(model: LlavaModel, tokenizer: Tokenizer, examples: list[VLExample], *, template: str,
-                         batch_size: int = 16, max_new_tokens: int = 32) -> dict[str, float]:
+                         batch_size: int = 16, max_new_tokens: int = 32,
+                         cache: VLEvalCache | None = None) -> dict[str, float]:
     """{"acc", "n"} of one task."""
     answers = generate_answers(model, tokenizer, examples, template=template, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens)
+                               max_new_tokens=max_new_tokens, cache=cache)
     correct = sum(is_correct(answer, ex.answer, ex.question) for answer, ex in zip(answers, examples))
     return {"acc": correct / len(examples), "n": len(examples)}

@@ -9,6 +9,10 @@
 
 Every stage writes into its own folder under `out_dir` and is skipped when its model is already there, so
 an interrupted experiment picks up where it stopped (an unfinished stage resumes from its checkpoint).
+
+Experiments named in `then` run next, each into out_dir/<its name>: a shared stage whose settings equal one of
+this experiment's reuses its model (`make demo` runs paper 2's protocol after paper 1's grid this way, training
+the tiny LLM, the tower and the projector once for both).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import json
 import platform
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,22 +33,23 @@ import numpy as np
 from mllm_cl import metrics
 from mllm_cl.alpha_curves import alpha_curves, general_of, general_score, general_vl_accuracy
 from mllm_cl.config import (LLM_PRESETS, VISION_PRESETS, ExperimentConfig, StageConfig, StageError, TaskSpec,
-                            TrainConfig, from_dict, to_dict)
+                            TrainConfig, from_dict, load_json, to_dict)
 from mllm_cl.continual import evaluate_model, load_init
 from mllm_cl.device import resolve_device
 from mllm_cl.methods import build_methods, expand_methods
 from mllm_cl.model_folder import atomic_write_text
 from mllm_cl.report import write_report
-from mllm_cl.stages import run_stage
+from mllm_cl.stages import SETTINGS_FILE, changed_settings, run_stage
 from mllm_cl.synthetic import WORLD_VERSION, build_world
+from mllm_cl.workers import Job, run_jobs
 
 
 PROTOCOLS = ("paper1", "paper2")  # where the continual tasks start: the aligned model, or an instruction-tuned one
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
-    if cfg.seeds < 1:
-        raise StageError(f"seeds must be at least 1, got {cfg.seeds}")
+    if cfg.seeds < 1 or cfg.workers < 1:
+        raise StageError(f"seeds and workers must be at least 1, got seeds={cfg.seeds}, workers={cfg.workers}")
     if cfg.seeds > 1:
         return run_seeds(cfg)
     if cfg.protocol not in PROTOCOLS:
@@ -65,6 +70,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     for run_name, methods in cfg.methods.items():  # a bad field or option fails here, before any stage runs
         run_train(cfg, run_name)
         build_methods(methods, run_options(cfg, run_name))
+    followers = {path: follow_up(cfg, path) for path in cfg.then}
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock(out / "timing.json")
@@ -86,20 +92,25 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         with clock.part("finetune"):
             start = shared_stage(cfg, "finetune", out / "finetune", cfg.finetune, init=str(start),
                                  train_file=cfg.general_file, image_folder=str(world))
-    runs = {}
-    for run_name, methods in cfg.methods.items():
-        stage = base_stage(cfg, "continual", out / "methods" / run_name, run_train(cfg, run_name), init=str(start),
-                           tasks=cfg.tasks, inquiries=cfg.inquiries, methods=methods,
-                           method_options=run_options(cfg, run_name),
-                           initial_eval=str(out / "initial_eval.json"))  # every run starts from the same model
-        print(f"\n=== method run {run_name!r}: {methods} ===", flush=True)
-        with clock.part(f"method:{run_name}"):
-            run_stage(stage)
-        runs[run_name] = json.loads((out / "methods" / run_name / "results.json").read_text())
-    joint = None
+    jobs = [Job(f"method run {name!r}", method_run, (method_stage(cfg, out, name, start), name),
+                out / "methods" / name / "output.log") for name in cfg.methods]
     if cfg.joint_run:
-        with clock.part("joint"):
-            joint = run_joint(cfg, out, start)
+        jobs.append(Job("joint run", run_joint, (cfg, out, start), out / "joint" / "output.log"))
+    runs, joint = {}, None
+
+    def done(job: Job, result: Any, seconds: float) -> None:
+        nonlocal joint
+        if job.fn is run_joint:
+            joint = result
+            clock.add("joint", seconds)
+        else:
+            name = job.args[1]
+            runs[name] = json.loads((out / "methods" / name / "results.json").read_text())
+            clock.add(f"method:{name}", seconds)
+
+    with clock.part(f"method runs, {cfg.workers} at a time") if cfg.workers > 1 else nullcontext():
+        run_jobs(jobs, cfg.workers, done)
+    runs = {name: runs[name] for name in cfg.methods}  # in the config's order, however they finished
     curves = None
     if cfg.alpha_curves:
         with clock.part("alpha curves"):
@@ -112,27 +123,73 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     results["timing"] = time_table(clock, runs)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_report(results, out, alpha_curves=curves)
-    print(f"\nwhere the time went:\n{format_time_table(results['timing'])}")
     print(f"\n{cfg.name}: wrote {out / 'results.json'} and {out / 'REPORT.md'} in {results['wall_seconds']:.0f}s")
+    if followers:
+        results["then"] = {}
+        for path, follower in followers.items():
+            print(f"\n##### then {follower.name} ({path}) into {follower.out_dir} #####", flush=True)
+            done = run_experiment(follower)
+            results["then"][follower.name] = {"config": path, "out_dir": follower.out_dir,
+                                              "seconds": done["timing"]["total"]}
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+        write_report(results, out, alpha_curves=curves)  # now with links to theirs
+    print(f"\nwhere the time went ({cfg.name}):\n{format_time_table(results['timing'])}")
+    if followers:
+        total = results["timing"]["total"] + sum(f["seconds"] for f in results["then"].values())
+        print("\n".join([f"then {name}: {f['seconds']:.0f}s (its table: {f['out_dir']}/REPORT.md)"
+                         for name, f in results["then"].items()] + [f"all together: {total:.0f}s"]))
     return results
 
 
+TRAIN_FIELDS = ("pretrain_text", "pretrain_vision", "align", "finetune", "task_train")
+SHARED_FOLDERS = ("pretrain_text", "pretrain_vision", "align", "finetune", "methods", "joint", "alpha_curves")
+
+
+def follow_up(cfg: ExperimentConfig, path: str) -> ExperimentConfig:
+    """The experiment `path` configures, as `cfg` runs it after itself: into <cfg.out_dir>/<its name>, with cfg's
+    device, workers and every stage's seed, reusing cfg's shared stages where their settings are the same."""
+    follower = load_json(ExperimentConfig, path)
+    if follower.then:
+        raise StageError(f"{path} names experiments of its own in `then`; an experiment run by `then` cannot")
+    if follower.name in SHARED_FOLDERS or follower.name.startswith("seed_") or not follower.name:
+        raise StageError(f"{path}: its name {follower.name!r} would be a folder of {cfg.out_dir} that the "
+                         "experiment itself writes; rename it")
+    seeds = {name: replace(getattr(follower, name), seed=getattr(cfg, name).seed) for name in TRAIN_FIELDS}
+    return replace(follower, out_dir=str(Path(cfg.out_dir) / follower.name), shared_dir=cfg.out_dir,
+                   device=cfg.device, workers=cfg.workers, seeds=1, **seeds)
+
+
 SEED_FIELDS = ("nl_delta", "vl_hmean", "nl_base")  # figures summarised over seeds, besides the accuracy matrix
+SEED_CURVES = ("nl_after_task", "vl_after_task", "general_after_task")  # averaged per task, where a run has them
 
 
 def run_seeds(cfg: ExperimentConfig) -> dict[str, Any]:
     """The experiment once per seed s = 0..seeds-1 (every stage's train.seed set to s, the world shared), in
-    out_dir/seed_<s>/; then per method the mean and the sample standard deviation of each figure over seeds."""
+    out_dir/seed_<s>/; then per method the mean and the sample standard deviation of each figure over seeds, for
+    the experiment and for each one it runs `then` (out_dir/<its name>/)."""
     out = Path(cfg.out_dir)
     per_seed = {}
     for seed in range(cfg.seeds):
-        trains = {name: replace(getattr(cfg, name), seed=seed)
-                  for name in ("pretrain_text", "pretrain_vision", "align", "finetune", "task_train")}
+        trains = {name: replace(getattr(cfg, name), seed=seed) for name in TRAIN_FIELDS}
         print(f"\n##### seed {seed} of {cfg.seeds} #####", flush=True)
         per_seed[seed] = run_experiment(replace(cfg, seeds=1, out_dir=str(out / f"seed_{seed}"), **trains))
+    then = {}
+    for path in cfg.then:
+        name = load_json(ExperimentConfig, path).name
+        followers = {seed: json.loads((out / f"seed_{seed}" / name / "results.json").read_text())
+                     for seed in per_seed}
+        done = over_seeds(name, followers, out / name)
+        then[name] = {"config": path, "out_dir": str(out / name), "seconds": done["wall_seconds"]}
+    return over_seeds(cfg.name, per_seed, out, then)
+
+
+def over_seeds(name: str, per_seed: dict[int, dict[str, Any]], out: Path,
+               then: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per method, the mean and sample sd over seeds of one experiment's results (seed -> results.json),
+    written to out/results.json and out/REPORT.md (which links to the `then` experiments' summaries)."""
     methods = {}
-    for name in per_seed[0]["methods"]:
-        runs = [per_seed[seed]["methods"][name] for seed in per_seed]
+    for method in next(iter(per_seed.values()))["methods"]:
+        runs = [per_seed[seed]["methods"][method] for seed in per_seed]
         summary: dict[str, Any] = {"methods": runs[0]["methods"], "task_names": runs[0]["task_names"]}
         for field in SEED_FIELDS:
             values = [run[field] for run in runs]
@@ -140,16 +197,21 @@ def run_seeds(cfg: ExperimentConfig) -> dict[str, Any]:
                         f"{field}_per_seed": values}
         matrices = np.array([run["acc_matrix"] for run in runs])  # (seeds, T, T)
         summary |= {"acc_matrix": matrices.mean(axis=0).tolist(),
-                    "acc_matrix_sd": matrices.std(axis=0, ddof=1).tolist(),
-                    "nl_after_task": np.mean([run["nl_after_task"] for run in runs], axis=0).tolist(),
-                    "vl_after_task": np.mean([run["vl_after_task"] for run in runs], axis=0).tolist()}
-        methods[name] = summary
-    results = {"name": cfg.name, "seeds": list(per_seed), "tasks": per_seed[0]["tasks"],
+                    "acc_matrix_sd": matrices.std(axis=0, ddof=1).tolist()}
+        for field in SEED_CURVES:
+            if field in runs[0]:
+                curves = np.array([run[field] for run in runs])  # (seeds, T)
+                summary |= {field: curves.mean(axis=0).tolist(), f"{field}_sd": curves.std(axis=0, ddof=1).tolist()}
+        methods[method] = summary
+    results = {"name": name, "seeds": list(per_seed), "tasks": next(iter(per_seed.values()))["tasks"],
                "wall_seconds": sum(r["wall_seconds"] for r in per_seed.values()),
                "date": datetime.now(timezone.utc).isoformat(), "methods": methods}
+    if then:
+        results["then"] = then
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_report(results, out)
-    print(f"\n{cfg.name}: {cfg.seeds} seeds; wrote {out / 'results.json'} and {out / 'REPORT.md'}")
+    print(f"\n{name}: {len(per_seed)} seeds; wrote {out / 'results.json'} and {out / 'REPORT.md'}")
     return results
 
 
@@ -176,6 +238,11 @@ class Clock:
         finally:
             self.parts[name] = self.parts.get(name, 0.0) + time.time() - start
             self.save()
+
+    def add(self, name: str, seconds: float) -> None:
+        """Add `seconds` spent elsewhere (a worker process) to part `name`, then save."""
+        self.parts[name] = self.parts.get(name, 0.0) + seconds
+        self.save()
 
     def save(self) -> None:
         atomic_write_text(self.path, json.dumps({"seconds": self.seconds(), "parts": self.parts}) + "\n")
@@ -206,6 +273,8 @@ def format_time_table(timing: dict[str, Any]) -> str:
         row(f"{name}: train", spent["train"])
         row(f"{name}: evaluate", spent["eval"])
     row("total", timing["total"])
+    if any(name.startswith("method runs,") for name in timing["shared"]):
+        lines.append("(the runs overlapped: their rows add up to more than the wall clock of `method runs`)")
     return "\n".join(lines)
 
 
@@ -284,7 +353,8 @@ def base_stage(cfg: ExperimentConfig, stage: str, out: Path, train: TrainConfig,
 
 def shared_stage(cfg: ExperimentConfig, stage: str, out: Path, train: TrainConfig, skip: bool = False,
                  given: str = "", **fields: Any) -> Path:
-    """Run a stage shared by every method, unless its model exists already (or a given folder replaces it)."""
+    """Run a stage shared by every method, unless its model exists already, here or in `shared_dir` with the same
+    settings (or a given folder replaces it)."""
     if skip:
         print(f"{stage}: using the given model {given}")
         return Path(given)
@@ -292,8 +362,29 @@ def shared_stage(cfg: ExperimentConfig, stage: str, out: Path, train: TrainConfi
     if model.is_dir():
         print(f"{stage}: reusing {model}")
         return model
+    settings = base_stage(cfg, stage, out, train, **fields)
+    theirs = Path(cfg.shared_dir) / out.name if cfg.shared_dir else None
+    if theirs is not None and (theirs / "model").is_dir() and (theirs / SETTINGS_FILE).is_file():
+        changed = changed_settings(theirs, settings, ignore=("eval",))  # only continual stages evaluate
+        if not changed:
+            print(f"{stage}: reusing {theirs / 'model'} (the same settings)")
+            return theirs / "model"
+        print(f"{stage}: {theirs} was trained with other settings (saved, now): {changed}; training it here")
     print(f"\n=== {stage} ===", flush=True)
-    return run_stage(base_stage(cfg, stage, out, train, **fields))
+    return run_stage(settings)
+
+
+def method_stage(cfg: ExperimentConfig, out: Path, run_name: str, start: Path) -> StageConfig:
+    """The continual stage of one method run: the VL tasks in order from `start`, into out/methods/<run>."""
+    return base_stage(cfg, "continual", out / "methods" / run_name, run_train(cfg, run_name), init=str(start),
+                      tasks=cfg.tasks, inquiries=cfg.inquiries, methods=cfg.methods[run_name],
+                      method_options=run_options(cfg, run_name),
+                      initial_eval=str(out / "initial_eval.json"))  # every run starts from the same model
+
+
+def method_run(stage: StageConfig, run_name: str) -> None:
+    print(f"\n=== method run {run_name!r}: {stage.methods} ===", flush=True)
+    run_stage(stage)
 
 
 def run_joint(cfg: ExperimentConfig, out: Path, start: Path) -> dict[str, Any]:

@@ -58,17 +58,23 @@ class LlavaModel(nn.Module):
         self.vision.eval()
         return self
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, num_image_tokens, d_llm); gradients reach the projector only."""
-        with torch.no_grad():
-            features = self.vision(pixel_values)  # (N, P, d_vision)
-        return self.projector(features.to(self.projector[0].weight.dtype))
+    def encode_images(self, pixel_values: torch.Tensor | None = None,
+                      vision_features: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, 3, H, W) pixels, or the tower's (N, P, d_vision) output for them when the caller already has it
+        -> (N, num_image_tokens, d_llm); gradients reach the projector only."""
+        if vision_features is None:
+            with torch.no_grad():
+                vision_features = self.vision(pixel_values)  # (N, P, d_vision)
+        return self.projector(vision_features.to(self.projector[0].weight.dtype))
 
-    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids with IMAGE_PLACEHOLDER_ID at image positions -> (B, T, d_llm) LLM input embeddings."""
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                     vision_features: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids with IMAGE_PLACEHOLDER_ID at image positions -> (B, T, d_llm) LLM input embeddings. The
+        images come as pixels or as the frozen tower's features of them (see `encode_images`)."""
         is_image = input_ids == IMAGE_PLACEHOLDER_ID  # (B, T)
         embeds = self.llm.embed(input_ids.masked_fill(is_image, 0))  # (B, T, D); image rows overwritten below
-        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        images = pixel_values if vision_features is None else vision_features
+        num_images = 0 if images is None else images.shape[0]
         positions, expected = int(is_image.sum()), num_images * self.num_image_tokens
         if positions != expected:
             raise ValueError(f"the batch has {positions} image positions (IMAGE_PLACEHOLDER_ID) but {num_images} "
@@ -76,7 +82,7 @@ class LlavaModel(nn.Module):
                              f"exactly num_image_tokens placeholders, with one pixel_values row per image")
         if expected == 0:
             return embeds
-        features = self.encode_images(pixel_values).to(embeds.dtype)  # (N, P, D)
+        features = self.encode_images(pixel_values, vision_features).to(embeds.dtype)  # (N, P, D)
         return embeds.masked_scatter(is_image.unsqueeze(-1), features)  # row-major: image n fills the n-th block
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -87,9 +93,10 @@ class LlavaModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, **gen_kwargs: Any) -> GenerationOutput:
+                 pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
+                 **gen_kwargs: Any) -> GenerationOutput:
         """Continue each (left- or right-padded) prompt; `gen_kwargs` go to `mllm_cl.generation.generate`."""
-        return generate(self.llm, inputs_embeds=self.embed_inputs(input_ids, pixel_values),
+        return generate(self.llm, inputs_embeds=self.embed_inputs(input_ids, pixel_values, vision_features),
                         attention_mask=attention_mask, **gen_kwargs)
 
 

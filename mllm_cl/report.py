@@ -87,6 +87,14 @@ def _interval(value: Any, where: str) -> list[float]:
     return [_number(v, where) for v in value]
 
 
+def _rows(entry: dict[str, Any], field: str, cell: Callable[[Any, str], Any], where: str) -> list[list[Any]]:
+    """entry[field] as a list of rows, each value read by `cell` (a number or an interval)."""
+    rows = entry[field]
+    if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
+        raise ReportInputError(f"{where}, {field}: expected a list of rows")
+    return [[cell(v, f"{where}, {field}[{k}][{j}]") for j, v in enumerate(r)] for k, r in enumerate(rows)]
+
+
 def _check_method(entry: Any, where: str) -> dict[str, Any]:
     if not isinstance(entry, dict):
         raise ReportInputError(f"{where}: expected an object with fields {list(FIELDS)}")
@@ -99,30 +107,24 @@ def _check_method(entry: Any, where: str) -> dict[str, Any]:
     if entry.get("nl_delta_ci") is not None:
         out["nl_delta_ci"] = _interval(entry["nl_delta_ci"], f"{where}, nl_delta_ci")
     if "acc_matrix_ci" in entry:
-        rows = entry["acc_matrix_ci"]
-        if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
-            raise ReportInputError(f"{where}, acc_matrix_ci: expected a list of rows of [low, high]")
-        out["acc_matrix_ci"] = [[_interval(v, f"{where}, acc_matrix_ci[{k}][{j}]") for j, v in enumerate(r)]
-                                for k, r in enumerate(rows)]
+        out["acc_matrix_ci"] = _rows(entry, "acc_matrix_ci", _interval, where)
     for name in ("nl_delta_ci_after_task", "general_vl_ci_after_task"):
         if isinstance(entry.get(name), list):
             out[name] = [None if v is None else _interval(v, f"{where}, {name}[{i}]")
                          for i, v in enumerate(entry[name])]
     for field in ("nl_after_task", "vl_after_task", "nlu_after_task", "nlg_after_task", "nl_delta_after_task",
-                  "general_vl_after_task", "general_after_task"):
+                  "general_vl_after_task", "general_after_task", "general_after_task_sd"):
         if field in entry:
             if not isinstance(entry[field], list):
                 raise ReportInputError(f"{where}, {field}: expected a list of numbers")
             out[field] = [_number(v, f"{where}, {field}[{i}]") for i, v in enumerate(entry[field])]
     if "acc_matrix" in entry:
-        rows = entry["acc_matrix"]
-        if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
-            raise ReportInputError(f"{where}, acc_matrix: expected a list of rows")
-        matrix = [[_number(v, f"{where}, acc_matrix[{k}][{j}]") for j, v in enumerate(r)] for k, r in enumerate(rows)]
         try:
-            out["acc_matrix"] = accuracy_matrix(matrix)
+            out["acc_matrix"] = accuracy_matrix(_rows(entry, "acc_matrix", _number, where))
         except ValueError as e:
             raise ReportInputError(f"{where}, acc_matrix: {e}") from None
+    if "acc_matrix_sd" in entry:
+        out["acc_matrix_sd"] = _rows(entry, "acc_matrix_sd", _number, where)
     if "task_names" in entry:
         out["task_names"] = [str(name) for name in entry["task_names"]]
     if "acc_matrix" in out:
@@ -324,13 +326,29 @@ def _with_interval(value: float | None, interval: Sequence[float] | None) -> str
 
 
 def _seeds_section(methods: dict[str, dict[str, Any]]) -> list[str]:
-    """Mean and sample standard deviation over seeds, for results of `seeds` > 1."""
-    rows = [[name, f"{_cell(m['nl_delta'])} +/- {_cell(m['nl_delta_sd'])}",
-             f"{_cell(m['vl_hmean'])} +/- {_cell(m['vl_hmean_sd'])}"]
-            for name, m in methods.items() if "nl_delta_sd" in m and "vl_hmean_sd" in m]
-    if not rows:
+    """Mean and sample standard deviation over seeds, for results of `seeds` > 1: NL Delta, VL hmean, the final
+    general score (paper 2's protocol) and each task's accuracy right after it was learned."""
+    over = {name: m for name, m in methods.items() if "nl_delta_sd" in m and "vl_hmean_sd" in m}
+    if not over:
         return []
-    return ["## Over seeds (mean +/- sd)", "", _table(["method", "NL Delta", "VL hmean"], rows), ""]
+    general = all("general_after_task_sd" in m for m in over.values())
+    names = next(iter(over.values())).get("task_names", [])
+    learned = all("acc_matrix_sd" in m for m in over.values()) and bool(names)
+
+    def spread(mean: float, sd: float) -> str:
+        return f"{_cell(mean)} +/- {_cell(sd)}"
+
+    rows = []
+    for name, m in over.items():
+        row = [name, spread(m["nl_delta"], m["nl_delta_sd"]), spread(m["vl_hmean"], m["vl_hmean_sd"])]
+        if general:
+            row.append(spread(m["general_after_task"][-1], m["general_after_task_sd"][-1]))
+        if learned:
+            row += [spread(m["acc_matrix"][k][k], m["acc_matrix_sd"][k][k]) for k in range(len(names))]
+        rows.append(row)
+    headers = ["method", "NL Delta", "VL hmean"] + (["final general"] if general else []) + \
+        ([f"{task} right after learning" for task in names] if learned else [])
+    return ["## Over seeds (mean +/- sd)", "", _table(headers, rows), ""]
 
 
 def _nlu_nlg_section(methods: dict[str, dict[str, Any]]) -> list[str]:
@@ -473,7 +491,22 @@ def _timing_section(timing: dict[str, Any] | None) -> list[str]:
         rows += [[f"{name}: train", f"{spent['train']:.0f}", f"{100 * spent['train'] / total:.0f}%"],
                  [f"{name}: evaluate", f"{spent['eval']:.0f}", f"{100 * spent['eval'] / total:.0f}%"]]
     rows.append(["total", f"{timing['total']:.0f}", "100%"])
-    return ["## Where the time went", "", _table(["part", "seconds", "share"], rows), ""]
+    overlapped = [name for name in timing["shared"] if name.startswith("method runs,")]
+    note = [f"The method runs overlapped ({overlapped[0]}): their rows add up to more than that part's wall "
+            "clock.", ""] if overlapped else []
+    return ["## Where the time went", "", _table(["part", "seconds", "share"], rows), ""] + note
+
+
+def _then_section(then: dict[str, Any] | None, out: Path) -> list[str]:
+    """Links to the experiments this one ran after itself (`then`), each with its own report."""
+    if not then:
+        return []
+    lines = ["## Experiments run after this one", ""]
+    for name, follower in then.items():
+        folder = Path(follower["out_dir"])
+        link = folder.relative_to(out).as_posix() if out in folder.parents else folder.as_posix()
+        lines.append(f"* [{name}]({link}/REPORT.md) ({follower['config']}): {follower['seconds']:.0f}s")
+    return lines + [""]
 
 
 def _file_name(name: str) -> str:
@@ -539,6 +572,7 @@ def write_report(run_dirs_or_results: dict | str | Path | Sequence[str | Path], 
     md += _alpha_curves_section(alpha_curves, out)
     if isinstance(run_dirs_or_results, dict):
         md += _timing_section(run_dirs_or_results.get("timing"))
+        md += _then_section(run_dirs_or_results.get("then"), out)
     report = out / "REPORT.md"
     report.write_text("\n".join(md))
     return report

@@ -79,12 +79,7 @@ def claim_out_dir(cfg: StageConfig) -> Path:
                              "replace it; choose another out_dir")
     settings, earlier = out / SETTINGS_FILE, _earlier_outputs(out, outputs)
     if earlier and settings.is_file():
-        try:
-            saved = json.loads(settings.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StageError(f"{settings} is not valid JSON ({e}); it records an earlier run of {out}: repair or "
-                             "delete it, or choose another out_dir") from None
-        changed = _changed_settings({**saved, "out_dir": cfg.out_dir}, to_dict(cfg))  # a run folder may move
+        changed = changed_settings(out, cfg)
         if changed:
             raise StageError(f"{out} holds an earlier run with other settings (saved, now): {changed}; use another "
                              "out_dir, or the same settings to continue it")
@@ -98,6 +93,21 @@ def claim_out_dir(cfg: StageConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(settings, json.dumps(to_dict(cfg), indent=2) + "\n")
     return out
+
+
+def changed_settings(folder: Path, cfg: StageConfig, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved, now)} for every setting of `cfg` that differs from those an earlier run recorded in
+    `folder` (its SETTINGS_FILE), except out_dir (a run folder may move), the `ignore`d sections and the
+    settings a resumed run may change."""
+    settings = folder / SETTINGS_FILE
+    try:
+        saved = json.loads(settings.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StageError(f"{settings} is not valid JSON ({e}); it records an earlier run of {folder}: repair or "
+                         "delete it, or choose another out_dir") from None
+    now = to_dict(cfg)
+    saved.update({key: now[key] for key in ("out_dir", *ignore)})
+    return _changed_settings(saved, now)
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -1,5 +1,6 @@
 """NL log-likelihood scoring against a one-request-at-a-time brute force; VL answer scoring; bad input files."""
 
+import copy
 import json
 import math
 
@@ -14,8 +15,8 @@ from mllm_cl.conversation import get_template, render_prompt
 from mllm_cl.data import load_image
 from mllm_cl.evaluation_nl import (EvalDataError, LastWordDoc, MultipleChoiceDoc, _hosts, encode_request,
                                    evaluate_nl_documents, read_nl_documents, score_loglikelihood)
-from mllm_cl.evaluation_vl import (evaluate_vl_examples, extract_choice, generate_answers, is_correct,
-                                   normalize_answer, parse_options, read_vl_test_set, stop_ids)
+from mllm_cl.evaluation_vl import (VLEvalCache, evaluate_vl_examples, extract_choice, generate_answers,
+                                   is_correct, normalize_answer, parse_options, read_vl_test_set, stop_ids)
 from mllm_cl.llava import LlavaModel
 from mllm_cl.llm import LanguageModel
 from mllm_cl.projector import build_projector
@@ -290,3 +291,36 @@ def test_vl_batched_generation_matches_one_at_a_time(llava, tokenizer, tmp_path)
     metrics = evaluate_vl_examples(llava, tokenizer, examples, template="pythia", batch_size=3, max_new_tokens=6)
     assert metrics == {"acc": pytest.approx(sum(is_correct(a, ex.answer, ex.question) for a, ex in
                                                 zip(expected, examples)) / 3), "n": 3}
+
+
+def test_vl_cache_reuses_tower_features_and_drops_them_when_the_tower_changes(llava, tokenizer, tmp_path):
+    colours = [(255, 0, 0), (0, 0, 255), (0, 200, 0), (90, 90, 90), (250, 250, 0)]
+    entries = []
+    for i, colour in enumerate(colours):
+        Image.new("RGB", (16, 16), colour).save(tmp_path / f"{i}.png")
+        entries.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour" + "?" * i}, {"from": "gpt", "value": "red"}]})
+    (tmp_path / "test.json").write_text(json.dumps(entries))
+    model = copy.deepcopy(llava)
+    examples = read_vl_test_set(tmp_path / "test.json", tmp_path)
+    plain = generate_answers(model, tokenizer, examples, template="pythia", batch_size=2, max_new_tokens=4)
+    cache = VLEvalCache()
+    assert cache.test_set(tmp_path / "test.json", tmp_path) is cache.test_set(tmp_path / "test.json", tmp_path)
+    encoded = []
+    model.vision.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))
+    for _ in range(2):
+        assert generate_answers(model, tokenizer, examples, template="pythia", batch_size=2, max_new_tokens=4,
+                                cache=cache) == plain
+    assert encoded == [2, 2, 1]  # every image encoded once, by the first pass
+
+    with torch.no_grad():  # a changed tower (in place): its old features must not be used
+        for parameter in model.vision.parameters():
+            parameter.mul_(1.5)
+    changed = generate_answers(model, tokenizer, examples, template="pythia", batch_size=2, max_new_tokens=4)
+    assert generate_answers(model, tokenizer, examples, template="pythia", batch_size=2, max_new_tokens=4,
+                            cache=cache) == changed
+    assert encoded == [2, 2, 1, 2, 2, 1, 2, 2, 1]  # the uncached pass, then the cache's fresh encoding
+
+    small = VLEvalCache(max_bytes=1)  # nothing fits: every pass encodes, and still answers the same
+    assert generate_answers(model, tokenizer, examples, template="pythia", batch_size=2, max_new_tokens=4,
+                            cache=small) == changed

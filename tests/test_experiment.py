@@ -5,8 +5,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
-from mllm_cl.config import ConfigError, ExperimentConfig, StageError, load_json
+from mllm_cl.config import ConfigError, ExperimentConfig, StageError, from_dict, load_json
 from mllm_cl.experiment import check_same_world, ensure_world, run_experiment, run_options
 from mllm_cl.alpha_curves import CONSOLIDATIONS
 from mllm_cl.methods import build_methods
@@ -191,3 +192,63 @@ def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_pat
         run_experiment(replace(cfg, protocol="paper1"))
     with pytest.raises(StageError, match=r"alpha_curves names runs \['lroa'\]"):
         run_experiment(replace(cfg, alpha_curves={"vanilla": "lroa"}))
+
+
+def test_then_runs_another_experiment_on_the_shared_stages(tmp_path: Path) -> None:
+    base = json.loads((ROOT / "configs/experiments/smoke.json").read_text())
+    base.update(world=str(tmp_path / "world"), world_tasks=["color", "size"], run_train={},
+                methods={"naive": ["naive"]}, method_options={})
+    follower = {**base, "name": "p2", "out_dir": "ignored", "protocol": "paper2", "methods": {"lora": ["lora"]},
+                "method_options": {"lora": {"rank": 4}}, "then": []}
+    (tmp_path / "p2.json").write_text(json.dumps(follower))
+    other = {**follower, "name": "p2other", "align": {**base["align"], "lrs": {"": 5e-3}}}  # its own alignment
+    (tmp_path / "p2other.json").write_text(json.dumps(other))
+    cfg = replace(from_dict(ExperimentConfig, base), out_dir=str(tmp_path / "run"), seeds=2,
+                  then=[str(tmp_path / "p2.json"), str(tmp_path / "p2other.json")])
+    results = run_experiment(cfg)
+
+    seed = tmp_path / "run" / "seed_1"
+    assert not (seed / "p2" / "align").exists() and not (seed / "p2" / "pretrain_text").exists()
+    finetune = json.loads((seed / "p2" / "finetune" / "stage_config.json").read_text())
+    assert Path(finetune["init"]) == seed / "align" / "model"  # paper 2 starts from paper 1's aligned model
+    assert finetune["train"]["seed"] == 1  # with the seed of the run that started it
+    assert (seed / "p2other" / "align" / "model").is_dir()  # other settings: trained again, not reused
+    assert Path(json.loads((seed / "p2other" / "align" / "stage_config.json").read_text())["llm"]) == \
+        seed / "pretrain_text" / "model"
+    per_seed = json.loads((seed / "results.json").read_text())
+    assert per_seed["then"]["p2"]["out_dir"] == str(seed / "p2") and per_seed["then"]["p2"]["seconds"] > 0
+    assert "(p2/REPORT.md)" in (seed / "REPORT.md").read_text()
+    assert json.loads((seed / "p2" / "results.json").read_text())["protocol"] == "paper2"
+    summary = json.loads((tmp_path / "run" / "p2" / "results.json").read_text())  # p2 over the two seeds
+    lora = summary["methods"]["lora"]
+    assert len(lora["nl_delta_per_seed"]) == 2 and len(lora["general_after_task_sd"]) == 2
+    assert "final general" in (tmp_path / "run" / "p2" / "REPORT.md").read_text()
+    assert set(results["then"]) == {"p2", "p2other"}
+
+    nested = {**follower, "then": [str(tmp_path / "p2.json")]}
+    (tmp_path / "nested.json").write_text(json.dumps(nested))
+    with pytest.raises(StageError, match="cannot"):
+        run_experiment(replace(cfg, out_dir=str(tmp_path / "x"), then=[str(tmp_path / "nested.json")]))
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_experiment(replace(cfg, out_dir=str(tmp_path / "x"), then=[str(tmp_path / "missing.json")]))
+    assert not (tmp_path / "x").exists()  # refused before anything ran
+
+
+def test_workers_run_the_method_runs_side_by_side_with_the_same_results(tmp_path: Path) -> None:
+    cfg = load_json(ExperimentConfig, ROOT / "configs/experiments/smoke.json")
+    cfg = replace(cfg, world=str(tmp_path / "world"), world_tasks=["color", "size"], run_train={},
+                  methods={"naive": ["naive"], "lora": ["lora"]}, joint_run="naive")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a worker of two gets max(1, 1 // 2) = 1 thread: the same arithmetic as here
+    try:
+        alone = run_experiment(replace(cfg, out_dir=str(tmp_path / "one")))
+        side_by_side = run_experiment(replace(cfg, out_dir=str(tmp_path / "two"), workers=2))
+    finally:
+        torch.set_num_threads(threads)
+    for name in cfg.methods:
+        for field in ("acc_matrix", "nl_after_task", "nl_delta"):
+            assert side_by_side["methods"][name][field] == alone["methods"][name][field], (name, field)
+        assert "=== method run" in (tmp_path / "two" / "methods" / name / "output.log").read_text()
+    assert side_by_side["joint"] == alone["joint"]
+    assert "method runs, 2 at a time" in side_by_side["timing"]["shared"]
+    assert side_by_side["timing"]["methods"].keys() == cfg.methods.keys()

