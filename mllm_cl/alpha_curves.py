@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mllm_cl import metrics
@@ -32,6 +33,7 @@ from mllm_cl.continual import evaluate_model, load_init
 from mllm_cl.evaluation_vl import VLEvalCache
 from mllm_cl.llava import load_llava
 from mllm_cl.spectral import decompose_updates, sac_from_spectra
+from mllm_cl.workers import Job, run_jobs
 
 ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 CONSOLIDATIONS = ("modelmix", "sac-top", "sac-nuclear")
@@ -79,42 +81,74 @@ def regions(alphas: list[float], general: list[float], task: list[float], base_g
 
 
 def alpha_curves(cfg: StageConfig, trained: dict[str, str | Path], alphas: tuple[float, ...] = ALPHAS,
-                 device: torch.device | None = None) -> dict[str, Any]:
+                 device: torch.device | None = None, workers: int = 1) -> dict[str, Any]:
     """The curves for every trained model (name -> folder) learned on `cfg.tasks[0]` from `cfg.init`; `cfg.eval`
-    names the NL files and the general-VL tests. Returns the alpha_curves.json structure."""
+    names the NL files and the general-VL tests. With `workers` > 1 the models' curves are drawn side by side
+    (`mllm_cl.workers`), each job's output in <cfg.out_dir>/<name>.log. Returns the alpha_curves.json structure."""
     if len(cfg.tasks) != 1 or not cfg.eval.general_vl:
         raise ValueError("alpha curves need exactly one task and general-VL tests in the evaluation")
     if 1.0 not in alphas or 0.0 not in alphas:
         raise ValueError(f"alpha curves need alpha 0 and 1 among the alphas (the two ends), got {alphas}")
-    model, tokenizer, cfg = load_init(cfg, device)
-    keys = [k for k in model.state_dict() if not k.startswith("vision.")]
-    old = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items() if k in keys}
-    cache = VLEvalCache()  # the tower is not consolidated: its features of the test images serve every alpha
-    base_general = general_score(evaluate_model(model, tokenizer, cfg, cache))[0]
-    task = cfg.tasks[0].name
-    curves: dict[str, dict[str, list[float]]] = {}
-    for name, folder in trained.items():
-        trained_state = load_llava(folder).state_dict()
-        new = {k: trained_state[k].detach().to("cpu", torch.float32) for k in keys}
-        ends: dict[float, dict] = {}  # alpha 0 and 1 are the same model for every consolidation
-        for consolidation, alpha, weights in consolidated(old, new, alphas):
-            if alpha in ends:
-                scores = ends[alpha]
-            else:
-                model.load_state_dict(weights, strict=False)
-                scores = evaluate_model(model, tokenizer, cfg, cache)
-                if alpha in (0.0, 1.0):
-                    ends[alpha] = scores
-            general, nl, vl = general_score(scores)
-            curve = curves.setdefault(f"{name}/{consolidation}", {"alpha": [], "general": [], "task": [], "nl": [],
-                                                                   "general_vl": []})
-            for key, value in (("alpha", alpha), ("general", general), ("task", 100.0 * scores["vl"][task]["acc"]),
-                               ("nl", nl), ("general_vl", vl)):
-                curve[key].append(value)
-            print(f"alpha curves: {name}/{consolidation} alpha {alpha:.1f}: general {general:.1f} "
-                  f"(NL {nl:.1f}, general VL {vl:.1f}), {task} {curve['task'][-1]:.1f}", flush=True)
-    return {"task": task, "base_general": base_general,
+    jobs = [Job(f"alpha curves of {name}", model_curves, (cfg, name, folder, alphas, device),
+                Path(cfg.out_dir) / f"{name}.log") for name, folder in trained.items()]
+    parts: dict[str, dict[str, Any]] = {}
+    run_jobs(jobs, workers, lambda job, result, seconds: parts.update({job.args[1]: result}))
+    base_general = parts[next(iter(trained))]["base_general"]  # every job scored the same base model
+    curves = {run: curve for name in trained for run, curve in parts[name]["runs"].items()}
+    return {"task": cfg.tasks[0].name, "base_general": base_general,
             "rules": {"alpha_G": f"the largest alpha up to which general >= {GENERAL_KEEP:.0%} of base_general",
                       "alpha_T": f"the smallest alpha whose task accuracy >= {TASK_REACH:.0%} of alpha 1's"},
             "runs": curves,
             "regions": {run: regions(c["alpha"], c["general"], c["task"], base_general) for run, c in curves.items()}}
+
+
+def model_curves(cfg: StageConfig, name: str, folder: str | Path, alphas: tuple[float, ...],
+                 device: torch.device | None = None) -> dict[str, Any]:
+    """{"base_general", "runs": {"<name>/<consolidation>": curve}} for one trained model: every consolidation of
+    its update at every alpha, evaluated (general, its parts, and the task)."""
+    model, tokenizer, cfg = load_init(cfg, device)
+    keys = [k for k in model.state_dict() if not k.startswith("vision.")]
+    old = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items() if k in keys}
+    cache = VLEvalCache()  # the tower is not consolidated: its features of the test images serve every alpha
+    base_scores = evaluate_model(model, tokenizer, cfg, cache)
+    trained_state = load_llava(folder).state_dict()
+    new = {k: trained_state[k].detach().to("cpu", torch.float32) for k in keys}
+    task = cfg.tasks[0].name
+    ends: dict[float, dict] = {0.0: base_scores}  # alpha 0 and 1 are the same model for every consolidation
+    curves: dict[str, dict[str, list[float]]] = {}
+    for consolidation, alpha, weights in consolidated(old, new, alphas):
+        if alpha in ends:
+            scores = ends[alpha]
+        else:
+            model.load_state_dict(weights, strict=False)
+            scores = evaluate_model(model, tokenizer, cfg, cache)
+            if alpha == 1.0:
+                ends[alpha] = scores
+        general, nl, vl = general_score(scores)
+        curve = curves.setdefault(f"{name}/{consolidation}", {"alpha": [], "general": [], "task": [], "nl": [],
+                                                               "general_vl": []})
+        for key, value in (("alpha", alpha), ("general", general), ("task", 100.0 * scores["vl"][task]["acc"]),
+                           ("nl", nl), ("general_vl", vl)):
+            curve[key].append(value)
+        print(f"alpha curves: {name}/{consolidation} alpha {alpha:.1f}: general {general:.1f} "
+              f"(NL {nl:.1f}, general VL {vl:.1f}), {task} {curve['task'][-1]:.1f}", flush=True)
+    return {"base_general": general_score(base_scores)[0], "runs": curves}
+
+
+def curves_over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The alpha curves of several seeds as one: each curve's mean (and sample sd) per alpha, the regions of the
+    mean curves, and each seed's own regions (`regions_per_seed`), which say how stable a region's edge is."""
+    first = per_seed[0]
+    curves: dict[str, dict[str, list[float]]] = {}
+    for run, curve in first["runs"].items():
+        mean = {"alpha": curve["alpha"]}
+        for field in ("general", "task", "nl", "general_vl"):
+            values = np.array([seed["runs"][run][field] for seed in per_seed])  # (seeds, alphas)
+            mean[field] = values.mean(axis=0).tolist()
+            mean[f"{field}_sd"] = values.std(axis=0, ddof=min(1, len(per_seed) - 1)).tolist()
+        curves[run] = mean
+    base = float(np.mean([seed["base_general"] for seed in per_seed]))
+    return {"task": first["task"], "base_general": base, "rules": first["rules"], "runs": curves,
+            "seeds": len(per_seed),
+            "regions": {run: regions(c["alpha"], c["general"], c["task"], base) for run, c in curves.items()},
+            "regions_per_seed": {run: [seed["regions"][run] for seed in per_seed] for run in curves}}

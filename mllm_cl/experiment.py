@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from mllm_cl import metrics
-from mllm_cl.alpha_curves import alpha_curves, general_of, general_score, general_vl_accuracy
+from mllm_cl.alpha_curves import (alpha_curves, curves_over_seeds, general_of, general_score,
+                                  general_vl_accuracy)
 from mllm_cl.config import (LLM_PRESETS, VISION_PRESETS, ExperimentConfig, StageConfig, StageError, TaskSpec,
                             TrainConfig, from_dict, load_json, to_dict)
 from mllm_cl.continual import evaluate_model, load_init
@@ -159,8 +160,8 @@ def follow_up(cfg: ExperimentConfig, path: str) -> ExperimentConfig:
                    device=cfg.device, workers=cfg.workers, seeds=1, **seeds)
 
 
-SEED_FIELDS = ("nl_delta", "vl_hmean", "nl_base")  # figures summarised over seeds, besides the accuracy matrix
-SEED_CURVES = ("nl_after_task", "vl_after_task", "general_after_task")  # averaged per task, where a run has them
+SEED_FIELDS = ("nl_delta", "vl_hmean", "nl_base", "general_vl_base")  # summarised over seeds, where a run has them
+SEED_CURVES = ("nl_after_task", "vl_after_task", "general_after_task", "general_vl_after_task")  # per task
 
 
 def run_seeds(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -168,33 +169,34 @@ def run_seeds(cfg: ExperimentConfig) -> dict[str, Any]:
     out_dir/seed_<s>/; then per method the mean and the sample standard deviation of each figure over seeds, for
     the experiment and for each one it runs `then` (out_dir/<its name>/)."""
     out = Path(cfg.out_dir)
-    per_seed = {}
     for seed in range(cfg.seeds):
         trains = {name: replace(getattr(cfg, name), seed=seed) for name in TRAIN_FIELDS}
         print(f"\n##### seed {seed} of {cfg.seeds} #####", flush=True)
-        per_seed[seed] = run_experiment(replace(cfg, seeds=1, out_dir=str(out / f"seed_{seed}"), **trains))
+        run_experiment(replace(cfg, seeds=1, out_dir=str(out / f"seed_{seed}"), **trains))
+    folders = {seed: out / f"seed_{seed}" for seed in range(cfg.seeds)}
     then = {}
     for path in cfg.then:
         name = load_json(ExperimentConfig, path).name
-        followers = {seed: json.loads((out / f"seed_{seed}" / name / "results.json").read_text())
-                     for seed in per_seed}
-        done = over_seeds(name, followers, out / name)
+        done = over_seeds(name, {seed: folder / name for seed, folder in folders.items()}, out / name)
         then[name] = {"config": path, "out_dir": str(out / name), "seconds": done["wall_seconds"]}
-    return over_seeds(cfg.name, per_seed, out, then)
+    return over_seeds(cfg.name, folders, out, then)
 
 
-def over_seeds(name: str, per_seed: dict[int, dict[str, Any]], out: Path,
-               then: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Per method, the mean and sample sd over seeds of one experiment's results (seed -> results.json),
-    written to out/results.json and out/REPORT.md (which links to the `then` experiments' summaries)."""
+def over_seeds(name: str, folders: dict[int, Path], out: Path, then: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One experiment over seeds (seed -> its run folder): per method the mean and sample sd of each figure, the
+    joint run's mean and the alpha curves' (`alpha_curves.curves_over_seeds`), written to out/results.json and
+    out/REPORT.md (which links to the `then` experiments' summaries)."""
+    per_seed = {seed: json.loads((folder / "results.json").read_text()) for seed, folder in folders.items()}
+    runs_of = list(per_seed.values())
     methods = {}
-    for method in next(iter(per_seed.values()))["methods"]:
-        runs = [per_seed[seed]["methods"][method] for seed in per_seed]
+    for method in runs_of[0]["methods"]:
+        runs = [results["methods"][method] for results in runs_of]
         summary: dict[str, Any] = {"methods": runs[0]["methods"], "task_names": runs[0]["task_names"]}
         for field in SEED_FIELDS:
-            values = [run[field] for run in runs]
-            summary |= {field: float(np.mean(values)), f"{field}_sd": float(np.std(values, ddof=1)),
-                        f"{field}_per_seed": values}
+            if runs[0].get(field) is not None:
+                values = [run[field] for run in runs]
+                summary |= {field: float(np.mean(values)), f"{field}_sd": float(np.std(values, ddof=1)),
+                            f"{field}_per_seed": values}
         matrices = np.array([run["acc_matrix"] for run in runs])  # (seeds, T, T)
         summary |= {"acc_matrix": matrices.mean(axis=0).tolist(),
                     "acc_matrix_sd": matrices.std(axis=0, ddof=1).tolist()}
@@ -203,14 +205,27 @@ def over_seeds(name: str, per_seed: dict[int, dict[str, Any]], out: Path,
                 curves = np.array([run[field] for run in runs])  # (seeds, T)
                 summary |= {field: curves.mean(axis=0).tolist(), f"{field}_sd": curves.std(axis=0, ddof=1).tolist()}
         methods[method] = summary
-    results = {"name": name, "seeds": list(per_seed), "tasks": next(iter(per_seed.values()))["tasks"],
-               "wall_seconds": sum(r["wall_seconds"] for r in per_seed.values()),
+    results = {"name": name, "seeds": list(per_seed), "tasks": runs_of[0]["tasks"],
+               "wall_seconds": sum(r["wall_seconds"] for r in runs_of),
                "date": datetime.now(timezone.utc).isoformat(), "methods": methods}
+    if "ablation" in runs_of[0]:
+        results["ablation"] = runs_of[0]["ablation"]
+    if "joint" in runs_of[0]:
+        joints = [r["joint"] for r in runs_of]
+        results["joint"] = {"run": joints[0]["run"], "per_seed": joints,
+                            "vl": {t: float(np.mean([j["vl"][t] for j in joints])) for t in joints[0]["vl"]},
+                            **{k: float(np.mean([j[k] for j in joints])) for k in ("nl", "general", "general_vl")
+                               if k in joints[0]}}
+    curve_files = [folder / "alpha_curves.json" for folder in folders.values()]
+    curves = (curves_over_seeds([json.loads(p.read_text()) for p in curve_files])
+              if all(p.is_file() for p in curve_files) else None)
     if then:
         results["then"] = then
     out.mkdir(parents=True, exist_ok=True)
+    if curves is not None:
+        atomic_write_text(out / "alpha_curves.json", json.dumps(curves, indent=2) + "\n")
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    write_report(results, out)
+    write_report(results, out, alpha_curves=curves)
     print(f"\n{name}: {len(per_seed)} seeds; wrote {out / 'results.json'} and {out / 'REPORT.md'}")
     return results
 
@@ -435,8 +450,8 @@ def run_alpha_curves(cfg: ExperimentConfig, out: Path, start: Path) -> dict[str,
     trained = {name: out / "methods" / run / f"task_1_{first.name}" / "model" for name, run in cfg.alpha_curves.items()}
     stage = base_stage(cfg, "continual", out / "alpha_curves", cfg.task_train, init=str(start), tasks=[first])
     print(f"\n=== alpha curves: {sorted(trained)} on {first.name} ===", flush=True)
-    curves = alpha_curves(stage, trained, tuple(cfg.alpha_curve_alphas),
-                          device=resolve_device(cfg.device))
+    curves = alpha_curves(stage, trained, tuple(cfg.alpha_curve_alphas), device=resolve_device(cfg.device),
+                          workers=cfg.workers)
     atomic_write_text(path, json.dumps(curves, indent=2) + "\n")
     return curves
 

@@ -458,13 +458,22 @@ def _alpha_curves_section(curves: dict[str, Any] | None, out: Path) -> list[str]
                                  ("task", f"Task accuracy ({curves['task']}) vs alpha", "task acc (%)")):
         line_figure({run: c[field] for run, c in runs.items()}, labels, title, ylabel).save(
             out / f"alpha_{field}.png")
-    rows = [[run, _alpha_label(r["alpha_G"]), _alpha_label(r["alpha_T"]), _cell(runs[run]["general"][-1]),
-             _cell(runs[run]["task"][-1])] for run, r in curves["regions"].items()]
+    per_seed = curves.get("regions_per_seed")  # curves averaged over seeds: each seed's regions too
+
+    def seeds(run: str, key: str) -> list[str]:
+        return [", ".join(_alpha_label(r[key]) for r in per_seed[run])] if per_seed else []
+
+    rows = [[run, _alpha_label(r["alpha_G"]), *seeds(run, "alpha_G"), _alpha_label(r["alpha_T"]),
+             *seeds(run, "alpha_T"), _cell(runs[run]["general"][-1]), _cell(runs[run]["task"][-1])]
+            for run, r in curves["regions"].items()]
+    headers = ["run / consolidation", "alpha_G", *(["alpha_G per seed"] if per_seed else []), "alpha_T",
+               *(["alpha_T per seed"] if per_seed else []), "general at alpha 1", "task at alpha 1"]
+    over = f" Curves are the mean over {curves['seeds']} seeds." if per_seed else ""
     md = [f"## Alpha curves (paper 2, Figure 4): one unseen task ({curves['task']}), base general score "
           f"{_cell(curves['base_general'])}", "",
           f"general = harmonic mean of NL omega and general-VL accuracy. alpha_G: {curves['rules']['alpha_G']}; "
-          f"alpha_T: {curves['rules']['alpha_T']}. A curve whose alpha_T <= alpha_G has a stable region.", "",
-          _table(["run / consolidation", "alpha_G", "alpha_T", "general at alpha 1", "task at alpha 1"], rows), ""]
+          f"alpha_T: {curves['rules']['alpha_T']}. A curve whose alpha_T <= alpha_G has a stable region.{over}", "",
+          _table(headers, rows), ""]
     for model in sorted({run.split("/")[0] for run in runs}):
         found = {run.split("/")[1]: r["alpha_G"] for run, r in curves["regions"].items() if run.startswith(model + "/")}
         if "modelmix" not in found:

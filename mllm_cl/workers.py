@@ -52,10 +52,11 @@ def run_jobs(jobs: list[Job], workers: int, done: Callable[[Job, Any, float], No
     threads = max(1, torch.get_num_threads() // workers)  # this process's threads: the cores it may use
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        print(f"{len(jobs)} jobs, {workers} at a time ({threads} thread(s) each); each one's output goes to its "
+              f"log: {', '.join(str(job.log) for job in jobs)}", flush=True)
         running: dict[Future, Job] = {}
         for job in jobs:
             job.log.parent.mkdir(parents=True, exist_ok=True)
-            print(f"started  {job.name} (output: {job.log})", flush=True)
             running[pool.submit(_in_worker, job.fn, job.args, job.log, threads)] = job
         try:
             while running:

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from mllm_cl.alpha_curves import consolidated, general_score, regions
+from mllm_cl.alpha_curves import consolidated, curves_over_seeds, general_score, regions
+from mllm_cl.report import write_report
 
 
 def test_regions_follow_their_rules_on_hand_made_curves() -> None:
@@ -44,3 +45,23 @@ def test_every_consolidation_spans_the_old_and_the_new_model() -> None:
             singular = torch.linalg.svdvals(weights["w"] - old["w"])
             full = torch.linalg.svdvals(new["w"] - old["w"])
             assert bool((singular <= full + 1e-12).all())  # SAC only shrinks the update's singular values
+
+
+def test_curves_over_seeds_average_the_curves_and_keep_each_seeds_regions(tmp_path) -> None:
+    def seed(general: list[float], task: list[float], base: float) -> dict:
+        curve = {"alpha": [0.0, 0.5, 1.0], "general": general, "task": task, "nl": general, "general_vl": general}
+        return {"task": "color", "base_general": base, "rules": {"alpha_G": "g", "alpha_T": "t"},
+                "runs": {"vanilla/modelmix": curve},
+                "regions": {"vanilla/modelmix": regions(curve["alpha"], general, task, base)}}
+
+    one, two = seed([30.0, 29.0, 0.0], [0.0, 55.0, 60.0], 30.0), seed([32.0, 20.0, 2.0], [0.0, 10.0, 60.0], 32.0)
+    mean = curves_over_seeds([one, two])
+    curve = mean["runs"]["vanilla/modelmix"]
+    assert curve["general"] == [31.0, 24.5, 1.0] and curve["task"] == [0.0, 32.5, 60.0]
+    assert curve["task_sd"] == pytest.approx([0.0, 45.0 / 2 ** 0.5, 0.0])
+    assert mean["base_general"] == 31.0 and mean["seeds"] == 2
+    assert mean["regions_per_seed"]["vanilla/modelmix"] == [{"alpha_G": 0.5, "alpha_T": 0.5},
+                                                            {"alpha_G": 0.0, "alpha_T": 1.0}]
+    assert mean["regions"]["vanilla/modelmix"] == {"alpha_G": 0.0, "alpha_T": 1.0}  # the mean curve's own
+    report = write_report({"methods": {"lora": {"nl_delta": 1.0}}}, tmp_path, alpha_curves=mean).read_text()
+    assert "| vanilla/modelmix | 0.0 | 0.5, 0.0 | 1.0 | 0.5, 1.0 |" in report and "mean over 2 seeds" in report

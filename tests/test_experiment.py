@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mllm_cl.config import ConfigError, ExperimentConfig, StageError, from_dict, load_json
-from mllm_cl.experiment import check_same_world, ensure_world, run_experiment, run_options
+from mllm_cl.experiment import check_same_world, ensure_world, follow_up, run_experiment, run_options
 from mllm_cl.alpha_curves import CONSOLIDATIONS
 from mllm_cl.methods import build_methods
 from mllm_cl.synthetic import WORLD_VERSION
@@ -136,13 +136,22 @@ def test_run_method_options_give_one_run_its_own_method_settings(tmp_path: Path)
     assert not (tmp_path / "r").exists()  # refused before anything ran
 
 
-def test_the_paper2_grid_config_builds_every_run() -> None:
-    cfg = load_json(ExperimentConfig, ROOT / "configs/experiments/paper2.json")
-    assert cfg.inquiries.endswith("text_inquiries.json")
+@pytest.mark.parametrize("parent, rank, inquiries", [("demo", 4, "text_inquiries.json"),
+                                                     ("experiment", 32, "inquiries/sciq.json")])
+def test_the_paper2_grid_runs_after_paper1_on_its_stages(parent: str, rank: int, inquiries: str) -> None:
+    first = load_json(ExperimentConfig, ROOT / f"configs/experiments/{parent}.json")
+    (path,) = first.then
+    cfg = follow_up(first, path)  # as `make demo` / `make experiment` run it
+    assert cfg.protocol == "paper2" and cfg.inquiries.endswith(inquiries)
+    assert cfg.out_dir == str(Path(first.out_dir) / "paper2") and cfg.shared_dir == first.out_dir
+    for field in ("world", "llm", "vision", "projector", "template", "max_len", "tokenizer", "pretrain_text",
+                  "pretrain_vision", "align"):  # what the shared stages depend on: they are reused, not redone
+        assert getattr(cfg, field) == getattr(first, field), field
     for run_name, methods in cfg.methods.items():
         built = build_methods(methods, run_options(cfg, run_name))
         lora = [m for m in built if m.name == "lora"]
-        assert lora and (lora[0].rank, lora[0].rslora) == (4, False), run_name  # every run fine-tunes with LoRA
+        assert lora and (lora[0].rank, lora[0].rslora) == (rank, False), run_name  # every run fine-tunes with LoRA
+    assert set(cfg.ablation) <= set(cfg.methods) and set(cfg.alpha_curves.values()) <= set(cfg.methods)
 
 
 def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_path: Path) -> None:
@@ -199,11 +208,13 @@ def test_then_runs_another_experiment_on_the_shared_stages(tmp_path: Path) -> No
     base.update(world=str(tmp_path / "world"), world_tasks=["color", "size"], run_train={},
                 methods={"naive": ["naive"]}, method_options={})
     follower = {**base, "name": "p2", "out_dir": "ignored", "protocol": "paper2", "methods": {"lora": ["lora"]},
-                "method_options": {"lora": {"rank": 4}}, "then": []}
+                "method_options": {"lora": {"rank": 4}}, "then": [], "joint_run": "lora",
+                "alpha_curves": {"vanilla": "lora", "again": "lora"}, "alpha_curve_alphas": [0.0, 1.0]}
     (tmp_path / "p2.json").write_text(json.dumps(follower))
-    other = {**follower, "name": "p2other", "align": {**base["align"], "lrs": {"": 5e-3}}}  # its own alignment
+    other = {**follower, "name": "p2other", "align": {**base["align"], "lrs": {"": 5e-3}},  # its own alignment
+             "joint_run": "", "alpha_curves": {}}
     (tmp_path / "p2other.json").write_text(json.dumps(other))
-    cfg = replace(from_dict(ExperimentConfig, base), out_dir=str(tmp_path / "run"), seeds=2,
+    cfg = replace(from_dict(ExperimentConfig, base), out_dir=str(tmp_path / "run"), seeds=2, workers=2,
                   then=[str(tmp_path / "p2.json"), str(tmp_path / "p2other.json")])
     results = run_experiment(cfg)
 
@@ -223,6 +234,12 @@ def test_then_runs_another_experiment_on_the_shared_stages(tmp_path: Path) -> No
     lora = summary["methods"]["lora"]
     assert len(lora["nl_delta_per_seed"]) == 2 and len(lora["general_after_task_sd"]) == 2
     assert "final general" in (tmp_path / "run" / "p2" / "REPORT.md").read_text()
+    assert len(summary["joint"]["per_seed"]) == 2 and set(summary["joint"]["vl"]) == {"color", "size"}
+    curves = json.loads((tmp_path / "run" / "p2" / "alpha_curves.json").read_text())
+    assert curves["seeds"] == 2 and len(curves["regions_per_seed"]["vanilla/modelmix"]) == 2
+    assert "alpha curves: vanilla/sac-top" in (seed / "p2" / "alpha_curves" / "vanilla.log").read_text()
+    drawn = json.loads((seed / "p2" / "alpha_curves.json").read_text())["runs"]  # one model, two workers
+    assert all(drawn[f"again/{c}"] == drawn[f"vanilla/{c}"] for c in CONSOLIDATIONS)
     assert set(results["then"]) == {"p2", "p2other"}
 
     nested = {**follower, "then": [str(tmp_path / "p2.json")]}
