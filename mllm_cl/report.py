@@ -447,6 +447,18 @@ def _alpha_label(alpha: float | None) -> str:
     return "none" if alpha is None else f"{alpha:.1f}"
 
 
+def _region_change(base: dict[str, float | None], rule: dict[str, float | None]) -> str:
+    """How a consolidation's regions differ from ModelMix's: alpha_G, alpha_T and the width alpha_G - alpha_T."""
+    def width(r: dict[str, float | None]) -> float | None:
+        return None if r["alpha_G"] is None or r["alpha_T"] is None else r["alpha_G"] - r["alpha_T"]
+
+    before, after = width(base), width(rule)
+    verdict = ("widens the region" if after > before + 1e-9 else "narrows it" if after < before - 1e-9
+               else "the same width") if before is not None and after is not None else "no width to compare"
+    return (f"alpha_G {_alpha_label(base['alpha_G'])} -> {_alpha_label(rule['alpha_G'])}, alpha_T "
+            f"{_alpha_label(base['alpha_T'])} -> {_alpha_label(rule['alpha_T'])}: {verdict}")
+
+
 def _alpha_curves_section(curves: dict[str, Any] | None, out: Path) -> list[str]:
     """Paper 2's Figure 4: general and task score against alpha per consolidation, the two regions per curve,
     and whether SAC widens the general-stable region over ModelMix."""
@@ -474,17 +486,14 @@ def _alpha_curves_section(curves: dict[str, Any] | None, out: Path) -> list[str]
           f"general = harmonic mean of NL omega and general-VL accuracy. alpha_G: {curves['rules']['alpha_G']}; "
           f"alpha_T: {curves['rules']['alpha_T']}. A curve whose alpha_T <= alpha_G has a stable region.{over}", "",
           _table(headers, rows), ""]
+    md += ["Against ModelMix, a rule widens the stable region when it raises alpha_G more than alpha_T (the width "
+           "alpha_G - alpha_T grows); raising both by as much is ModelMix at a smaller alpha.", ""]
     for model in sorted({run.split("/")[0] for run in runs}):
-        found = {run.split("/")[1]: r["alpha_G"] for run, r in curves["regions"].items() if run.startswith(model + "/")}
+        found = {run.split("/")[1]: r for run, r in curves["regions"].items() if run.startswith(model + "/")}
         if "modelmix" not in found:
             continue
-        base = found["modelmix"]
-        verdicts = []
-        for rule in ("sac-top", "sac-nuclear"):
-            if rule in found:
-                wider = (found[rule] or -1.0) > (base or -1.0)
-                verdicts.append(f"{rule} {'widens' if wider else 'does not widen'} it "
-                                f"(alpha_G {_alpha_label(found[rule])} against ModelMix's {_alpha_label(base)})")
+        verdicts = [f"{rule}: {_region_change(found['modelmix'], found[rule])}"
+                    for rule in ("sac-top", "sac-nuclear") if rule in found]
         md += [f"* {model}: " + "; ".join(verdicts) + "."]
     md += ["", "![general vs alpha](alpha_general.png) ![task vs alpha](alpha_task.png)", ""]
     return md

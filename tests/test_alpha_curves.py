@@ -65,3 +65,14 @@ def test_curves_over_seeds_average_the_curves_and_keep_each_seeds_regions(tmp_pa
     assert mean["regions"]["vanilla/modelmix"] == {"alpha_G": 0.0, "alpha_T": 1.0}  # the mean curve's own
     report = write_report({"methods": {"lora": {"nl_delta": 1.0}}}, tmp_path, alpha_curves=mean).read_text()
     assert "| vanilla/modelmix | 0.0 | 0.5, 0.0 | 1.0 | 0.5, 1.0 |" in report and "mean over 2 seeds" in report
+
+
+def test_the_report_says_whether_a_rule_widens_the_region_or_only_shifts_it(tmp_path) -> None:
+    curve = {"alpha": [0.0, 1.0], "general": [30.0, 0.0], "task": [0.0, 70.0]}
+    found = {"modelmix": (0.1, 0.7), "sac-top": (0.3, 0.7), "sac-nuclear": (0.2, 0.9)}
+    curves = {"task": "color", "base_general": 30.0, "rules": {"alpha_G": "g", "alpha_T": "t"},
+              "runs": {f"vanilla/{name}": curve for name in found},
+              "regions": {f"vanilla/{name}": {"alpha_G": g, "alpha_T": t} for name, (g, t) in found.items()}}
+    report = write_report({"methods": {"lora": {"nl_delta": 1.0}}}, tmp_path, alpha_curves=curves).read_text()
+    assert ("* vanilla: sac-top: alpha_G 0.1 -> 0.3, alpha_T 0.7 -> 0.7: widens the region; sac-nuclear: alpha_G "
+            "0.1 -> 0.2, alpha_T 0.7 -> 0.9: narrows it.") in report
