@@ -377,8 +377,9 @@ class ExperimentConfig:
     seeds: int = 1  # N > 1: the whole experiment once per seed 0..N-1 (seed_<s>/), then mean and sd per method
     device: str = "auto"
     workers: int = 1  # method runs (and the joint run) at a time, each in its own process: see mllm_cl.workers
-    # Experiment config files run after this one, each into out_dir/<its name>, with this one's seeds and device:
-    # a shared stage whose settings equal this experiment's reuses its model (`make demo`: paper 2 after paper 1).
+    # Experiment config files run after this one, each into out_dir/<its name>, with this one's model (llm, vision,
+    # projector, tokenizer, template, max_len), seeds, device and workers: a shared stage whose settings equal this
+    # experiment's reuses its model (`make demo`: paper 2 after paper 1).
     then: list[str] = field(default_factory=list)
     # A finished experiment's folder: each shared stage reuses its model there when the settings are the same.
     shared_dir: str = ""

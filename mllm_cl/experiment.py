@@ -144,11 +144,13 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
 
 TRAIN_FIELDS = ("pretrain_text", "pretrain_vision", "align", "finetune", "task_train")
 SHARED_FOLDERS = ("pretrain_text", "pretrain_vision", "align", "finetune", "methods", "joint", "alpha_curves")
+MODEL_FIELDS = ("llm", "vision", "projector", "tokenizer", "template", "max_len")  # the model both experiments study
 
 
 def follow_up(cfg: ExperimentConfig, path: str) -> ExperimentConfig:
     """The experiment `path` configures, as `cfg` runs it after itself: into <cfg.out_dir>/<its name>, with cfg's
-    device, workers and every stage's seed, reusing cfg's shared stages where their settings are the same."""
+    model (MODEL_FIELDS: `make experiment MODEL=...` reaches both), device, workers and every stage's seed,
+    reusing cfg's shared stages where their settings are the same."""
     follower = load_json(ExperimentConfig, path)
     if follower.then:
         raise StageError(f"{path} names experiments of its own in `then`; an experiment run by `then` cannot")
@@ -156,8 +158,9 @@ def follow_up(cfg: ExperimentConfig, path: str) -> ExperimentConfig:
         raise StageError(f"{path}: its name {follower.name!r} would be a folder of {cfg.out_dir} that the "
                          "experiment itself writes; rename it")
     seeds = {name: replace(getattr(follower, name), seed=getattr(cfg, name).seed) for name in TRAIN_FIELDS}
+    model = {name: getattr(cfg, name) for name in MODEL_FIELDS}
     return replace(follower, out_dir=str(Path(cfg.out_dir) / follower.name), shared_dir=cfg.out_dir,
-                   device=cfg.device, workers=cfg.workers, seeds=1, **seeds)
+                   device=cfg.device, workers=cfg.workers, seeds=1, **seeds, **model)
 
 
 SEED_FIELDS = ("nl_delta", "vl_hmean", "nl_base", "general_vl_base")  # summarised over seeds, where a run has them

@@ -152,6 +152,9 @@ def test_the_paper2_grid_runs_after_paper1_on_its_stages(parent: str, rank: int,
         lora = [m for m in built if m.name == "lora"]
         assert lora and (lora[0].rank, lora[0].rslora) == (rank, False), run_name  # every run fine-tunes with LoRA
     assert set(cfg.ablation) <= set(cfg.methods) and set(cfg.alpha_curves.values()) <= set(cfg.methods)
+    own = replace(first, llm="path/to/pythia-160m", template="pythia", workers=3)  # `make experiment MODEL=...`
+    assert (follow_up(own, path).llm, follow_up(own, path).template, follow_up(own, path).workers) == \
+        ("path/to/pythia-160m", "pythia", 3)  # both parts study the model the user named
 
 
 def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_path: Path) -> None:
