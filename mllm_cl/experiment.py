@@ -126,12 +126,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     write_report(results, out, alpha_curves=curves)
     print(f"\n{cfg.name}: wrote {out / 'results.json'} and {out / 'REPORT.md'} in {results['wall_seconds']:.0f}s")
     if followers:
-        results["then"] = {}
-        for path, follower in followers.items():
-            print(f"\n##### then {follower.name} ({path}) into {follower.out_dir} #####", flush=True)
-            done = run_experiment(follower)
-            results["then"][follower.name] = {"config": path, "out_dir": follower.out_dir,
-                                              "seconds": done["timing"]["total"]}
+        results["then"] = run_followers(followers)
         atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
         write_report(results, out, alpha_curves=curves)  # now with links to theirs
     print(f"\nwhere the time went ({cfg.name}):\n{format_time_table(results['timing'])}")
@@ -145,6 +140,16 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
 TRAIN_FIELDS = ("pretrain_text", "pretrain_vision", "align", "finetune", "task_train")
 SHARED_FOLDERS = ("pretrain_text", "pretrain_vision", "align", "finetune", "methods", "joint", "alpha_curves")
 MODEL_FIELDS = ("llm", "vision", "projector", "tokenizer", "template", "max_len")  # the model both experiments study
+
+
+def run_followers(followers: dict[str, ExperimentConfig]) -> dict[str, dict[str, Any]]:
+    """Run each experiment of `then` (config path -> its config, see follow_up); name -> where and how long."""
+    then = {}
+    for path, follower in followers.items():
+        print(f"\n##### then {follower.name} ({path}) into {follower.out_dir} #####", flush=True)
+        theirs = run_experiment(follower)
+        then[follower.name] = {"config": path, "out_dir": follower.out_dir, "seconds": theirs["timing"]["total"]}
+    return then
 
 
 def follow_up(cfg: ExperimentConfig, path: str) -> ExperimentConfig:
