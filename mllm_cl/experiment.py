@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from collections.abc import Iterator
@@ -410,6 +411,29 @@ def method_run(stage: StageConfig, run_name: str) -> None:
     run_stage(stage)
 
 
+def mix_tasks(tasks: list[TaskSpec], folder: Path) -> TaskSpec:
+    """One task of every task's samples (folder/train.json, folder/test.json), ids prefixed with the task's name.
+    Tasks whose images lie in different folders (easy-vqa beside the synthetic world) share their folders' common
+    ancestor, each image path rewritten relative to it."""
+    folders = {task.image_folder or "." for task in tasks}
+    shared = len(folders) == 1
+    root = next(iter(folders)) if shared else os.path.commonpath([str(Path(f).resolve()) for f in folders])
+    folder.mkdir(parents=True, exist_ok=True)
+    mixed = {}
+    for split in ("train", "test"):
+        records = []
+        for task in tasks:
+            for index, record in enumerate(json.loads(Path(getattr(task, split)).read_text())):
+                record = dict(record, id=f"{task.name}-{index}")
+                if "image" in record and not shared:
+                    image = (Path(task.image_folder or ".") / record["image"]).resolve()
+                    record["image"] = os.path.relpath(image, root)
+                records.append(record)
+        mixed[split] = folder / f"{split}.json"
+        atomic_write_text(mixed[split], json.dumps(records) + "\n")
+    return TaskSpec(name="joint", train=str(mixed["train"]), test=str(mixed["test"]), image_folder=str(root))
+
+
 def run_joint(cfg: ExperimentConfig, out: Path, start: Path) -> dict[str, Any]:
     """The multitask reference (paper 2, Figure 1): `joint_run`'s methods trained once on every task's training
     set mixed (steps: the whole sequence's), then scored on every task, NL and general VL; cached in
@@ -417,21 +441,9 @@ def run_joint(cfg: ExperimentConfig, out: Path, start: Path) -> dict[str, Any]:
     path = out / "joint" / "scores.json"
     if path.is_file():
         return json.loads(path.read_text())
-    folders = {t.image_folder for t in cfg.tasks}
-    if len(folders) != 1:
-        raise StageError(f"the joint run mixes the tasks' samples, so their images must share one folder; "
-                         f"the tasks use {sorted(folders)}")
-    (out / "joint").mkdir(parents=True, exist_ok=True)
-    mixed = {}
-    for split in ("train", "test"):
-        records = [dict(record, id=f"{task.name}-{index}") for task in cfg.tasks
-                   for index, record in enumerate(json.loads(Path(getattr(task, split)).read_text()))]
-        mixed[split] = out / "joint" / f"{split}.json"
-        atomic_write_text(mixed[split], json.dumps(records) + "\n")
+    joint_task = mix_tasks(cfg.tasks, out / "joint")
     train = run_train(cfg, cfg.joint_run)
     train = replace(train, steps=train.steps * len(cfg.tasks))  # epochs-based: one epoch of the mix is the same
-    joint_task = TaskSpec(name="joint", train=str(mixed["train"]), test=str(mixed["test"]),
-                          image_folder=folders.pop())
     print(f"\n=== joint run: {cfg.methods[cfg.joint_run]} on {[t.name for t in cfg.tasks]} mixed ===", flush=True)
     model = run_stage(base_stage(cfg, "continual", out / "joint" / "run", train, init=str(start), tasks=[joint_task],
                                  inquiries=cfg.inquiries, methods=cfg.methods[cfg.joint_run],

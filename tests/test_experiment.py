@@ -272,3 +272,27 @@ def test_workers_run_the_method_runs_side_by_side_with_the_same_results(tmp_path
     assert side_by_side["joint"] == alone["joint"]
     assert "method runs, 2 at a time" in side_by_side["timing"]["shared"]
     assert side_by_side["timing"]["methods"].keys() == cfg.methods.keys()
+
+
+def test_the_joint_run_mixes_tasks_whose_images_lie_in_different_folders(tmp_path: Path) -> None:
+    from mllm_cl.config import TaskSpec
+    from mllm_cl.experiment import mix_tasks
+
+    for folder, name in (("data/world", "a.png"), ("data/offline/vqa", "b.png")):
+        (tmp_path / folder / "images").mkdir(parents=True)
+        (tmp_path / folder / "images" / name).write_bytes(b"png")
+        entry = {"image": f"images/{name}", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                               {"from": "gpt", "value": "a"}]}
+        for split in ("train", "test"):
+            (tmp_path / folder / f"{split}.json").write_text(json.dumps([entry]))
+    tasks = [TaskSpec(name=n, train=str(tmp_path / f / "train.json"), test=str(tmp_path / f / "test.json"),
+                      image_folder=str(tmp_path / f))
+             for n, f in (("world", "data/world"), ("vqa", "data/offline/vqa"))]
+    joint = mix_tasks(tasks, tmp_path / "joint")
+    assert Path(joint.image_folder) == (tmp_path / "data").resolve()
+    records = json.loads(Path(joint.train).read_text())
+    assert [r["id"] for r in records] == ["world-0", "vqa-0"]
+    assert [(Path(joint.image_folder) / r["image"]).read_bytes() for r in records] == [b"png", b"png"]
+    one = mix_tasks(tasks[:1], tmp_path / "one")  # one folder: the records are kept as they are
+    assert one.image_folder == tasks[0].image_folder
+    assert json.loads(Path(one.test).read_text())[0]["image"] == "images/a.png"
