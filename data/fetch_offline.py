@@ -30,7 +30,7 @@ from typing import Any
 
 from gguf_to_hf import GGUFError, convert as convert_gguf  # its neighbour; puts the repository on sys.path
 
-from mllm_cl.model_folder import staged_folder  # noqa: E402
+from mllm_cl.model_folder import atomic_write_text, staged_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "data" / ".cache"
@@ -124,11 +124,13 @@ class Archive:
             return f.read()
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    tmp.rename(path)
+    atomic_write_text(path, text)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 # ---------------------------------------------------------------- NL benchmarks
@@ -224,10 +226,7 @@ def extract_inquiries(force: bool) -> int:
     path = OFFLINE / "inquiries" / "sciq.json"
     if force or not path.is_file():
         docs = [json.loads(line) for line in (OFFLINE / "nl" / "sciq.jsonl").open()]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(inquiries_from(docs, "sciq"), indent=1, ensure_ascii=False) + "\n")
-        tmp.rename(path)
+        write_text(path, json.dumps(inquiries_from(docs, "sciq"), indent=1, ensure_ascii=False) + "\n")
         print(f"wrote      {path.relative_to(ROOT)}")
     return len(json.loads(path.read_text()))
 

@@ -40,7 +40,7 @@ from mllm_cl.continual import evaluate_model, load_init
 from mllm_cl.device import resolve_device
 from mllm_cl.methods import build_methods, expand_methods
 from mllm_cl.model_folder import atomic_write_text
-from mllm_cl.report import write_report
+from mllm_cl.report import overlapped_part, time_rows, write_report
 from mllm_cl.stages import SETTINGS_FILE, changed_settings, run_stage
 from mllm_cl.synthetic import WORLD_VERSION, build_world
 from mllm_cl.workers import Job, run_jobs
@@ -260,8 +260,7 @@ class Clock:
         try:
             yield
         finally:
-            self.parts[name] = self.parts.get(name, 0.0) + time.time() - start
-            self.save()
+            self.add(name, time.time() - start)
 
     def add(self, name: str, seconds: float) -> None:
         """Add `seconds` spent elsewhere (a worker process) to part `name`, then save."""
@@ -285,19 +284,10 @@ def time_table(clock: Clock, runs: dict[str, dict]) -> dict[str, Any]:
 
 
 def format_time_table(timing: dict[str, Any]) -> str:
-    lines = [f"{'part':<24}{'seconds':>9}{'share':>8}"]
     total = timing["total"] or 1.0
-
-    def row(name: str, seconds: float) -> None:
-        lines.append(f"{name:<24}{seconds:>9.1f}{100 * seconds / total:>7.1f}%")
-
-    for name, seconds in timing["shared"].items():
-        row(name, seconds)
-    for name, spent in timing["methods"].items():
-        row(f"{name}: train", spent["train"])
-        row(f"{name}: evaluate", spent["eval"])
-    row("total", timing["total"])
-    if any(name.startswith("method runs,") for name in timing["shared"]):
+    lines = [f"{'part':<24}{'seconds':>9}{'share':>8}"]
+    lines += [f"{name:<24}{seconds:>9.1f}{100 * seconds / total:>7.1f}%" for name, seconds in time_rows(timing)]
+    if overlapped_part(timing):
         lines.append("(the runs overlapped: their rows add up to more than the wall clock of `method runs`)")
     return "\n".join(lines)
 

@@ -499,18 +499,28 @@ def _alpha_curves_section(curves: dict[str, Any] | None, out: Path) -> list[str]
     return md
 
 
+def time_rows(timing: dict[str, Any]) -> list[tuple[str, float]]:
+    """(part, seconds) of an experiment's time table: each shared part, each method run's training and
+    evaluation, then the total."""
+    rows = list(timing["shared"].items())
+    for name, spent in timing["methods"].items():
+        rows += [(f"{name}: train", spent["train"]), (f"{name}: evaluate", spent["eval"])]
+    return rows + [("total", timing["total"])]
+
+
+def overlapped_part(timing: dict[str, Any]) -> str | None:
+    """The part in which the method runs ran side by side (`workers` > 1), if any."""
+    return next((name for name in timing["shared"] if name.startswith("method runs,")), None)
+
+
 def _timing_section(timing: dict[str, Any] | None) -> list[str]:
     """Where the experiment's time went (seconds and share of the total)."""
     if not timing:
         return []
     total = timing["total"] or 1.0
-    rows = [[name, f"{seconds:.0f}", f"{100 * seconds / total:.0f}%"] for name, seconds in timing["shared"].items()]
-    for name, spent in timing["methods"].items():
-        rows += [[f"{name}: train", f"{spent['train']:.0f}", f"{100 * spent['train'] / total:.0f}%"],
-                 [f"{name}: evaluate", f"{spent['eval']:.0f}", f"{100 * spent['eval'] / total:.0f}%"]]
-    rows.append(["total", f"{timing['total']:.0f}", "100%"])
-    overlapped = [name for name in timing["shared"] if name.startswith("method runs,")]
-    note = [f"The method runs overlapped ({overlapped[0]}): their rows add up to more than that part's wall "
+    rows = [[name, f"{seconds:.0f}", f"{100 * seconds / total:.0f}%"] for name, seconds in time_rows(timing)]
+    overlapped = overlapped_part(timing)
+    note = [f"The method runs overlapped ({overlapped}): their rows add up to more than that part's wall "
             "clock.", ""] if overlapped else []
     return ["## Where the time went", "", _table(["part", "seconds", "share"], rows), ""] + note
 

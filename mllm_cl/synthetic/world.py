@@ -390,7 +390,8 @@ def build_world(out: str | Path, seed: int = 0, size: str = "demo", image_size: 
     for i in range(len(images.seen)):
         image_digest.update((root / f"images/{i:06d}.png").read_bytes())
     manifest = {
-        "name": "synthetic-world", "version": WORLD_VERSION, "seed": seed, "size": size, "sizes": sizes, "image_size": image_size,
+        "name": "synthetic-world", "version": WORLD_VERSION, "seed": seed, "size": size, "sizes": sizes,
+        "image_size": image_size,
         "vocab_size": tokenizer.get_vocab_size(), "tasks": list(TASKS),
         "files": {f: hashlib.sha256((root / f).read_bytes()).hexdigest() for f in files},
         "images": {"folder": "images", "count": len(images.seen), "sha256": image_digest.hexdigest()},
