@@ -4,6 +4,7 @@
     python train.py align           llm=runs/x/text/model vision=runs/x/vision/model train_file=... tokenizer=...
     python train.py continual       --config my_continual.json  methods=[msgm,rehearsal]
     python train.py experiment      --config configs/experiments/demo.json
+    torchrun --nproc_per_node 4 train.py finetune --config my_stage.json       (DDP; train.distributed=fsdp: FSDP2)
 
 A config is a JSON file of the stage's (or experiment's) dataclass; `key=value` overrides follow it
 (nested keys with dots, lists as [a,b]). `train.resume=true` continues an interrupted run.
@@ -14,8 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch.distributed as dist
+
+from mllm_cl import distributed
 from mllm_cl.config import STAGES, ExperimentConfig, StageConfig, apply_overrides, load_json
-from mllm_cl.errors import run_cli
+from mllm_cl.errors import rank_prefix, run_cli
 from mllm_cl.experiment import run_experiment
 from mllm_cl.stages import run_stage
 
@@ -30,13 +34,26 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         if args.stage == "experiment":
             config = load_json(ExperimentConfig, args.config) if args.config else ExperimentConfig()
-            run_experiment(apply_overrides(config, args.overrides))
+            config = apply_overrides(config, args.overrides)
+            distributed.setup(config.device)
+            run_experiment(config)
         else:
             config = load_json(StageConfig, args.config) if args.config else StageConfig()
             config = apply_overrides(config, [f"stage={args.stage}", *args.overrides])
-            print(f"{args.stage}: wrote {run_stage(config)}")
+            distributed.setup(config.train.device)
+            path = run_stage(config)
+            if distributed.is_main():
+                print(f"{args.stage}: wrote {path}")
 
-    return run_cli(f"train.py {args.stage}", run)
+    try:
+        return run_cli(f"train.py {args.stage}", run)
+    except dist.DistError as e:  # a collective failed: another rank stopped (an error, a kill) or cannot be reached
+        print(f"{rank_prefix()}train.py {args.stage}: error: lost contact with the other processes; one of them "
+              f"stopped or was killed (its own message says why). Resume from the last checkpoint with "
+              f"train.resume=true. ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", file=sys.stderr)
+        return 3
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -233,6 +233,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto": cuda if available
     resume: bool = False  # continue from out_dir/checkpoint if there is one
+    # under torchrun: "ddp" (DistributedDataParallel), "fsdp" (FSDP2's fully_shard), "none" (one process only);
+    # "auto": ddp with several processes, none with one (see mllm_cl.parallel)
+    distributed: str = "auto"
 
     def __post_init__(self) -> None:
         problems = []
@@ -255,6 +258,8 @@ class TrainConfig:
             problems.append(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             problems.append(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.distributed not in ("auto", "none", "ddp", "fsdp"):
+            problems.append(f"distributed must be auto, none, ddp or fsdp, got {self.distributed!r}")
         if problems:
             raise ConfigError("train settings: " + "; ".join(problems))
 

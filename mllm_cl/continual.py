@@ -9,6 +9,10 @@ For task t (paper 1's framing: the LLM's text pre-training was task 1, so these 
 An interrupted run resumes: finished tasks are recognised by their eval.json, and the methods' state (replay
 buffers, Fisher estimates) is rebuilt by replaying their hooks on each finished task's saved model, which is
 exact because those hooks depend only on that model and the seeded data.
+
+Under torchrun every rank runs this loop on the same model; the trainer shares each step's batches out, UIR's
+inquiry batches are shared out the same way (`distributed.shard_stream`), evaluation is sharded and gathered,
+and rank 0 writes every file (model folders, eval.json, results.json) while the others wait.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any, Iterator
 
 import torch
 
+from mllm_cl import distributed
 from mllm_cl.config import StageConfig, StageError, require, to_dict
 from mllm_cl.data import TextOnlyInquiries, batches, check_fits, multimodal_dataset
 from mllm_cl.device import resolve_device
@@ -95,7 +100,10 @@ def run_continual(cfg: StageConfig) -> Path:
         ctx.task_batches = lambda n, data=datasets[task.name]: itertools.islice(
             endless(data, cfg.train.micro_batch_size, cfg.train.seed, device), n)
         if inquiries is not None:
-            ctx.inquiry_batches = lambda: endless(inquiries, cfg.train.micro_batch_size, cfg.train.seed + 1, device)
+            # one inquiry batch per micro-batch, in the order a one-process run takes them
+            share = cfg.train.accumulation // distributed.world_size()
+            ctx.inquiry_batches = lambda: distributed.shard_stream(
+                endless(inquiries, cfg.train.micro_batch_size, cfg.train.seed + 1, device), share)
         ctx.take_start_state()
         if any(m.needs_previous for m in methods) and not done:
             ctx.snapshot_previous()
@@ -108,21 +116,23 @@ def run_continual(cfg: StageConfig) -> Path:
         for method in methods:
             method.after_task(ctx)
         if done:
-            print(f"task {index + 1} ({task.name}) already finished: replayed the methods' hooks on its model")
+            if distributed.is_main():
+                print(f"task {index + 1} ({task.name}) already finished: replayed the methods' hooks on its model")
         else:
-            save_llava(model, task_dir / "model", tokenizer_from=tokenizer_folder(cfg.init), template=cfg.template)
+            distributed.on_main(lambda: save_llava(model, task_dir / "model", tokenizer_from=tokenizer_folder(cfg.init),
+                                                   template=cfg.template))
             eval_start = time.time()
             scores = evaluate_model(model, tokenizer, cfg, cache)
             scores["method_log"] = ctx.log
             scores["seconds"] = {"train": eval_start - task_start, "eval": time.time() - eval_start}
-            atomic_write_text(task_dir / "eval.json", json.dumps(scores, indent=2) + "\n")
             # A finished task resumes from its model folder; its trainer checkpoint (weights, fp32 masters and
             # Adam moments: 4x the model) is dead weight, 2 GB per task and method for SmolLM2-135M.
-            remove_checkpoint(task_dir)
+            distributed.on_main(lambda: (atomic_write_text(task_dir / "eval.json", json.dumps(scores, indent=2) + "\n"),
+                                         remove_checkpoint(task_dir)))
         results["after_task"].append(json.loads((task_dir / "eval.json").read_text()))
         results["wall_seconds"] = time.time() - start
         results["seconds"] = time_spent(results["after_task"], initial_seconds)
-        atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
+        distributed.on_main(lambda: atomic_write_text(results_path, json.dumps(results, indent=2) + "\n"))
     return out / f"task_{len(cfg.tasks)}_{cfg.tasks[-1].name}" / "model"
 
 
@@ -160,8 +170,12 @@ def initial_evaluation(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig
         if cached.get("setup") == setup:
             return cached
     scores = {**evaluate_model(model, tokenizer, cfg, cache), "setup": setup}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(scores, indent=2) + "\n")
+
+    def write() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(scores, indent=2) + "\n")
+
+    distributed.on_main(write)
     return scores
 
 
@@ -208,6 +222,7 @@ def _train_task(cfg: StageConfig, ctx: TaskContext, methods: list[Method], pad_i
             loss = method.loss(ctx, batch, result.output, loss)
         return result._replace(loss=loss)
 
-    print(f"task {ctx.task_index + 1} ({ctx.task_name}): {len(data)} samples, methods "
-          f"{[m.name for m in methods]}", flush=True)
+    if distributed.is_main():
+        print(f"task {ctx.task_index + 1} ({ctx.task_name}): {len(data)} samples, methods "
+              f"{[m.name for m in methods]}", flush=True)
     train_on(ctx.model, data, loss_fn, cfg.train, task_dir)

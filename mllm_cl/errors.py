@@ -24,12 +24,19 @@ class UserError(Exception):
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, OSError)
 
 
+def rank_prefix() -> str:
+    """"[rank r/N] " in a run of several processes (torchrun sets RANK and WORLD_SIZE), "" otherwise."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"[rank {os.environ.get('RANK', '0')}/{size}] " if size > 1 else ""
+
+
 def run_cli(prog: str, main: Callable[[], int | None]) -> int:
-    """Run a script's `main`; a user error becomes one `PROG: error: ...` message on stderr and exit code 2."""
+    """Run a script's `main`; a user error becomes one `PROG: error: ...` message on stderr and exit code 2
+    (prefixed with the rank that raised it under torchrun)."""
     try:
         return main() or 0
     except USER_ERRORS as e:
         if os.environ.get(DEBUG_ENV):
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{rank_prefix()}{prog}: error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,9 @@ target word is the greedy continuation. The conventions below follow lm-eval v0.
 * Last word: `acc` = every target token is the argmax given what precedes it (= greedy decoding
   reproduces the target); `perplexity` = exp(-sum of target log-likelihoods / number of documents),
   lm-eval's LAMBADA definition (per document, not per token).
+
+Under torchrun every rank computes its share of the batches and the scores are gathered (`mllm_cl.sharding`):
+every rank ends with exactly the numbers one process gives.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any, Protocol
 import torch
 
 from mllm_cl.errors import UserError
+from mllm_cl.sharding import gather_results, my_batches
 
 
 class EvalDataError(UserError, ValueError):
@@ -165,7 +169,8 @@ def score_loglikelihood(model: torch.nn.Module, requests: list[tuple[list[int], 
 
     `model(input_ids=..., attention_mask=...)` must return an object with `.logits` (B, T, V): our
     `LanguageModel` or a Hugging Face causal LM. Requests whose model input is a prefix of another's
-    share its forward; the rest are sorted by length (longest first, as lm-eval) and right-padded.
+    share its forward; the rest are sorted by length (longest first, as lm-eval) and right-padded. Under
+    torchrun each rank runs its share of the batches; every rank returns all the scores.
     """
     device = next(model.parameters()).device
     windows, cont_lens, shareable = [], [], []
@@ -186,8 +191,8 @@ def score_loglikelihood(model: torch.nn.Module, requests: list[tuple[list[int], 
     forwards = sorted(by_host, key=lambda h: (-len(windows[h]), windows[h]))
 
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-    for start in range(0, len(forwards), batch_size):
-        batch = forwards[start:start + batch_size]
+    mine: list[int] = []
+    for batch in my_batches(forwards, batch_size):
         width = len(windows[batch[0]])
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -207,7 +212,8 @@ def score_loglikelihood(model: torch.nn.Module, requests: list[tuple[list[int], 
         logliks, greedy = _continuation_scores(logits, rows, positions, targets, lengths)
         for i, loglik, is_greedy in zip(scored, logliks, greedy):
             results[i] = (loglik, is_greedy)
-    return results
+        mine += scored
+    return gather_results(results, mine)
 
 
 def _continuation_scores(logits: torch.Tensor, rows: list[int], positions: list[int], targets: list[int],

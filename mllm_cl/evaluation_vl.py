@@ -4,6 +4,9 @@ Open-ended answers are compared by exact match after VQA-style normalisation (th
 answer processing, simplified: lower case, punctuation, articles, number words). Multiple-choice
 questions, which list their options as lines like "A. red", are scored by the option letter the
 answer names ("A", "(A)", "A.", "The answer is A", or the option's text itself).
+
+Under torchrun every rank generates its share of the batches and the answers are gathered (`mllm_cl.sharding`):
+every rank ends with exactly the answers one process gives.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from mllm_cl.conversation import EOS, Template, get_template, render_prompt
 from mllm_cl.data import DataError, load_image, read_records, validate_entry
 from mllm_cl.evaluation_nl import EvalDataError
 from mllm_cl.llava import LlavaModel
+from mllm_cl.sharding import gather_results, my_batches
 from mllm_cl.tokenizer import Tokenizer
 
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
@@ -180,7 +184,8 @@ def stop_ids(tokenizer: Tokenizer, template: Template) -> list[int]:
 def generate_answers(model: LlavaModel, tokenizer: Tokenizer, examples: list[VLExample], *, template: str,
                      batch_size: int = 16, max_new_tokens: int = 32, cache: VLEvalCache | None = None) -> list[str]:
     """Greedy answers, one per example, in order. Prompts are batched by length and right-padded. With a `cache`,
-    the tower's features of images it has seen are reused."""
+    the tower's features of images it has seen are reused. Under torchrun each rank generates its share of the
+    batches (and caches their images); every rank returns all the answers."""
     template = get_template(template)
     device = next(model.llm.parameters()).device
     dtype = next(model.vision.parameters()).dtype
@@ -189,8 +194,8 @@ def generate_answers(model: LlavaModel, tokenizer: Tokenizer, examples: list[VLE
     stops = stop_ids(tokenizer, template)
     order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
     answers = [""] * len(examples)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
+    mine: list[int] = []
+    for batch in my_batches(order, batch_size):
         width = len(prompts[batch[0]])
         input_ids = torch.full((len(batch), width), tokenizer.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -214,7 +219,8 @@ def generate_answers(model: LlavaModel, tokenizer: Tokenizer, examples: list[VLE
             if tokens and tokens[-1] in stops:
                 tokens.pop()
             answers[i] = tokenizer.decode(tokens).strip()
-    return answers
+        mine += batch
+    return gather_results(answers, mine)
 
 
 def evaluate_vl_examples(model: LlavaModel, tokenizer: Tokenizer, examples: list[VLExample], *, template: str,

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from mllm_cl import distributed
 from mllm_cl.clip_text import CLIPContrastive, TextTowerConfig, clip_config_hf, save_clip
 from mllm_cl.config import (LLM_PRESETS, RESUMABLE_TRAIN_FIELDS, STAGES, VISION_PRESETS, StageConfig, StageError,
                             llm_preset, require, to_dict, vision_preset)
@@ -46,7 +47,7 @@ def run_stage(cfg: StageConfig) -> Path:
     if cfg.stage not in STAGES:
         raise StageError(f"stage must be one of {', '.join(STAGES)}; got {cfg.stage!r}")
     resolve_device(cfg.train.device)  # an unknown or missing device fails here, before anything is written
-    claim_out_dir(cfg)
+    distributed.on_main(lambda: claim_out_dir(cfg))
     seed_everything(derive_seed(cfg.train.seed, "init", cfg.stage))  # the stage's fresh weights, if any
     runner = {"pretrain-text": pretrain_text, "pretrain-vision": pretrain_vision, "align": align,
               "finetune": finetune, "continual": run_continual}[cfg.stage]
@@ -170,11 +171,13 @@ def pretrain_text(cfg: StageConfig) -> Path:
     model = build_llm(cfg.llm, tokenizer)
     check_fits(cfg.max_len, tokenizer, model.config, f"llm={cfg.llm}")
     corpus = TextCorpus(cfg.train_file, tokenizer, block_len=cfg.max_len)
-    print(f"pretrain-text: {corpus.num_documents} documents -> {len(corpus)} blocks of {cfg.max_len} tokens; "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    if distributed.is_main():
+        print(f"pretrain-text: {corpus.num_documents} documents -> {len(corpus)} blocks of {cfg.max_len} tokens; "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     out = Path(cfg.out_dir)
     train_on(model, corpus, forward_loss, cfg.train, out)
-    return save_llm(model, out / "model", tokenizer_from=_tokenizer_folder(cfg.tokenizer or cfg.llm))
+    return distributed.on_main(lambda: save_llm(model, out / "model",
+                                                tokenizer_from=_tokenizer_folder(cfg.tokenizer or cfg.llm)))
 
 
 def _tokenizer_folder(source: str) -> Path:
@@ -231,7 +234,7 @@ def pretrain_vision(cfg: StageConfig) -> Path:
         return LossResult(model(batch["pixel_values"], batch["input_ids"]), batch["input_ids"].size(0))
 
     train_on(model, data, contrastive_loss, cfg.train, out)
-    return save_clip(model, out / "model")
+    return distributed.on_main(lambda: save_clip(model, out / "model"))
 
 
 def align(cfg: StageConfig) -> Path:
@@ -245,7 +248,8 @@ def align(cfg: StageConfig) -> Path:
     data = multimodal_dataset(cfg, cfg.train_file, cfg.image_folder, tokenizer, "plain", vision.config)
     out = Path(cfg.out_dir)
     train_on(model, data, forward_loss, cfg.train, out)
-    return save_llava(model, out / "model", tokenizer_from=_tokenizer_folder(cfg.tokenizer or cfg.llm))
+    return distributed.on_main(lambda: save_llava(model, out / "model",
+                                                  tokenizer_from=_tokenizer_folder(cfg.tokenizer or cfg.llm)))
 
 
 def finetune(cfg: StageConfig) -> Path:
@@ -254,4 +258,5 @@ def finetune(cfg: StageConfig) -> Path:
     data = multimodal_dataset(cfg, cfg.train_file, cfg.image_folder, tokenizer, cfg.template, model.vision.config)
     out = Path(cfg.out_dir)
     train_on(model, data, forward_loss, cfg.train, out)
-    return save_llava(model, out / "model", tokenizer_from=tokenizer_folder(cfg.init), template=cfg.template)
+    return distributed.on_main(lambda: save_llava(model, out / "model", tokenizer_from=tokenizer_folder(cfg.init),
+                                                  template=cfg.template))

@@ -4,6 +4,13 @@
                 for each micro-batch:  loss, n_tokens = loss_fn(model, batch); backward
                 unscale, clip, AdamW on the fp32 masters, log, checkpoint
 
+Under torchrun (`train.distributed`, `mllm_cl.parallel`) each of the W ranks takes global_batch / (micro x W)
+micro-batches of every step: step s's global micro-batches are those a one-process run takes, rank r the
+r-th consecutive share of them. Token counts are summed over the ranks, so the step's gradient is the same
+token-weighted mean, and randomness inside a micro-batch (LoRA dropout) is keyed by the micro-batch's place
+in the epoch, not by the rank: 1 rank x 8 micro-batches and 2 ranks x 4 train the same model. Rank 0 writes
+the log and the checkpoints.
+
 The loop knows nothing of continual learning: a CL method changes the loss through `loss_fn`, which the
 continual stage composes from the methods' hooks (`mllm_cl.methods.base.Method`), and acts before and after
 a task around `fit()`.
@@ -22,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mllm_cl import distributed
 from mllm_cl.checkpointing import disable_checkpointing, enable_checkpointing
-from mllm_cl.config import RESUMABLE_TRAIN_FIELDS, TrainConfig
+from mllm_cl.config import RESUMABLE_TRAIN_FIELDS, ConfigError, TrainConfig
 from mllm_cl.data import EpochBatches
 from mllm_cl.device import resolve_device
 from mllm_cl.errors import UserError
@@ -31,10 +39,11 @@ from mllm_cl.llm import LanguageModel, compile_blocks, uncompile_blocks
 from mllm_cl.losses import LossResult
 from mllm_cl.model_folder import remove_stale_staging
 from mllm_cl.optim import build_optimizer, embedding_param_names, set_lr
+from mllm_cl.parallel import Engine
 from mllm_cl.precision import MixedPrecision, resolve_dtype
 from mllm_cl.run_state import (CHECKPOINT_DIR, find_checkpoint, load_checkpoint, load_optimizer_state,
                                save_checkpoint, set_rng_state)
-from mllm_cl.seeding import seed_everything
+from mllm_cl.seeding import derive_seed, seed_everything
 
 LOG_FILE = "log.jsonl"
 
@@ -71,13 +80,22 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.checkpoint_path: Path | None = None  # the last checkpoint written or resumed from
         self.last_record: dict[str, Any] = {}
+        self.engine: Engine | None = None
+        self.world, self.rank = 1, 0  # processes sharing each step, and which one this is
 
     # ---------------------------------------------------------------- set-up
 
     def fit(self) -> dict[str, Any]:
         """Run the whole task; returns the last log record."""
         cfg = self.config
-        remove_stale_staging(self.out_dir / CHECKPOINT_DIR)  # a save that was killed before its swap
+        kind = distributed.engine(cfg.distributed)
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        if cfg.global_batch_size % (cfg.micro_batch_size * self.world):
+            raise ConfigError(f"global_batch_size={cfg.global_batch_size} must be a multiple of micro_batch_size="
+                              f"{cfg.micro_batch_size} x {self.world} processes: each process takes the same number "
+                              "of micro-batches of every step")
+        # a save that was killed before its swap
+        distributed.on_main(lambda: remove_stale_staging(self.out_dir / CHECKPOINT_DIR))
         existing = find_checkpoint(self.out_dir)
         if existing is not None and not cfg.resume:
             raise FileExistsError(f"{existing} holds a checkpoint of an earlier run: set resume=True to continue "
@@ -89,6 +107,7 @@ class Trainer:
         no_decay = () if cfg.decay_embeddings else embedding_param_names(self.model)
         self.optimizer = build_optimizer(self.precision.named_master_params(), cfg.lrs, cfg.weight_decay,
                                          betas=tuple(cfg.betas), no_decay_names=no_decay)
+        self.engine = Engine(self.model, self.loss_fn, kind, self.device)
         self.total_steps = cfg.steps or cfg.epochs * (self._epoch_batches(0)[1] // cfg.accumulation)
         blocks = _checkpoint_blocks(self.model) if cfg.activation_checkpointing else []
         enable_checkpointing(blocks)
@@ -103,6 +122,7 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             self._loop()
+            self.engine = None
             self.precision.release()  # the model leaves in full precision: fp32 masters, original frozen weights
         finally:
             disable_checkpointing(blocks)
@@ -132,9 +152,10 @@ class Trainer:
                 batches, n_batches = self._epoch_batches(self.epoch)
             set_lr(self.optimizer, self.step, self.total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
             loss_sum, n_step, reference = self._accumulate(batches)
-            # the loss is read at the step's host sync for the gradient norm; a non-finite one skips the step
-            result = self.precision.step(self.optimizer, cfg.max_grad_norm, grad_multiplier=reference / n_step,
-                                         loss=loss_sum)
+            # the loss is read at the step's host sync for the gradient norm; a non-finite one skips the step.
+            # The engine's reduction averaged the ranks' grads: x world makes it their sum.
+            result = self.precision.step(self.optimizer, cfg.max_grad_norm,
+                                         grad_multiplier=self.world * reference / n_step, loss=loss_sum)
             loss = result.loss / n_step
             if not math.isfinite(loss):
                 raise NonFiniteLossError(f"step {self.step + 1}: the loss is {loss}; training stopped. "
@@ -156,26 +177,41 @@ class Trainer:
                 self.save()
 
     def _accumulate(self, batches: Sequence[Any]) -> tuple[torch.Tensor, float, float]:
-        """Forward + backward over one step's micro-batches; returns (sum of n_i loss_i as a 0-dim tensor, N, R).
+        """Forward + backward over one step's micro-batches; returns (sum of n_i loss_i as a 0-dim tensor, N, R),
+        summed over the ranks.
 
         Micro-batch i is back-propagated with weight n_i / R, R = (tokens of the first one) x
         accumulation, a guess of the step's total N fixed before any backward; `precision.step`
         then multiplies the grads by R / N, so the step's grad is that of sum_i n_i loss_i / N.
+        With several ranks R is the same on each: their first micro-batches' tokens, summed, x their count.
         """
         loss_sum = torch.zeros((), device=self.device)
         n_step = reference = 0.0
-        first = self.index
-        for i in range(first, first + self.config.accumulation):
+        share = self.config.accumulation // self.world
+        first = self.index + self.rank * share  # this rank's part of the step's global micro-batches
+        for i in range(first, first + share):
+            last = i == first + share - 1
+            if self.engine.kind != "none":
+                torch.manual_seed(derive_seed(self.config.seed, "micro-batch", self.epoch, i))
             batch = _to_device(batches[i], self.device)
-            loss, n_tokens = self.loss_fn(self.model, batch)[:2]
-            n = float(n_tokens)
-            if n == 0:
-                continue
-            if not reference:
-                reference = n * self.config.accumulation
-            self.precision.backward(loss * (n / reference))
+            with self.engine.sync(last):
+                loss, n_tokens = self.engine(batch)[:2]
+                n = float(n_tokens)
+                if self.world > 1 and i == first:
+                    total = distributed.all_reduce_sum(torch.tensor([n], dtype=torch.float64, device=self.device))
+                    reference = float(total) * share or float(share)
+                if n == 0:
+                    if self.world > 1 and last:  # the step's gradient reduction runs in this backward
+                        self.precision.backward(torch.nan_to_num(loss) * 0.0)
+                    continue
+                if not reference:
+                    reference = n * self.config.accumulation
+                self.precision.backward(loss * (n / reference))
             loss_sum += loss.detach().float() * n
             n_step += n
+        if self.world > 1:
+            totals = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(n_step, device=self.device)]))
+            loss_sum, n_step = totals[0], float(totals[1])
         if n_step == 0:
             raise ValueError(f"step {self.step + 1}: micro-batches {first}..{first + self.config.accumulation - 1} "
                              f"of epoch {self.epoch} have no supervised token (n_tokens = 0 in each): refusing "
@@ -185,6 +221,8 @@ class Trainer:
     # ---------------------------------------------------------------- progress
 
     def _start_log(self) -> None:
+        if not distributed.is_main():
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / LOG_FILE).write_text("")
 
@@ -204,7 +242,11 @@ class Trainer:
                             if self.device.type == "cuda" else None),
             "loss_scale": scale, "skipped_steps": self.precision.skipped_steps,
         }
+        if self.world > 1:
+            record["processes"] = self.world  # tokens and tokens_per_s are those of all of them
         self.last_record = record
+        if not distributed.is_main():
+            return
         with open(self.out_dir / LOG_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
         line = (f"step {self.step}/{self.total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
@@ -226,8 +268,10 @@ class Trainer:
         state = {"step": self.step, "total_steps": self.total_steps, "epoch": self.epoch, "index": self.index,
                  "tokens": self.tokens, "scaler": precision_state["scaler"], "config": asdict(self.config)}
         weights = {name: p.detach() for name, p in self.precision.params}
-        self.checkpoint_path = save_checkpoint(self.out_dir, weights=weights, masters=precision_state["masters"],
-                                               optimizer=self.optimizer, names=self._names(), state=state)
+        # every rank holds the same weights, masters and optimizer state: rank 0's are the run's
+        self.checkpoint_path = distributed.on_main(lambda: save_checkpoint(
+            self.out_dir, weights=weights, masters=precision_state["masters"], optimizer=self.optimizer,
+            names=self._names(), state=state))
         return self.checkpoint_path
 
     def _resume(self, folder: Path) -> None:
@@ -260,10 +304,13 @@ class Trainer:
         log = self.out_dir / LOG_FILE
         records = [_record(line) for line in (log.read_text(errors="replace").splitlines() if log.is_file() else [])]
         kept = [json.dumps(r) for r in records if r is not None and r.get("step", math.inf) <= self.step]
-        log.write_text("".join(line + "\n" for line in kept))
+        distributed.barrier()  # every rank has read the log before rank 0 rewrites it
+        if distributed.is_main():
+            log.write_text("".join(line + "\n" for line in kept))
         self.last_record = json.loads(kept[-1]) if kept else {}
-        print(f"resumed from {folder} at step {self.step}/{self.total_steps} (epoch {self.epoch}, "
-              f"micro-batch {self.index})", flush=True)
+        if distributed.is_main():
+            print(f"resumed from {folder} at step {self.step}/{self.total_steps} (epoch {self.epoch}, "
+                  f"micro-batch {self.index})", flush=True)
 
     def _last_good(self) -> str:
         if self.checkpoint_path is None:

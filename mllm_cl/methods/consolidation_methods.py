@@ -1,14 +1,15 @@
 """ModelMix and Spectral-Aware Consolidation (LLaVA-c) as CL methods: after each task, the weights the task
 produced are consolidated with the weights it started from, theta_t = consolidate(theta_{t-1}, theta_hat_t,
 alpha). The maths is in `mllm_cl.consolidation` (SAC runs on the fast engine, `mllm_cl.spectral`); the frozen
-vision tower is never touched.
+vision tower is never touched. Under torchrun rank 0 consolidates (on the full fp32 weights every rank holds) and
+sends the result to the others.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mllm_cl import consolidation, spectral
+from mllm_cl import consolidation, distributed, spectral
 from mllm_cl.methods.base import Method, TaskContext
 
 
@@ -31,12 +32,14 @@ class ModelMixMethod(Method):
             raise RuntimeError(f"{self.name}: the stage did not record the weights the task started from")
         state = ctx.model.state_dict()
         new = {k: state[k].detach() for k in ctx.start_state}
-        # the trainer hands the model back in full precision (its fp32 masters), so nothing here is rounded
-        old = {k: v.to(new[k].device, new[k].dtype) for k, v in ctx.start_state.items()}
-        merged = self.consolidate(old, new)
-        with torch.no_grad():
-            for key, value in merged.items():
-                state[key].copy_(value)
+        if distributed.is_main():
+            # the trainer hands the model back in full precision (its fp32 masters), so nothing here is rounded
+            old = {k: v.to(new[k].device, new[k].dtype) for k, v in ctx.start_state.items()}
+            merged = self.consolidate(old, new)
+            with torch.no_grad():
+                for key, value in merged.items():
+                    state[key].copy_(value)
+        distributed.broadcast_tensors(list(new.values()))
         ctx.log[f"{self.name}_alpha"] = self.alpha
 
 

@@ -4,6 +4,9 @@ After each task the diagonal Fisher information is estimated from squared gradie
 (empirical Fisher, averaged over `fisher_batches` batches) and folded into a running estimate,
 F <- decay * F + F_task; the anchor theta* becomes the weights at the end of the task. While later tasks are
 learned the loss gains  weight / 2 * sum_i F_i (theta_i - theta*_i)^2.
+
+Under torchrun the Fisher's batches are shared out over the ranks (rank r takes batches r, r+W, ...) and the
+squared gradients summed over them: every rank ends with the estimate one process computes.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from mllm_cl import distributed
 from mllm_cl.methods.base import Method, TaskContext
 from mllm_cl.methods.lora_layers import LoRALinear
 
@@ -68,7 +72,9 @@ class EWC(Method):
         was_training = ctx.model.training
         ctx.model.eval()
         count = 0
-        for batch in ctx.task_batches(self.fisher_batches):
+        for i, batch in enumerate(ctx.task_batches(self.fisher_batches)):
+            if i % distributed.world_size() != distributed.rank():
+                continue
             ctx.model.zero_grad(set_to_none=True)
             ctx.loss_fn(ctx.model, batch).backward()
             for n, p in params.items():
@@ -77,6 +83,9 @@ class EWC(Method):
             count += 1
         ctx.model.zero_grad(set_to_none=True)
         ctx.model.train(was_training)
+        for value in estimate.values():
+            distributed.all_reduce_sum(value)
+        count = int(distributed.all_reduce_sum(torch.tensor(count)))
         if count == 0:
             raise ValueError(f"ewc: task {ctx.task_name!r} gave no batch to estimate the Fisher")
         for n, value in estimate.items():

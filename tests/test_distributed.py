@@ -1,0 +1,166 @@
+"""train.py under torchrun on the CPU (gloo, 2 processes): DDP trains the same model as one process with the same
+global batch, for a stage and for continual runs with CL methods; a killed rank stops the job, which resumes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mllm_cl.config import EvalSpec, LLMConfig, StageConfig, TaskSpec, TrainConfig, VisionConfig, to_dict
+from mllm_cl.llava import LlavaModel, save_llava
+from mllm_cl.llm import LanguageModel
+from mllm_cl.projector import build_projector
+from mllm_cl.stages import run_stage
+from mllm_cl.synthetic import build_world
+from mllm_cl.tokenizer import load_tokenizer
+from mllm_cl.vision import VisionTower
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-5  # fp32: the ranks' gradients are summed in another order than one process sums them
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("distributed") / "world"
+    build_world(folder, seed=0, size="smoke", image_size=16, train_per_task=16, test_per_task=6)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def init_model(world: Path) -> Path:
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(world / "tokenizer.json")
+    vision = VisionTower(VisionConfig(image_size=16, patch_size=8, d_model=32, n_layer=2, n_head=2, d_ff=64))
+    llm = LanguageModel(LLMConfig(vocab_size=-(-tokenizer.vocab_size // 64) * 64, n_layer=2, n_head=2, n_kv_head=2,
+                                  d_model=32, d_ff=64, rotary_pct=0.25, max_seq_len=256, pad_token_id=1))
+    return save_llava(LlavaModel(vision, build_projector("mlp2x_gelu", 32, 32), llm), world.parent / "init",
+                      tokenizer_from=world)
+
+
+def finetune_config(world: Path, init: Path, out: Path, steps: int = 4, **train: object) -> StageConfig:
+    return StageConfig(stage="finetune", out_dir=str(out), init=str(init), template="pythia", max_len=200,
+                       train_file=str(world / "tasks/color/train.json"), image_folder=str(world),
+                       train=TrainConfig(steps=steps, global_batch_size=8, micro_batch_size=2, lrs={"": 3e-3},
+                                         warmup_ratio=0.0, log_every=1, device="cpu", precision="fp32", **train))
+
+
+def continual_config(world: Path, init: Path, out: Path, methods: list[str], options: dict) -> StageConfig:
+    tasks = [TaskSpec(name=t, train=str(world / f"tasks/{t}/train.json"), test=str(world / f"tasks/{t}/test.json"),
+                      image_folder=str(world)) for t in ("color", "count")]
+    return StageConfig(stage="continual", out_dir=str(out), init=str(init), tasks=tasks, template="pythia",
+                       max_len=200, inquiries=str(world / "inquiries.json"), methods=methods, method_options=options,
+                       eval=EvalSpec(nl_files=[str(world / "nl/facts_mc.jsonl")], nl_limit=6, vl_limit=6,
+                                     batch_size=4, max_new_tokens=2),
+                       train=TrainConfig(steps=3, global_batch_size=8, micro_batch_size=2, lrs={"": 3e-3},
+                                         log_every=1, device="cpu", precision="fp32", distributed="ddp"))
+
+
+def torchrun(nproc: int, stage: str, config: StageConfig, *overrides: str, wait: bool = True, check: bool = True):
+    """`torchrun --nproc_per_node nproc train.py stage --config ...` in a subprocess: its CompletedProcess (which
+    must succeed if `check`), or with wait=False its Popen."""
+    path = Path(config.out_dir).with_suffix(".json")
+    path.write_text(json.dumps(to_dict(config)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+               "127.0.0.1", "--master_port", str(port), str(ROOT / "train.py"), stage, "--config", str(path),
+               *overrides]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 or not check, done.stdout + done.stderr
+    return done
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return {f"{part.parent.name}/{k}": v for part in sorted(folder.glob("**/*.safetensors"))
+            for k, v in load_file(part).items()}
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    first, second = weights(a), weights(b)
+    assert first.keys() == second.keys() and first
+    worst = max((first[k] - second[k]).abs().max().item() for k in first)
+    assert worst < TOLERANCE, worst
+
+
+@pytest.fixture(scope="module")
+def two_rank_finetune(world: Path, init_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp") / "finetune"
+    torchrun(2, "finetune", finetune_config(world, init_model, out, steps=24))
+    return out
+
+
+def test_ddp_on_two_ranks_trains_the_model_one_process_trains(world: Path, init_model: Path, tmp_path: Path,
+                                                               two_rank_finetune: Path) -> None:
+    one = run_stage(finetune_config(world, init_model, tmp_path / "one", steps=24, distributed="none"))
+    assert_same_weights(one, two_rank_finetune / "model")
+    log = [json.loads(line) for line in (two_rank_finetune / "log.jsonl").read_text().splitlines()]
+    alone = [json.loads(line) for line in (tmp_path / "one/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 25))  # one log, written by rank 0
+    assert all(r["processes"] == 2 for r in log)
+    assert [r["tokens"] for r in log] == [r["tokens"] for r in alone]  # global counts, not rank 0's
+    assert all(abs(a["loss"] - b["loss"]) < 1e-5 for a, b in zip(log, alone))
+
+
+@pytest.mark.parametrize("methods", [["msgm", "rehearsal"], ["uir"], ["ewc", "sac"]],
+                         ids=["msgm+rehearsal", "uir", "ewc+sac"])
+def test_ddp_continual_run_with_cl_methods_equals_one_rank(world: Path, init_model: Path, tmp_path: Path,
+                                                          methods: list[str]) -> None:
+    """Same global batch: 1 rank x 4 micro-batches against 2 ranks x 2. LoRA's dropout (in mSGM) is keyed by the
+    micro-batch, UIR's inquiries are shared out like the task's batches, EWC's Fisher is summed over the ranks."""
+    options = {"lora": {"rank": 4}, "rehearsal": {"share": 0.2}} if "msgm" in methods else {}
+    for nproc in (1, 2):
+        torchrun(nproc, "continual", continual_config(world, init_model, tmp_path / f"ranks{nproc}", methods, options))
+    for task in ("task_1_color", "task_2_count"):
+        assert_same_weights(tmp_path / f"ranks1/{task}/model", tmp_path / f"ranks2/{task}/model")
+    one, two = (json.loads((tmp_path / f"ranks{n}/results.json").read_text()) for n in (1, 2))
+    assert [a["vl"] for a in one["after_task"]] == [a["vl"] for a in two["after_task"]]
+    logs = [a["method_log"] for a in two["after_task"]]
+    if "rehearsal" in methods:
+        assert [log["rehearsal_replayed"] for log in logs] == [0, 3]
+    if "ewc" in methods:
+        assert logs[1]["ewc_fisher_mean"] == pytest.approx(one["after_task"][1]["method_log"]["ewc_fisher_mean"],
+                                                           rel=1e-4)
+
+
+def test_a_killed_rank_stops_the_job_which_resumes_to_the_same_weights(world: Path, init_model: Path, tmp_path: Path,
+                                                                      two_rank_finetune: Path) -> None:
+    config = finetune_config(world, init_model, tmp_path / "killed", steps=24, save_every=1)
+    job = torchrun(2, "finetune", config, wait=False)
+    log = tmp_path / "killed/log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.02)
+    workers = [int(pid) for child in Path(f"/proc/{job.pid}/task").glob("*/children")
+               for pid in child.read_text().split()]
+    assert len(workers) == 2, workers
+    steps_before = len(log.read_text().splitlines())
+    assert steps_before < 24, "the run ended before it could be killed"
+    os.kill(max(workers), signal.SIGKILL)  # the younger worker: rank 1
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert "SIGKILL" in output or "Signal 9" in output or "lost contact" in output, output[-2000:]
+    torchrun(2, "finetune", config, "train.resume=true")
+    assert_same_weights(tmp_path / "killed/model", two_rank_finetune / "model")
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == list(range(1, 25))
+
+
+def test_several_processes_need_an_engine(world: Path, init_model: Path, tmp_path: Path) -> None:
+    done = torchrun(2, "finetune", finetune_config(world, init_model, tmp_path / "none", distributed="none"),
+                    check=False)
+    assert done.returncode != 0
+    assert "[rank 0/2] train.py finetune: error: train.distributed=none, but 2 processes" in done.stderr
