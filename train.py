@@ -41,19 +41,19 @@ def main(argv: list[str] | None = None) -> int:
             config = load_json(StageConfig, args.config) if args.config else StageConfig()
             config = apply_overrides(config, [f"stage={args.stage}", *args.overrides])
             distributed.setup(config.train.device)
-            path = run_stage(config)
-            if distributed.is_main():
-                print(f"{args.stage}: wrote {path}")
+            print(f"{args.stage}: wrote {run_stage(config)}")
 
+    code = 1
     try:
-        return run_cli(f"train.py {args.stage}", run)
+        code = run_cli(f"train.py {args.stage}", run)
     except dist.DistError as e:  # a collective failed: another rank stopped (an error, a kill) or cannot be reached
         print(f"{rank_prefix()}train.py {args.stage}: error: lost contact with the other processes; one of them "
               f"stopped or was killed (its own message says why). Resume from the last checkpoint with "
               f"train.resume=true. ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", file=sys.stderr)
-        return 3
+        code = 3
     finally:
-        distributed.shutdown()
+        distributed.shutdown(clean=code == 0)
+    return code
 
 
 if __name__ == "__main__":

@@ -77,6 +77,9 @@ def run_continual(cfg: StageConfig) -> Path:
     device = resolve_device(cfg.train.device)
     model, tokenizer, cfg = load_init(cfg, device)
     methods = build_methods(cfg.methods, cfg.method_options)
+    if any(m.name == "ewc" for m in methods) and cfg.train.distributed == "fsdp":
+        raise StageError("ewc reads every parameter in its penalty, which FSDP keeps in shards outside their block's "
+                         "forward: run ewc with train.distributed=ddp")
     vision_config = model.vision.config
     datasets = {t.name: multimodal_dataset(cfg, t.train, t.image_folder, tokenizer, cfg.template, vision_config)
                 for t in cfg.tasks}
@@ -116,8 +119,7 @@ def run_continual(cfg: StageConfig) -> Path:
         for method in methods:
             method.after_task(ctx)
         if done:
-            if distributed.is_main():
-                print(f"task {index + 1} ({task.name}) already finished: replayed the methods' hooks on its model")
+            print(f"task {index + 1} ({task.name}) already finished: replayed the methods' hooks on its model")
         else:
             distributed.on_main(lambda: save_llava(model, task_dir / "model", tokenizer_from=tokenizer_folder(cfg.init),
                                                    template=cfg.template))
@@ -222,7 +224,6 @@ def _train_task(cfg: StageConfig, ctx: TaskContext, methods: list[Method], pad_i
             loss = method.loss(ctx, batch, result.output, loss)
         return result._replace(loss=loss)
 
-    if distributed.is_main():
-        print(f"task {ctx.task_index + 1} ({ctx.task_name}): {len(data)} samples, methods "
-              f"{[m.name for m in methods]}", flush=True)
+    print(f"task {ctx.task_index + 1} ({ctx.task_name}): {len(data)} samples, methods "
+          f"{[m.name for m in methods]}", flush=True)
     train_on(ctx.model, data, loss_fn, cfg.train, task_dir)

@@ -10,13 +10,15 @@ collectives here. Without torchrun (or with one process) nothing here does anyth
 Who does what:
   * every rank builds the same model (same seeds) and trains on its share of each global batch;
   * files are written by rank 0 only (`on_main`), the others wait at a barrier and then read them;
-  * an error is reported with the rank that raised it (`rank_prefix`).
+  * only rank 0 prints progress: the others' stdout goes nowhere, while their stderr (warnings, errors, each
+    error message starting with its rank: `mllm_cl.errors.rank_prefix`) stays.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -57,6 +59,8 @@ def setup(device: str = "auto") -> None:
     if cuda:
         torch.cuda.set_device(local_rank())
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # one progress log, rank 0's
 
 
 def rank() -> int:
@@ -167,6 +171,11 @@ def shard_stream(items: Iterator[T], chunk: int) -> Iterator[T]:
                     yield item
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. After a run that went well every rank waits for the others first (none tears
+    down its connections while another still uses them); after a failure it leaves at once, and the launcher
+    stops the rest."""
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from mllm_cl import metrics
+from mllm_cl import distributed, metrics
 from mllm_cl.alpha_curves import (alpha_curves, curves_over_seeds, general_of, general_score,
                                   general_vl_accuracy)
 from mllm_cl.config import (LLM_PRESETS, VISION_PRESETS, ExperimentConfig, StageConfig, StageError, TaskSpec,
@@ -72,6 +72,10 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     for run_name, methods in cfg.methods.items():  # a bad field or option fails here, before any stage runs
         run_train(cfg, run_name)
         build_methods(methods, run_options(cfg, run_name))
+    if cfg.workers > 1 and distributed.world_size() > 1:
+        print(f"workers={cfg.workers}: under torchrun the runs take turns, each on all {distributed.world_size()} "
+              "processes")
+        cfg = replace(cfg, workers=1)
     followers = {path: follow_up(cfg, path) for path in cfg.then}
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,19 +127,27 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     if cfg.ablation:
         results["ablation"] = cfg.ablation
     results["timing"] = time_table(clock, runs)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    write_report(results, out, alpha_curves=curves)
+    publish(results, out, curves)
     print(f"\n{cfg.name}: wrote {out / 'results.json'} and {out / 'REPORT.md'} in {results['wall_seconds']:.0f}s")
     if followers:
         results["then"] = run_followers(followers)
-        atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-        write_report(results, out, alpha_curves=curves)  # now with links to theirs
+        publish(results, out, curves)  # now with links to theirs
     print(f"\nwhere the time went ({cfg.name}):\n{format_time_table(results['timing'])}")
     if followers:
         total = results["timing"]["total"] + sum(f["seconds"] for f in results["then"].values())
         print("\n".join([f"then {name}: {f['seconds']:.0f}s (its table: {f['out_dir']}/REPORT.md)"
                          for name, f in results["then"].items()] + [f"all together: {total:.0f}s"]))
     return results
+
+
+def publish(results: dict[str, Any], out: Path, curves: dict[str, Any] | None) -> None:
+    """out/results.json and out/REPORT.md (with its plots), written by rank 0."""
+    def write() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+        write_report(results, out, alpha_curves=curves)
+
+    distributed.on_main(write)
 
 
 TRAIN_FIELDS = ("pretrain_text", "pretrain_vision", "align", "finetune", "task_train")
@@ -230,11 +242,9 @@ def over_seeds(name: str, folders: dict[int, Path], out: Path, then: dict[str, A
               if all(p.is_file() for p in curve_files) else None)
     if then:
         results["then"] = then
-    out.mkdir(parents=True, exist_ok=True)
     if curves is not None:
-        atomic_write_text(out / "alpha_curves.json", json.dumps(curves, indent=2) + "\n")
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    write_report(results, out, alpha_curves=curves)
+        distributed.on_main(lambda: atomic_write_text(out / "alpha_curves.json", json.dumps(curves, indent=2) + "\n"))
+    publish(results, out, curves)
     print(f"\n{name}: {len(per_seed)} seeds; wrote {out / 'results.json'} and {out / 'REPORT.md'}")
     return results
 
@@ -268,7 +278,8 @@ class Clock:
         self.save()
 
     def save(self) -> None:
-        atomic_write_text(self.path, json.dumps({"seconds": self.seconds(), "parts": self.parts}) + "\n")
+        if distributed.is_main():  # every rank keeps the same parts; rank 0's file is the run's
+            atomic_write_text(self.path, json.dumps({"seconds": self.seconds(), "parts": self.parts}) + "\n")
 
 
 def time_table(clock: Clock, runs: dict[str, dict]) -> dict[str, Any]:
@@ -305,7 +316,7 @@ def ensure_world(cfg: ExperimentConfig) -> Path:
                          f"generate it with `python data/synthetic_world.py --out {world}`")
     why = "" if version is None else f" (it held a version-{version} world)"
     print(f"generating the synthetic world ({cfg.world_size}, seed {cfg.world_seed}) into {world}{why}", flush=True)
-    build_world(world, seed=cfg.world_seed, size=cfg.world_size)
+    distributed.on_main(lambda: build_world(world, seed=cfg.world_seed, size=cfg.world_size))
     return world
 
 
@@ -317,7 +328,7 @@ def check_same_world(out: Path, world: Path) -> None:
     if record.is_file() and record.read_text().strip() != digest:
         raise StageError(f"{out} holds a run trained on another world than the one now in {world} (its world.json "
                          f"changed): remove {out} (`make clean`) or set another out_dir")
-    atomic_write_text(record, digest + "\n")
+    distributed.on_main(lambda: atomic_write_text(record, digest + "\n"))
 
 
 def with_world_defaults(cfg: ExperimentConfig, world: Path) -> ExperimentConfig:
@@ -420,7 +431,7 @@ def mix_tasks(tasks: list[TaskSpec], folder: Path) -> TaskSpec:
                     record["image"] = os.path.relpath(image, root)
                 records.append(record)
         mixed[split] = folder / f"{split}.json"
-        atomic_write_text(mixed[split], json.dumps(records) + "\n")
+        distributed.on_main(lambda: atomic_write_text(mixed[split], json.dumps(records) + "\n"))
     return TaskSpec(name="joint", train=str(mixed["train"]), test=str(mixed["test"]), image_folder=str(root))
 
 
@@ -446,7 +457,7 @@ def run_joint(cfg: ExperimentConfig, out: Path, start: Path) -> dict[str, Any]:
                "nl": metrics.nl_omega(nl_accuracies(scores))}
     if "general_vl" in scores:
         summary["general"], _, summary["general_vl"] = general_score(scores)
-    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+    distributed.on_main(lambda: atomic_write_text(path, json.dumps(summary, indent=2) + "\n"))
     return summary
 
 
@@ -462,7 +473,7 @@ def run_alpha_curves(cfg: ExperimentConfig, out: Path, start: Path) -> dict[str,
     print(f"\n=== alpha curves: {sorted(trained)} on {first.name} ===", flush=True)
     curves = alpha_curves(stage, trained, tuple(cfg.alpha_curve_alphas), device=resolve_device(cfg.device),
                           workers=cfg.workers)
-    atomic_write_text(path, json.dumps(curves, indent=2) + "\n")
+    distributed.on_main(lambda: atomic_write_text(path, json.dumps(curves, indent=2) + "\n"))
     return curves
 
 

@@ -1,4 +1,4 @@
-"""The training engines of a multi-process run: torch's DistributedDataParallel, or none.
+"""The training engines of a multi-process run: torch's DistributedDataParallel, FSDP2's `fully_shard`, or none.
 
 The trainer calls its loss through `LossModule`, the model and the loss function as one module, so that the
 engine sees every forward a step makes (a CL method's extra pass, UIR's over the inquiries, included).
@@ -8,11 +8,22 @@ dtype first and DDP wraps that model, so its buckets hold bf16/fp16 grads and re
 in the last micro-batch's backward of each step; `MixedPrecision.step` then moves the reduced grads into the
 per-rank fp32 masters, unscales and clips them. Every rank holds the same reduced grads, so the norm each rank
 computes is already the global one, and every rank takes the same step.
+
+FSDP2 and the hand-written mixed precision: every block of a `blocks` list that trains is one FSDP unit, the
+rest of the trainable params one more (the root). The trainable params become fp32 shards, and these shards
+are the masters (`MixedPrecision(sharded=True)`): FSDP's `MixedPrecisionPolicy` gathers them in the compute
+dtype for each unit's forward and backward and reduce-scatters their grads in fp32, so the optimizer state is
+sharded too. Frozen params (the vision tower, LoRA's base weights) are left out of the shards: each rank keeps
+them whole, in the compute dtype. The global grad norm is all-reduced in `MixedPrecision`. After training,
+`Engine.finish` gathers the full fp32 weights and gives the caller's model object a plain (unsharded) structure
+again, so merging adapters, consolidation, saving and evaluation see an ordinary module.
+Not under FSDP: EWC's penalty (it reads every parameter outside their unit's forward), torch.compile.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+try:  # torch >= 2.6; 2.4 and 2.5 have FSDP2 under its first name
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+except ImportError:  # pragma: no cover
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover
+    from torch.distributed._tensor import DTensor, distribute_tensor
 
 
 # Buffers (rotary tables) are the same on every rank: nothing to broadcast before each forward. torch 2.13
@@ -41,17 +61,36 @@ class LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The blocks of every nn.ModuleList named `blocks` (the transformer layers of the LLM and the tower)."""
+    return [block for name, module in model.named_modules()
+            if name.rsplit(".", 1)[-1] == "blocks" and isinstance(module, nn.ModuleList) for block in module]
+
+
 class Engine:
     """What the trainer runs each micro-batch through: `engine(batch)` is loss_fn(model, batch), and
-    `engine.sync(last)` the context a micro-batch runs in: only a step's last one reduces gradients."""
+    `engine.sync(last)` the context a micro-batch runs in: only a step's last one reduces gradients.
+
+    `kind`: "none", "ddp" (cast `model` to the compute dtype first) or "fsdp" (shards `model` in place; build
+    `MixedPrecision(model, dtype, sharded=True)` after, and call `finish()` after training).
+    """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], kind: str,
-                 device: torch.device) -> None:
-        self.kind = kind
+                 device: torch.device, compute_dtype: torch.dtype = torch.float32) -> None:
+        self.kind, self.model = kind, model
         module = LossModule(model, loss_fn)
         if kind == "ddp":
             module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
                                              **_NO_BUFFER_SYNC)
+        elif kind == "fsdp":
+            self.plain = _skeleton(model)
+            frozen = {p for p in model.parameters() if not p.requires_grad}
+            policy = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                                          reduce_dtype=torch.float32)
+            for block in blocks_of(model):
+                if any(p.requires_grad for p in block.parameters()):
+                    fully_shard(block, mp_policy=policy, ignored_params=frozen & set(block.parameters()))
+            fully_shard(module, mp_policy=policy, ignored_params=frozen)
         elif kind != "none":
             raise ValueError(f"unknown engine {kind!r}")
         self.module = module
@@ -62,4 +101,42 @@ class Engine:
     def sync(self, last: bool) -> contextlib.AbstractContextManager:
         if self.kind == "ddp" and not last:
             return self.module.no_sync()
+        if self.kind == "fsdp":
+            self.module.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
+
+    def finish(self) -> None:
+        """FSDP: gather the full fp32 weights on every rank and give the model a plain structure holding them (the
+        same object the caller holds). The other engines leave the model as it is."""
+        if self.kind != "fsdp":
+            return
+        trained = {name: full_tensor(p).detach() for name, p in self.model.named_parameters() if p.requires_grad}
+        skeleton = dict(self.plain.named_parameters())
+        placed = {id(skeleton[name]): nn.Parameter(tensor) for name, tensor in trained.items()}
+        for module in self.plain.modules():  # every place a param sits: a tied one sits in two
+            for key, param in module._parameters.items():
+                if param is not None and id(param) in placed:
+                    module._parameters[key] = placed[id(param)]
+        self.model.__dict__ = self.plain.__dict__
+        self.module = self.plain = None
+
+
+def _skeleton(model: nn.Module) -> nn.Module:
+    """A copy of `model`'s structure that shares its frozen params and buffers and holds its trainable params only
+    as meta tensors (no memory): the plain module `Engine.finish` fills with the trained weights."""
+    memo: dict[int, Any] = {id(t): t for t in model.buffers()}
+    for p in model.parameters():
+        memo[id(p)] = p if not p.requires_grad else nn.Parameter(torch.empty_like(p, device="meta"))
+    return copy.deepcopy(model, memo)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor gathered whole on every rank (a collective); any other tensor itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` cut into the shards `like` has, when `like` is sharded; `full` itself otherwise."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)

@@ -21,6 +21,11 @@ themselves; unscaled and unweighted, a step is clip_grad_norm_ then optimizer.st
 (requires_grad=False) are cast to the compute dtype and get no master; `release()` after training gives
 every param back its full-precision value (the masters, the frozen originals). Buffers (e.g. rotary tables)
 keep their dtype.
+
+Under FSDP2 (`sharded=True`, see `mllm_cl.parallel`) the trainable params are FSDP's fp32 shards, and they are
+the masters: FSDP casts them to the compute dtype when it gathers them for a forward and reduces their grads in
+fp32 into shards. So nothing is copied here; frozen params are cast as above, and step 1's norm is the square
+root of the sum, over the ranks, of each rank's sum of squares of its shards (one all-reduce).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from mllm_cl import distributed
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -54,6 +61,11 @@ def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     if precision not in DTYPES:
         raise ValueError(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {precision!r}")
     return DTYPES[precision]
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) tensor's shard on this rank; any other tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -113,11 +125,12 @@ class MixedPrecision:
     """Casts `model` to `dtype` and keeps fp32 masters of its trainable params.
 
     `loss_scale`: "dynamic", a number (a static scale) or None (no scaling); left at "default" it is
-    "dynamic" for fp16 and None for bf16 and fp32. Dynamic scaling starts at `init_scale`.
+    "dynamic" for fp16 and None for bf16 and fp32. Dynamic scaling starts at `init_scale`. `sharded`: the
+    trainable params are FSDP2's fp32 shards (see the module's docstring).
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, loss_scale: str | float | None = "default",
-                 init_scale: float = 2.0 ** 16, growth_interval: int = 2000) -> None:
+                 init_scale: float = 2.0 ** 16, growth_interval: int = 2000, sharded: bool = False) -> None:
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype must be one of {list(DTYPES.values())}, got {dtype}")
         if loss_scale == "default":
@@ -126,12 +139,13 @@ class MixedPrecision:
             raise ValueError(f"loss_scale must be 'dynamic', a number or None, got {loss_scale!r}")
         self.model = model
         self.dtype = dtype
+        self.sharded = sharded
         dynamic = loss_scale == "dynamic"
         self.scaler = DynamicLossScaler(init_scale if dynamic else (loss_scale or 1.0), dynamic, growth_interval)
         self.params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameter (every requires_grad is False): nothing to train")
-        if dtype == torch.float32:
+        if not self.copies:
             self.masters = [p for _, p in self.params]  # no copies: the optimizer updates the params
         else:
             # masters from the params' current values, before they are rounded to the compute dtype
@@ -141,7 +155,7 @@ class MixedPrecision:
                        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype]
         with torch.no_grad():
             for p in model.parameters():
-                if p.is_floating_point() and p.dtype != dtype:
+                if p.is_floating_point() and p.dtype != dtype and not (sharded and p.requires_grad):
                     p.data = p.data.to(dtype)
 
     def release(self) -> None:
@@ -158,7 +172,7 @@ class MixedPrecision:
 
     @property
     def copies(self) -> bool:
-        return self.dtype != torch.float32
+        return self.dtype != torch.float32 and not self.sharded
 
     @property
     def scale(self) -> float:
@@ -209,7 +223,9 @@ class MixedPrecision:
         clip coefficient, or None when the norm or the loss is inf/nan: the step must be skipped.
         """
         # the norm of the compute-dtype grads, accumulated in fp32, is that of their exact fp32 copies
-        norm = global_norm([p.grad for _, p in self.params if p.grad is not None])
+        norm = global_norm([local_part(p.grad) for _, p in self.params if p.grad is not None])
+        if self.sharded:
+            norm = distributed.all_reduce_sum(norm.to(self.params[0][1].device).square()).sqrt()
         self._move_grads_to_masters()  # queued before the host sync: the GPU copies while the CPU waits
         if factor != 1.0:
             norm = norm * abs(factor)
@@ -236,7 +252,7 @@ class MixedPrecision:
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, coefficient: Coefficient) -> None:
         """optimizer.step() on the masters, their fp32 grads multiplied by `coefficient`."""
-        grads = [m.grad for m in self.masters if m.grad is not None]
+        grads = [local_part(m.grad) for m in self.masters if m.grad is not None]
         if grads and (isinstance(coefficient, torch.Tensor) or coefficient != 1.0):
             # fused Adam/AdamW/SGD divide each grad by `optimizer.grad_scale` inside their own kernel (the
             # protocol torch's GradScaler uses): the coefficient costs no pass over the grads. Not in fp32, where

@@ -123,8 +123,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]
 # ---------------------------------------------------------------- the folder
 
 def save_checkpoint(out_dir: str | Path, *, weights: dict[str, torch.Tensor], masters: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, names: dict[int, str], state: dict[str, Any]) -> Path:
-    """Write `out_dir/checkpoint/` atomically; `state` is the JSON part (step, data position, ...)."""
+                    optimizer: tuple[dict[str, torch.Tensor], dict[str, Any]], state: dict[str, Any]) -> Path:
+    """Write `out_dir/checkpoint/` atomically; `optimizer` is `optimizer_state(...)`'s (tensors, JSON part),
+    `state` the run's JSON part (step, data position, ...)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     folder = out_dir / CHECKPOINT_DIR
@@ -132,7 +133,7 @@ def save_checkpoint(out_dir: str | Path, *, weights: dict[str, torch.Tensor], ma
         _save(staging / "weights.safetensors", weights)
         if masters:
             _save(staging / "masters.safetensors", masters)
-        opt_tensors, opt_meta = optimizer_state(optimizer, names)
+        opt_tensors, opt_meta = optimizer
         _save(staging / "optimizer.safetensors", opt_tensors)
         (staging / "optimizer.json").write_text(json.dumps(opt_meta) + "\n")
         rng_json, rng_tensors = rng_state()

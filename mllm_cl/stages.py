@@ -171,9 +171,8 @@ def pretrain_text(cfg: StageConfig) -> Path:
     model = build_llm(cfg.llm, tokenizer)
     check_fits(cfg.max_len, tokenizer, model.config, f"llm={cfg.llm}")
     corpus = TextCorpus(cfg.train_file, tokenizer, block_len=cfg.max_len)
-    if distributed.is_main():
-        print(f"pretrain-text: {corpus.num_documents} documents -> {len(corpus)} blocks of {cfg.max_len} tokens; "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    print(f"pretrain-text: {corpus.num_documents} documents -> {len(corpus)} blocks of {cfg.max_len} tokens; "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     out = Path(cfg.out_dir)
     train_on(model, corpus, forward_loss, cfg.train, out)
     return distributed.on_main(lambda: save_llm(model, out / "model",

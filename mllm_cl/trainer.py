@@ -39,10 +39,10 @@ from mllm_cl.llm import LanguageModel, compile_blocks, uncompile_blocks
 from mllm_cl.losses import LossResult
 from mllm_cl.model_folder import remove_stale_staging
 from mllm_cl.optim import build_optimizer, embedding_param_names, set_lr
-from mllm_cl.parallel import Engine
+from mllm_cl.parallel import Engine, blocks_of, full_tensor, shard_like
 from mllm_cl.precision import MixedPrecision, resolve_dtype
 from mllm_cl.run_state import (CHECKPOINT_DIR, find_checkpoint, load_checkpoint, load_optimizer_state,
-                               save_checkpoint, set_rng_state)
+                               optimizer_state, save_checkpoint, set_rng_state)
 from mllm_cl.seeding import derive_seed, seed_everything
 
 LOG_FILE = "log.jsonl"
@@ -103,11 +103,18 @@ class Trainer:
         seed_everything(cfg.seed)
         self.model.to(self.device)
         self.model.train()
-        self.precision = MixedPrecision(self.model, resolve_dtype(cfg.precision, self.device))
+        dtype = resolve_dtype(cfg.precision, self.device)
         no_decay = () if cfg.decay_embeddings else embedding_param_names(self.model)
+        if kind == "fsdp":  # the shards are the masters: shard first, then keep no copies
+            if cfg.compile:
+                raise ConfigError("train.compile is not supported with train.distributed=fsdp; use ddp, or no compile")
+            self.engine = Engine(self.model, self.loss_fn, kind, self.device, dtype)
+            self.precision = MixedPrecision(self.model, dtype, sharded=True)
+        else:  # DDP reduces the grads of the params as they will be: in the compute dtype
+            self.precision = MixedPrecision(self.model, dtype)
+            self.engine = Engine(self.model, self.loss_fn, kind, self.device)
         self.optimizer = build_optimizer(self.precision.named_master_params(), cfg.lrs, cfg.weight_decay,
                                          betas=tuple(cfg.betas), no_decay_names=no_decay)
-        self.engine = Engine(self.model, self.loss_fn, kind, self.device)
         self.total_steps = cfg.steps or cfg.epochs * (self._epoch_batches(0)[1] // cfg.accumulation)
         blocks = _checkpoint_blocks(self.model) if cfg.activation_checkpointing else []
         enable_checkpointing(blocks)
@@ -122,9 +129,10 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             self._loop()
-            self.engine = None
+            self.engine.finish()
             self.precision.release()  # the model leaves in full precision: fp32 masters, original frozen weights
         finally:
+            self.engine = None
             disable_checkpointing(blocks)
             for llm in llms:
                 uncompile_blocks(llm)
@@ -242,8 +250,8 @@ class Trainer:
                             if self.device.type == "cuda" else None),
             "loss_scale": scale, "skipped_steps": self.precision.skipped_steps,
         }
-        if self.world > 1:
-            record["processes"] = self.world  # tokens and tokens_per_s are those of all of them
+        if self.engine.kind != "none":  # tokens and tokens_per_s are those of all the processes
+            record.update(processes=self.world, engine=self.engine.kind)
         self.last_record = record
         if not distributed.is_main():
             return
@@ -267,11 +275,13 @@ class Trainer:
         precision_state = self.precision.state_dict()
         state = {"step": self.step, "total_steps": self.total_steps, "epoch": self.epoch, "index": self.index,
                  "tokens": self.tokens, "scaler": precision_state["scaler"], "config": asdict(self.config)}
-        weights = {name: p.detach() for name, p in self.precision.params}
-        # every rank holds the same weights, masters and optimizer state: rank 0's are the run's
+        # whole tensors: FSDP's shards are gathered (every rank takes part); rank 0 writes them
+        weights = {name: full_tensor(p.detach()) for name, p in self.precision.params}
+        optimizer_tensors, optimizer_meta = optimizer_state(self.optimizer, self._names())
+        optimizer_tensors = {key: full_tensor(t) for key, t in optimizer_tensors.items()}
         self.checkpoint_path = distributed.on_main(lambda: save_checkpoint(
-            self.out_dir, weights=weights, masters=precision_state["masters"], optimizer=self.optimizer,
-            names=self._names(), state=state))
+            self.out_dir, weights=weights, masters=precision_state["masters"],
+            optimizer=(optimizer_tensors, optimizer_meta), state=state))
         return self.checkpoint_path
 
     def _resume(self, folder: Path) -> None:
@@ -295,9 +305,12 @@ class Trainer:
                 if weights[name].shape != p.shape:
                     raise ValueError(f"cannot resume from {folder}: {name!r} has shape {tuple(weights[name].shape)} "
                                      f"there and {tuple(p.shape)} in the model")
-                p.copy_(weights[name])
+                p.copy_(shard_like(weights[name], p))
         self.precision.load_state_dict({"masters": saved["masters"], "scaler": state["scaler"]})
-        load_optimizer_state(self.optimizer, self._names(), saved["optimizer_tensors"], saved["optimizer_meta"])
+        by_name = dict(self.precision.named_master_params())
+        optimizer_tensors = {key: shard_like(t, by_name[key.rsplit("/", 1)[0]]) if t.dim() else t
+                             for key, t in saved["optimizer_tensors"].items()}
+        load_optimizer_state(self.optimizer, self._names(), optimizer_tensors, saved["optimizer_meta"])
         set_rng_state(state["rng"], saved["rng_tensors"])
         self.step, self.epoch, self.index, self.tokens = state["step"], state["epoch"], state["index"], state["tokens"]
         self.checkpoint_path = folder
@@ -308,9 +321,8 @@ class Trainer:
         if distributed.is_main():
             log.write_text("".join(line + "\n" for line in kept))
         self.last_record = json.loads(kept[-1]) if kept else {}
-        if distributed.is_main():
-            print(f"resumed from {folder} at step {self.step}/{self.total_steps} (epoch {self.epoch}, "
-                  f"micro-batch {self.index})", flush=True)
+        print(f"resumed from {folder} at step {self.step}/{self.total_steps} (epoch {self.epoch}, "
+              f"micro-batch {self.index})", flush=True)
 
     def _last_good(self) -> str:
         if self.checkpoint_path is None:
@@ -343,8 +355,7 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
-    blocks = [block for name, module in model.named_modules()
-              if name.rsplit(".", 1)[-1] == "blocks" and isinstance(module, nn.ModuleList) for block in module]
+    blocks = blocks_of(model)
     if not blocks:
         raise ValueError("activation_checkpointing=True, but the model has no nn.ModuleList named 'blocks' to "
                          "checkpoint; set activation_checkpointing=False")

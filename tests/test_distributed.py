@@ -54,7 +54,8 @@ def finetune_config(world: Path, init: Path, out: Path, steps: int = 4, **train:
                                          warmup_ratio=0.0, log_every=1, device="cpu", precision="fp32", **train))
 
 
-def continual_config(world: Path, init: Path, out: Path, methods: list[str], options: dict) -> StageConfig:
+def continual_config(world: Path, init: Path, out: Path, methods: list[str], options: dict,
+                     engine: str = "ddp") -> StageConfig:
     tasks = [TaskSpec(name=t, train=str(world / f"tasks/{t}/train.json"), test=str(world / f"tasks/{t}/test.json"),
                       image_folder=str(world)) for t in ("color", "count")]
     return StageConfig(stage="continual", out_dir=str(out), init=str(init), tasks=tasks, template="pythia",
@@ -62,14 +63,16 @@ def continual_config(world: Path, init: Path, out: Path, methods: list[str], opt
                        eval=EvalSpec(nl_files=[str(world / "nl/facts_mc.jsonl")], nl_limit=6, vl_limit=6,
                                      batch_size=4, max_new_tokens=2),
                        train=TrainConfig(steps=3, global_batch_size=8, micro_batch_size=2, lrs={"": 3e-3},
-                                         log_every=1, device="cpu", precision="fp32", distributed="ddp"))
+                                         log_every=1, device="cpu", precision="fp32", distributed=engine))
 
 
-def torchrun(nproc: int, stage: str, config: StageConfig, *overrides: str, wait: bool = True, check: bool = True):
+def torchrun(nproc: int, stage: str, config: StageConfig, *overrides: str, wait: bool = True, check: bool = True,
+             config_file: Path | None = None):
     """`torchrun --nproc_per_node nproc train.py stage --config ...` in a subprocess: its CompletedProcess (which
-    must succeed if `check`), or with wait=False its Popen."""
-    path = Path(config.out_dir).with_suffix(".json")
-    path.write_text(json.dumps(to_dict(config)))
+    must succeed if `check`), or with wait=False its Popen. The config is `config`, or `config_file` if given."""
+    path = config_file or Path(config.out_dir).with_suffix(".json")
+    if config_file is None:
+        path.write_text(json.dumps(to_dict(config)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -97,33 +100,48 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
+def one_process_finetune(world: Path, init_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "finetune"
+    run_stage(finetune_config(world, init_model, out, steps=24, distributed="none"))
+    return out
+
+
+@pytest.fixture(scope="module")
 def two_rank_finetune(world: Path, init_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ddp") / "finetune"
     torchrun(2, "finetune", finetune_config(world, init_model, out, steps=24))
     return out
 
 
-def test_ddp_on_two_ranks_trains_the_model_one_process_trains(world: Path, init_model: Path, tmp_path: Path,
+def test_ddp_on_two_ranks_trains_the_model_one_process_trains(one_process_finetune: Path,
                                                                two_rank_finetune: Path) -> None:
-    one = run_stage(finetune_config(world, init_model, tmp_path / "one", steps=24, distributed="none"))
-    assert_same_weights(one, two_rank_finetune / "model")
+    assert_same_weights(one_process_finetune / "model", two_rank_finetune / "model")
     log = [json.loads(line) for line in (two_rank_finetune / "log.jsonl").read_text().splitlines()]
-    alone = [json.loads(line) for line in (tmp_path / "one/log.jsonl").read_text().splitlines()]
+    alone = [json.loads(line) for line in (one_process_finetune / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 25))  # one log, written by rank 0
-    assert all(r["processes"] == 2 for r in log)
+    assert all((r["engine"], r["processes"]) == ("ddp", 2) for r in log)
     assert [r["tokens"] for r in log] == [r["tokens"] for r in alone]  # global counts, not rank 0's
     assert all(abs(a["loss"] - b["loss"]) < 1e-5 for a, b in zip(log, alone))
 
 
-@pytest.mark.parametrize("methods", [["msgm", "rehearsal"], ["uir"], ["ewc", "sac"]],
-                         ids=["msgm+rehearsal", "uir", "ewc+sac"])
-def test_ddp_continual_run_with_cl_methods_equals_one_rank(world: Path, init_model: Path, tmp_path: Path,
-                                                          methods: list[str]) -> None:
+def test_fsdp_on_two_ranks_trains_the_model_one_process_trains(world: Path, init_model: Path, tmp_path: Path,
+                                                                one_process_finetune: Path) -> None:
+    torchrun(2, "finetune", finetune_config(world, init_model, tmp_path / "fsdp", steps=24, distributed="fsdp"))
+    assert_same_weights(one_process_finetune / "model", tmp_path / "fsdp/model")
+    last = json.loads((tmp_path / "fsdp/log.jsonl").read_text().splitlines()[-1])
+    assert (last["engine"], last["processes"]) == ("fsdp", 2)
+
+
+@pytest.mark.parametrize("methods,engine", [(["msgm", "rehearsal"], "ddp"), (["uir"], "ddp"), (["ewc", "sac"], "ddp"),
+                                            (["msgm", "rehearsal"], "fsdp"), (["uir"], "fsdp")],
+                         ids=["msgm+rehearsal", "uir", "ewc+sac", "fsdp-msgm+rehearsal", "fsdp-uir"])
+def test_continual_run_with_cl_methods_on_two_ranks_equals_one_rank(world: Path, init_model: Path, tmp_path: Path,
+                                                                    methods: list[str], engine: str) -> None:
     """Same global batch: 1 rank x 4 micro-batches against 2 ranks x 2. LoRA's dropout (in mSGM) is keyed by the
     micro-batch, UIR's inquiries are shared out like the task's batches, EWC's Fisher is summed over the ranks."""
     options = {"lora": {"rank": 4}, "rehearsal": {"share": 0.2}} if "msgm" in methods else {}
-    for nproc in (1, 2):
-        torchrun(nproc, "continual", continual_config(world, init_model, tmp_path / f"ranks{nproc}", methods, options))
+    torchrun(1, "continual", continual_config(world, init_model, tmp_path / "ranks1", methods, options))
+    torchrun(2, "continual", continual_config(world, init_model, tmp_path / "ranks2", methods, options, engine))
     for task in ("task_1_color", "task_2_count"):
         assert_same_weights(tmp_path / f"ranks1/{task}/model", tmp_path / f"ranks2/{task}/model")
     one, two = (json.loads((tmp_path / f"ranks{n}/results.json").read_text()) for n in (1, 2))
@@ -136,9 +154,11 @@ def test_ddp_continual_run_with_cl_methods_equals_one_rank(world: Path, init_mod
                                                            rel=1e-4)
 
 
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_a_killed_rank_stops_the_job_which_resumes_to_the_same_weights(world: Path, init_model: Path, tmp_path: Path,
-                                                                      two_rank_finetune: Path) -> None:
-    config = finetune_config(world, init_model, tmp_path / "killed", steps=24, save_every=1)
+                                                                      two_rank_finetune: Path, engine: str) -> None:
+    """The checkpoint holds whole tensors (FSDP's shards gathered), so the job resumes to the same weights."""
+    config = finetune_config(world, init_model, tmp_path / "killed", steps=24, save_every=1, distributed=engine)
     job = torchrun(2, "finetune", config, wait=False)
     log = tmp_path / "killed/log.jsonl"
     deadline = time.time() + 120
@@ -164,3 +184,25 @@ def test_several_processes_need_an_engine(world: Path, init_model: Path, tmp_pat
                     check=False)
     assert done.returncode != 0
     assert "[rank 0/2] train.py finetune: error: train.distributed=none, but 2 processes" in done.stderr
+
+
+def test_an_experiment_under_torchrun_gives_the_figures_of_one_rank(tmp_path: Path) -> None:
+    """The whole experiment (world, shared stages, method runs, report) on 2 ranks: rank 0 writes, all train."""
+    config = json.loads((ROOT / "configs/experiments/smoke.json").read_text())
+    config |= {"world": str(tmp_path / "world"), "methods": {"naive": ["naive"], "msgm+uir": ["msgm", "uir"]}}
+    config.pop("run_train")
+    for stage in ("pretrain_text", "pretrain_vision", "align", "task_train"):
+        config[stage] |= {"micro_batch_size": config[stage]["global_batch_size"] // 2, "distributed": "ddp"}
+    path = tmp_path / "experiment.json"
+    path.write_text(json.dumps(config))
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"ranks{nproc}"
+        done = torchrun(nproc, "experiment", StageConfig(out_dir=str(out)), f"out_dir={out}", config_file=path)
+        assert done.stdout.count("=== pretrain-text ===") == 1  # one progress log: rank 0's
+        results[nproc] = json.loads((out / "results.json").read_text())["methods"]
+        assert (out / "REPORT.md").is_file()
+    for method in ("naive", "msgm+uir"):
+        one, two = results[1][method], results[2][method]
+        assert one["acc_matrix"] == two["acc_matrix"]
+        assert one["nl_after_task"] == pytest.approx(two["nl_after_task"], abs=1e-9)
