@@ -12,13 +12,25 @@ step's time goes (`kernel_profile.py`). On the CPU everything runs at tiny shape
     python bench/train_speed.py                      # on a GPU: Pythia-160M/410M/1.4B and the LLaVA step
     python bench/train_speed.py --models tiny        # anywhere (the CPU default)
     python bench/train_speed.py --models pythia-160m --ckpt off --no-llava --profile   # where the time goes
+
+`--nproc N` measures the trainer itself (`mllm_cl.trainer`, the engine of `--engine`: ddp or fsdp) on 1 and N
+processes: the script launches itself under torchrun, each process trains the first of `--models` on `--batch`
+sequences per step (the global batch grows with N), and prints tokens/s in all and per GPU, the scaling
+efficiency (tokens/s per GPU on N against one process with the same engine) and, at world size 1, the
+engine's overhead against plain training.
+
+    python bench/train_speed.py --nproc 8 --engine fsdp --models pythia-1.4b --ckpt on
+    python bench/train_speed.py --nproc 2 --models tiny            # the CPU (gloo): the mechanics, not a speed
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,14 +39,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from mllm_cl import distributed  # noqa: E402
 from mllm_cl.checkpointing import enable_checkpointing  # noqa: E402
-from mllm_cl.config import IMAGE_PLACEHOLDER_ID, llm_preset, vision_preset  # noqa: E402
+from mllm_cl.config import IMAGE_PLACEHOLDER_ID, TrainConfig, llm_preset, vision_preset  # noqa: E402
+from mllm_cl.device import resolve_device  # noqa: E402
 from mllm_cl.llava import LlavaModel  # noqa: E402
 from mllm_cl.llm import LanguageModel, compile_blocks  # noqa: E402
 from mllm_cl.optim import build_optimizer  # noqa: E402
 from mllm_cl.precision import MixedPrecision  # noqa: E402
 from mllm_cl.projector import build_projector  # noqa: E402
 from mllm_cl.losses import forward_loss, language_model  # noqa: E402
+from mllm_cl.trainer import Trainer  # noqa: E402
 from mllm_cl.vision import VisionTower  # noqa: E402
 from mllm_cl.weights import llm_config_to_hf, vision_config_to_hf  # noqa: E402
 
@@ -230,6 +245,63 @@ def bench_llava(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         print(line, flush=True)
 
 
+# ---------------------------------------------------------------- several processes (--nproc)
+
+RESULT = "train_speed result: "
+
+
+def trainer_worker(args: argparse.Namespace) -> None:
+    """Under torchrun: train the first model of --models with the trainer and engine --worker; rank 0 prints the
+    median tokens/s (all processes together) of the steps after the warm-up."""
+    distributed.setup()
+    device = resolve_device("auto")
+    torch.manual_seed(0)
+    model = LanguageModel(llm_preset(args.models.split(",")[0]))
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
+    batch = {"input_ids": ids, "labels": ids}
+    steps = args.warmup + args.steps
+    world = distributed.world_size()
+    config = TrainConfig(steps=steps, global_batch_size=args.batch * world, micro_batch_size=args.batch,
+                         warmup_ratio=0.0, log_every=1, device=str(device), distributed=args.worker,
+                         activation_checkpointing=args.ckpt == "on")
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(model, forward_loss, lambda epoch: [batch] * world * steps, config, out)
+        trainer.fit()
+        if distributed.is_main():
+            records = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+            speeds = sorted(r["tokens_per_s"] for r in records[args.warmup:])
+            print(RESULT + json.dumps({"tokens_per_s": speeds[len(speeds) // 2], "processes": world,
+                                       "gpu_mem_gib": records[-1]["gpu_mem_gib"]}), flush=True)
+    distributed.shutdown()
+
+
+def scaling(args: argparse.Namespace) -> None:
+    """Launch `trainer_worker` under torchrun: plain training on 1 process, the engine on 1 and on --nproc."""
+    passed = ["--models", args.models.split(",")[0], "--batch", str(args.batch), "--seq", str(args.seq),
+              "--steps", str(args.steps), "--warmup", str(args.warmup), "--ckpt", args.ckpt]
+    print(f"trainer on {args.models.split(',')[0]}, {args.batch} x {args.seq} tokens per process and step, "
+          f"checkpointing {args.ckpt}, torch {torch.__version__}", flush=True)
+    print(f"{'engine':8s}{'processes':>10s}{'tok/s':>14s}{'tok/s per GPU':>16s}{'efficiency':>12s}{'peak GiB':>10s}")
+    base = {}
+    for engine, nproc in (("none", 1), (args.engine, 1), (args.engine, args.nproc)):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                   __file__, "--worker", engine, *passed]
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
+        if done.returncode or not lines:
+            print(f"{engine} on {nproc}: failed (exit {done.returncode}):\n{done.stderr[-3000:]}", flush=True)
+            return
+        result = json.loads(lines[-1].removeprefix(RESULT))
+        per_gpu = result["tokens_per_s"] / nproc
+        base.setdefault(engine, per_gpu)
+        efficiency = f"{per_gpu / base[engine]:.1%}" if engine != "none" and nproc > 1 else ""
+        at_one = engine != "none" and nproc == 1
+        overhead = f"  (world size 1: {per_gpu / base['none']:.3f}x plain training)" if at_one else ""
+        mem = "-" if result["gpu_mem_gib"] is None else f"{result['gpu_mem_gib']:.1f}"
+        print(f"{engine:8s}{nproc:>10d}{result['tokens_per_s']:>14,.0f}{per_gpu:>16,.0f}{efficiency:>12s}{mem:>10s}"
+              f"{overhead}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
@@ -247,7 +319,15 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile a few steps and print where the time goes (by kind, top kernels)")
     parser.add_argument("--ckpt", default="off,on", help="checkpointing settings to run: 'off', 'on' or 'off,on'")
+    parser.add_argument("--nproc", type=int, default=0,
+                        help="time the trainer on 1 and on this many processes under torchrun (see above)")
+    parser.add_argument("--engine", default="ddp", choices=["ddp", "fsdp"], help="the engine of --nproc")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # set by --nproc for the processes it launches
     args = parser.parse_args()
+    if args.worker or args.nproc:
+        if args.ckpt not in ("off", "on"):
+            raise SystemExit(f"--nproc takes one --ckpt setting, 'off' or 'on', got {args.ckpt!r}")
+        return trainer_worker(args) if args.worker else scaling(args)
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "

@@ -242,6 +242,7 @@ def over_seeds(name: str, folders: dict[int, Path], out: Path, then: dict[str, A
               if all(p.is_file() for p in curve_files) else None)
     if then:
         results["then"] = then
+    out.mkdir(parents=True, exist_ok=True)
     if curves is not None:
         distributed.on_main(lambda: atomic_write_text(out / "alpha_curves.json", json.dumps(curves, indent=2) + "\n"))
     publish(results, out, curves)
