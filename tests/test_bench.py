@@ -29,3 +29,15 @@ def test_train_speed_rejects_a_bad_checkpointing_setting(monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["train_speed.py", "--ckpt", "maybe"])
     with pytest.raises(SystemExit, match="--ckpt takes"):
         train_speed.main()
+
+
+def test_train_speed_nproc_times_the_trainer_on_one_and_two_processes(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(sys, "argv", ["train_speed.py", "--nproc", "2", "--models", "tiny", "--batch", "2", "--seq",
+                                      "32", "--steps", "2", "--warmup", "1", "--ckpt", "off"])
+    train_speed.main()
+    out = capsys.readouterr().out
+    assert "failed" not in out, out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("none ", "ddp "))]
+    assert [(row[0], row[1]) for row in rows] == [("none", "1"), ("ddp", "1"), ("ddp", "2")], out
+    assert "plain training)" in out and rows[2][4].endswith("%"), out

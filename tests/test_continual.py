@@ -8,36 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mllm_cl.config import EvalSpec, LLMConfig, StageConfig, TaskSpec, TrainConfig, VisionConfig
-from mllm_cl.llava import LlavaModel, load_llava, save_llava
-from mllm_cl.llm import LanguageModel
+from mllm_cl.config import EvalSpec, StageConfig, TaskSpec, TrainConfig
+from mllm_cl.llava import load_llava
 from mllm_cl.methods import expand_methods
-from mllm_cl.projector import build_projector
 from mllm_cl.stages import run_stage
-from mllm_cl.synthetic import build_world
-from mllm_cl.tokenizer import load_tokenizer
-from mllm_cl.vision import VisionTower
 
 TASKS = ("color", "count", "choice")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("continual") / "world"
-    build_world(folder, seed=0, size="smoke", image_size=16, train_per_task=16, test_per_task=4)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def init_model(world: Path) -> Path:
-    """A small untrained LLaVA (16x16 images -> 4 tokens) saved as the sequence's starting point."""
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(world / "tokenizer.json")
-    vision = VisionTower(VisionConfig(image_size=16, patch_size=8, d_model=32, n_layer=2, n_head=2, d_ff=64))
-    llm = LanguageModel(LLMConfig(vocab_size=-(-tokenizer.vocab_size // 64) * 64, n_layer=2, n_head=2, n_kv_head=2,
-                                  d_model=32, d_ff=64, rotary_pct=0.25, max_seq_len=256, pad_token_id=1))
-    return save_llava(LlavaModel(vision, build_projector("mlp2x_gelu", 32, 32), llm), world.parent / "init",
-                      tokenizer_from=world)
 
 
 def stage(world: Path, init: Path, out: Path, methods: list[str], options: dict | None = None) -> StageConfig:

@@ -1,5 +1,6 @@
-"""train.py under torchrun on the CPU (gloo, 2 processes): DDP trains the same model as one process with the same
-global batch, for a stage and for continual runs with CL methods; a killed rank stops the job, which resumes."""
+"""train.py under torchrun on the CPU (gloo, 2 processes): DDP and FSDP2 train the same model as one process with
+the same global batch, for a stage, for continual runs with CL methods and for a whole experiment; a killed rank
+stops the job, which resumes to the same weights."""
 
 import json
 import os
@@ -14,37 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mllm_cl.config import EvalSpec, LLMConfig, StageConfig, TaskSpec, TrainConfig, VisionConfig, to_dict
-from mllm_cl.llava import LlavaModel, save_llava
-from mllm_cl.llm import LanguageModel
-from mllm_cl.projector import build_projector
+from mllm_cl.config import EvalSpec, StageConfig, TaskSpec, TrainConfig, to_dict
 from mllm_cl.stages import run_stage
-from mllm_cl.synthetic import build_world
-from mllm_cl.tokenizer import load_tokenizer
-from mllm_cl.vision import VisionTower
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # fp32: the ranks' gradients are summed in another order than one process sums them
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("distributed") / "world"
-    build_world(folder, seed=0, size="smoke", image_size=16, train_per_task=16, test_per_task=6)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def init_model(world: Path) -> Path:
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(world / "tokenizer.json")
-    vision = VisionTower(VisionConfig(image_size=16, patch_size=8, d_model=32, n_layer=2, n_head=2, d_ff=64))
-    llm = LanguageModel(LLMConfig(vocab_size=-(-tokenizer.vocab_size // 64) * 64, n_layer=2, n_head=2, n_kv_head=2,
-                                  d_model=32, d_ff=64, rotary_pct=0.25, max_seq_len=256, pad_token_id=1))
-    return save_llava(LlavaModel(vision, build_projector("mlp2x_gelu", 32, 32), llm), world.parent / "init",
-                      tokenizer_from=world)
 
 
 def finetune_config(world: Path, init: Path, out: Path, steps: int = 4, **train: object) -> StageConfig:
@@ -126,7 +103,9 @@ def test_ddp_on_two_ranks_trains_the_model_one_process_trains(one_process_finetu
 
 def test_fsdp_on_two_ranks_trains_the_model_one_process_trains(world: Path, init_model: Path, tmp_path: Path,
                                                                 one_process_finetune: Path) -> None:
-    torchrun(2, "finetune", finetune_config(world, init_model, tmp_path / "fsdp", steps=24, distributed="fsdp"))
+    """With the hand-written activation checkpointing, which re-runs each block (and its FSDP gather) in backward."""
+    torchrun(2, "finetune", finetune_config(world, init_model, tmp_path / "fsdp", steps=24, distributed="fsdp",
+                                            activation_checkpointing=True))
     assert_same_weights(one_process_finetune / "model", tmp_path / "fsdp/model")
     last = json.loads((tmp_path / "fsdp/log.jsonl").read_text().splitlines()[-1])
     assert (last["engine"], last["processes"]) == ("fsdp", 2)
@@ -157,8 +136,10 @@ def test_continual_run_with_cl_methods_on_two_ranks_equals_one_rank(world: Path,
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_a_killed_rank_stops_the_job_which_resumes_to_the_same_weights(world: Path, init_model: Path, tmp_path: Path,
                                                                       two_rank_finetune: Path, engine: str) -> None:
-    """The checkpoint holds whole tensors (FSDP's shards gathered), so the job resumes to the same weights."""
-    config = finetune_config(world, init_model, tmp_path / "killed", steps=24, save_every=1, distributed=engine)
+    """The checkpoint holds whole tensors (FSDP's shards gathered), so the job resumes to the same weights.
+    Activation checkpointing is on, to show it under DDP too."""
+    config = finetune_config(world, init_model, tmp_path / "killed", steps=24, save_every=1, distributed=engine,
+                             activation_checkpointing=True)
     job = torchrun(2, "finetune", config, wait=False)
     log = tmp_path / "killed/log.jsonl"
     deadline = time.time() + 120
