@@ -132,7 +132,12 @@ def _skeleton(model: nn.Module) -> nn.Module:
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """A sharded tensor gathered whole on every rank (a collective); any other tensor itself."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    if not isinstance(tensor, DTensor):
+        return tensor
+    whole = tensor.full_tensor()
+    # the gather may still be in flight (an AsyncCollectiveTensor): wait for it here, also on the ranks that never
+    # read the result (only rank 0 writes a checkpoint), or the process aborts at exit with the work unfinished
+    return whole.wait() if hasattr(whole, "wait") else whole
 
 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
