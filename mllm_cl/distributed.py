@@ -17,6 +17,7 @@ Who does what:
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -178,4 +179,5 @@ def shutdown(clean: bool = True) -> None:
     if dist.is_initialized():
         if clean:
             dist.barrier()
+        gc.collect()  # FSDP's leftover state and its device mesh go while their process group still exists
         dist.destroy_process_group()
