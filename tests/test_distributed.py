@@ -19,7 +19,7 @@ from mllm_cl.config import EvalSpec, StageConfig, TaskSpec, TrainConfig, to_dict
 from mllm_cl.stages import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
-TOLERANCE = 1e-5  # fp32: the ranks' gradients are summed in another order than one process sums them
+TOLERANCE = 3e-5  # fp32, 24 steps: the ranks' gradients are summed in another order than one process sums them
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
 
@@ -133,10 +133,12 @@ def test_continual_run_with_cl_methods_on_two_ranks_equals_one_rank(world: Path,
                                                            rel=1e-4)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+@pytest.mark.parametrize("engine,resume_on", [("ddp", 2), ("fsdp", 1)])
 def test_a_killed_rank_stops_the_job_which_resumes_to_the_same_weights(world: Path, init_model: Path, tmp_path: Path,
-                                                                      two_rank_finetune: Path, engine: str) -> None:
-    """The checkpoint holds whole tensors (FSDP's shards gathered), so the job resumes to the same weights.
+                                                                      two_rank_finetune: Path, engine: str,
+                                                                      resume_on: int) -> None:
+    """The checkpoint holds whole tensors (FSDP's shards gathered) and its data position counts global
+    micro-batches, so the job resumes to the same weights, on as many processes or (FSDP here) on another number.
     Activation checkpointing is on, to show it under DDP too."""
     config = finetune_config(world, init_model, tmp_path / "killed", steps=24, save_every=1, distributed=engine,
                              activation_checkpointing=True)
@@ -154,7 +156,7 @@ def test_a_killed_rank_stops_the_job_which_resumes_to_the_same_weights(world: Pa
     output, _ = job.communicate(timeout=120)
     assert job.returncode != 0
     assert "SIGKILL" in output or "Signal 9" in output or "lost contact" in output, output[-2000:]
-    torchrun(2, "finetune", config, "train.resume=true")
+    torchrun(resume_on, "finetune", config, "train.resume=true")
     assert_same_weights(tmp_path / "killed/model", two_rank_finetune / "model")
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == list(range(1, 25))
