@@ -50,15 +50,29 @@ _NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
 
 
 class LossModule(nn.Module):
-    """`loss_fn(model, batch)` as the forward of one module (the unit an engine wraps)."""
+    """`loss_fn(model, batch)` as the forward of one module (the unit an engine wraps).
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any]) -> None:
+    `every_param`: every trainable param outside the `blocks` joins each loss with weight 0. A micro-batch that
+    skips some (a LLaVA batch without images never reaches the projector) would otherwise leave them without a
+    grad on one rank only: DDP would wait for it, FSDP2 would reduce-scatter a different set of tensors on each
+    rank. Adding exactly 0 changes neither the loss nor any gradient.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], every_param: bool = False) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        in_blocks = {id(p) for block in blocks_of(model) for p in block.parameters()}
+        # (module, name) rather than the tensors: FSDP swaps in the gathered param for each forward
+        self.outside = [(module, name) for module in model.modules() for name, p in module._parameters.items()
+                        if every_param and p is not None and p.requires_grad and id(p) not in in_blocks]
 
     def forward(self, batch: Any) -> Any:
-        return self.loss_fn(self.model, batch)
+        result = self.loss_fn(self.model, batch)
+        if not self.outside:
+            return result
+        sums = [getattr(module, name).sum(dtype=torch.float32) for module, name in self.outside]
+        return result._replace(loss=result.loss + torch.stack(sums).sum() * 0.0)
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
@@ -78,7 +92,7 @@ class Engine:
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], kind: str,
                  device: torch.device, compute_dtype: torch.dtype = torch.float32) -> None:
         self.kind, self.model = kind, model
-        module = LossModule(model, loss_fn)
+        module = LossModule(model, loss_fn, every_param=kind != "none")
         if kind == "ddp":
             module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
                                              **_NO_BUFFER_SYNC)

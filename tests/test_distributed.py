@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,22 @@ def test_fsdp_on_two_ranks_trains_the_model_one_process_trains(world: Path, init
     assert_same_weights(one_process_finetune / "model", tmp_path / "fsdp/model")
     last = json.loads((tmp_path / "fsdp/log.jsonl").read_text().splitlines()[-1])
     assert (last["engine"], last["processes"]) == ("fsdp", 2)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_micro_batches_without_images_leave_no_param_behind(world: Path, init_model: Path, tmp_path: Path,
+                                                            engine: str) -> None:
+    """The general mix is a third text-only: with one sample per micro-batch, some reach the LLM without the
+    projector on one rank only. DDP would wait for the projector's grads, FSDP2 would reduce-scatter mismatched
+    tensors; both train the one-process model instead."""
+    def config(out: str, distributed: str) -> StageConfig:
+        base = finetune_config(world, init_model, tmp_path / out, steps=6, distributed=distributed)
+        return replace(base, train_file=str(world / "general/train.json"),
+                       train=replace(base.train, global_batch_size=4, micro_batch_size=1))
+
+    one = run_stage(config("one", "none"))
+    torchrun(2, "finetune", config("two", engine))
+    assert_same_weights(one, tmp_path / "two/model")
 
 
 @pytest.mark.parametrize("methods,engine", [(["msgm", "rehearsal"], "ddp"), (["uir"], "ddp"), (["ewc", "sac"], "ddp"),
