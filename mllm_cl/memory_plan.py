@@ -9,9 +9,10 @@ under this project's hand-written mixed precision (`mllm_cl.precision`, bf16 com
 Engines over N GPUs:
 
     ddp    every rank holds all of the above, plus DDP's gradient buckets: one more bf16 copy of the grads (2)
-    fsdp   FSDP2 `fully_shard` per block: bf16 params, grads, fp32 masters and AdamW state are sharded (/ N);
-           a rank also holds the gathered bf16 params and grads of the blocks in flight (the current block
-           and the prefetched one: 2 blocks x 4 bytes per parameter)
+    fsdp   FSDP2 `fully_shard` per block, as `mllm_cl.parallel` builds it: a trainable param is an fp32 shard that
+           is its own master, with an fp32 grad shard and sharded AdamW state (4 + 4 + 8 = 16, / N); frozen
+           params are not sharded (2 on every rank); a rank also holds the gathered bf16 params and grads of
+           the blocks in flight (the current block and the prefetched one: 2 blocks x 4 bytes per parameter)
 
 Activations kept for backward, per decoder layer, bf16, attention by SDPA's flash kernel (no s x s scores kept),
 no dropout; s tokens, micro-batch b, width h, MLP width f (Korthikanti et al., 2022, Table 2, less the dropout
@@ -42,6 +43,7 @@ from mllm_cl.vision import VisionTower
 TRAINABLE_BYTES = 2 + 2 + 4 + 4 + 8  # bf16 param and grad, fp32 master and its grad, AdamW's two moments
 FROZEN_BYTES = 2
 DDP_BUCKET_BYTES = 2
+FSDP_TRAINABLE_BYTES = 4 + 4 + 8  # the fp32 shard (the master), its fp32 grad, AdamW's two moments
 GIB = 2 ** 30
 
 
@@ -108,12 +110,13 @@ def per_gpu_bytes(shape: ModelShape, mode: str, engine: str, gpus: int, tokens: 
         raise ValueError(f"mode must be full or lora, engine ddp or fsdp, gpus >= 1; got {mode}, {engine}, {gpus}")
     trainable = shape.projector_params + (shape.llm_params if mode == "full" else shape.adapter_params)
     frozen = shape.frozen_params + (0 if mode == "full" else shape.llm_params)
-    states = trainable * TRAINABLE_BYTES + frozen * FROZEN_BYTES
     if engine == "ddp":
-        parts = {"weights and optimizer": states, "ddp buckets": trainable * DDP_BUCKET_BYTES}
+        parts = {"weights and optimizer": trainable * TRAINABLE_BYTES + frozen * FROZEN_BYTES,
+                 "ddp buckets": trainable * DDP_BUCKET_BYTES}
     else:
         in_flight = 2 * shape.block_params * (2 + 2) if gpus > 1 else 0  # gathered bf16 params and grads
-        parts = {"weights and optimizer": -(-states // gpus), "fsdp blocks in flight": in_flight}
+        sharded = -(-trainable * FSDP_TRAINABLE_BYTES // gpus)
+        parts = {"weights and optimizer": sharded + frozen * FROZEN_BYTES, "fsdp blocks in flight": in_flight}
     parts["activations"] = activation_bytes(shape, tokens, batch, checkpointing)
     parts["total"] = sum(parts.values())
     return parts

@@ -18,7 +18,9 @@ def test_per_gpu_bytes_by_hand() -> None:
     assert lora["activations"] == 2 * (2 * 6 * 4) + 768  # each layer's input, and one block recomputed
     fsdp = per_gpu_bytes(SMALL, "full", "fsdp", 4, tokens=3, batch=2, checkpointing=False)
     block = 4 * 4 * 4 + 2 * 4 * 16  # q, k, v, o and the two MLP matrices
-    assert fsdp["weights and optimizer"] == 20400 // 4 and fsdp["fsdp blocks in flight"] == 2 * block * 4
+    # fp32 shards (masters), their grads and AdamW state split 4 ways; the frozen params whole on every rank
+    assert fsdp["weights and optimizer"] == 1010 * 16 // 4 + 100 * 2
+    assert fsdp["fsdp blocks in flight"] == 2 * block * 4
     swiglu = per_gpu_bytes(ModelShape(**{**SMALL.__dict__, "mlp": "swiglu"}), "full", "ddp", 1, 3, 2, False)
     assert swiglu["activations"] == 2 * (336 + 48 + 8 * 6 * 16)
     with pytest.raises(ValueError, match="engine ddp or fsdp"):
