@@ -212,6 +212,9 @@ def vision_preset(name: str, **overrides: Any) -> VisionConfig:
 
 # ---------------------------------------------------------------- runs: training, stages, experiments
 
+DISTRIBUTED_ENGINES = ("auto", "none", "ddp", "fsdp")  # TrainConfig.distributed (mllm_cl.distributed.engine)
+
+
 @dataclass
 class TrainConfig:
     steps: int = 0  # optimizer steps; 0: `epochs` passes over the data
@@ -258,8 +261,8 @@ class TrainConfig:
             problems.append(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             problems.append(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        if self.distributed not in ("auto", "none", "ddp", "fsdp"):
-            problems.append(f"distributed must be auto, none, ddp or fsdp, got {self.distributed!r}")
+        if self.distributed not in DISTRIBUTED_ENGINES:
+            problems.append(f"distributed must be one of {', '.join(DISTRIBUTED_ENGINES)}, got {self.distributed!r}")
         if problems:
             raise ConfigError("train settings: " + "; ".join(problems))
 

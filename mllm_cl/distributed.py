@@ -29,17 +29,11 @@ import torch.distributed as dist
 from mllm_cl.config import ConfigError
 from mllm_cl.errors import UserError
 
-ENGINES = ("auto", "none", "ddp", "fsdp")
 T = TypeVar("T")
 
 
 class OtherRankError(UserError, RuntimeError):
     """Rank 0 failed at something the other ranks were waiting for; its message is in this one."""
-
-
-def launched_world_size() -> int:
-    """How many processes torchrun (or another launcher setting WORLD_SIZE) started; 1 without one."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def launched() -> bool:
@@ -82,9 +76,8 @@ def is_main() -> bool:
 
 def engine(setting: str) -> str:
     """The engine a `train.distributed` setting means in this world: "auto" is "ddp" with several processes,
-    "none" with one. "none" with several processes would train N separate models: refused."""
-    if setting not in ENGINES:
-        raise ConfigError(f"train.distributed must be one of {', '.join(ENGINES)}, got {setting!r}")
+    "none" with one. "none" with several processes would train N separate models: refused. (`TrainConfig`
+    has checked that `setting` is one of DISTRIBUTED_ENGINES.)"""
     size = world_size()
     if setting == "auto":
         return "ddp" if size > 1 else "none"

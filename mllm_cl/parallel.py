@@ -65,11 +65,7 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
-        always_used = [*blocks_of(model), *(m for m in model.modules() if isinstance(m, LanguageModel))]
-        used = {id(p) for module in always_used for p in module.parameters()}
-        # (module, name) rather than the tensors: FSDP swaps in the gathered param for each forward
-        self.outside = [(module, name) for module in model.modules() for name, p in module._parameters.items()
-                        if every_param and p is not None and p.requires_grad and id(p) not in used]
+        self.outside = _skippable_params(model) if every_param else []
 
     def forward(self, batch: Any) -> Any:
         result = self.loss_fn(self.model, batch)
@@ -77,6 +73,15 @@ class LossModule(nn.Module):
             return result
         sums = [getattr(module, name).sum(dtype=torch.float32) for module, name in self.outside]
         return result._replace(loss=result.loss + torch.stack(sums).sum() * 0.0)
+
+
+def _skippable_params(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(owner, name) of every trainable param outside the LLM and the blocks: those a micro-batch may not reach.
+    Named rather than held: FSDP swaps in the gathered param for each forward."""
+    always_used = [*blocks_of(model), *(m for m in model.modules() if isinstance(m, LanguageModel))]
+    used = {id(p) for module in always_used for p in module.parameters()}
+    return [(module, name) for module in model.modules() for name, p in module._parameters.items()
+            if p is not None and p.requires_grad and id(p) not in used]
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:

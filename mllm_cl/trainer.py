@@ -221,7 +221,8 @@ class Trainer:
             totals = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(n_step, device=self.device)]))
             loss_sum, n_step = totals[0], float(totals[1])
         if n_step == 0:
-            raise ValueError(f"step {self.step + 1}: micro-batches {first}..{first + self.config.accumulation - 1} "
+            last = self.index + self.config.accumulation - 1
+            raise ValueError(f"step {self.step + 1}: micro-batches {self.index}..{last} "
                              f"of epoch {self.epoch} have no supervised token (n_tokens = 0 in each): refusing "
                              "to train on nothing; check the labels/loss mask of these samples")
         return loss_sum, n_step, reference
