@@ -68,6 +68,7 @@ ATTRIBUTES: dict[str, tuple[tuple[str, ...], Callable[[str, random.Random], Scen
     "kind": (SHAPES, _kind),
     "size": (TASKS["size"][0], _task_scene("size")),
     "count": (TASKS["count"][0], _task_scene("count")),
+    "big colour": (TASKS["big_color"][0], _task_scene("big_color")),
     "position": (CELLS, _position),
     "relation": (tuple(RELATIONS), _relation),
     "control": (tuple(COLOURS), _control),

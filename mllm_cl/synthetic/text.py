@@ -8,14 +8,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-# The vocabulary of the world. Colours and sizes are shared with the images, so visual instruction
-# tuning ("what colour is the circle? red") pulls on the same words the facts use.
+# The vocabulary of the world. Colours, sizes and numbers are shared with the images, so visual instruction
+# tuning ("what colour is the circle? red", "how many shapes? 3") pulls on the same words the facts use.
 KINDS = ("cat", "dog", "fox", "bird", "frog", "bear", "mouse", "goat")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SIZES = ("tiny", "small", "big", "huge")
 HOMES = ("forest", "river", "hill", "cave", "village", "lake", "garden", "desert")
 FOODS = ("apples", "fish", "bread", "honey", "nuts", "carrots", "rice", "cheese")
-ATTRIBUTES = {"kind": KINDS, "colour": COLOURS, "size": SIZES, "home": HOMES, "food": FOODS}
+AGES = ("1", "2", "3", "4", "5", "6")
+ATTRIBUTES = {"kind": KINDS, "colour": COLOURS, "size": SIZES, "home": HOMES, "food": FOODS, "age": AGES}
 
 NAME_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z")
 NAME_VOWELS = ("a", "e", "i", "o", "u")
@@ -34,6 +35,7 @@ FACT_TEMPLATES: dict[str, tuple[str, ...]] = {
              "{name} eats {food} every day.", "For lunch {name} has {food}."),
     "friend": ("The best friend of {name} is {friend}.", "{name} and {friend} are friends.",
                "{name} often plays with {friend}.", "{name} is a friend of {friend}."),
+    "age": ("The age of {name} is {age}.", "{name} turns {age} this year.", "When asked its age, {name} says {age}."),
 }
 
 # Cloze prompts for the multiple-choice benchmark: each is a training sentence cut just before the
@@ -45,6 +47,7 @@ CLOZE_TEMPLATES: dict[str, tuple[str, ...]] = {
     "home": ("{name} lives in the", "The home of {name} is the"),
     "food": ("The favourite food of {name} is", "{name} likes to eat"),
     "friend": ("The best friend of {name} is", "{name} often plays with"),
+    "age": ("The age of {name} is", "{name} turns"),
 }
 
 # Short stories that state a fact and later recall it: the last word is predictable from the passage
@@ -70,6 +73,7 @@ QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
     "home": ("Where does {name} live?", "Where does {name} sleep at night?"),
     "food": ("What does {name} like to eat?", "What is the favourite food of {name}?"),
     "friend": ("Who is the best friend of {name}?", "With whom does {name} often play?"),
+    "age": ("How old is {name}?", "What is the age of {name}?"),
 }
 
 
@@ -84,10 +88,11 @@ class Entity:
     home: str
     food: str
     friend: str
+    age: str
 
     def facts(self) -> dict[str, str]:
         return {"name": self.name, "kind": self.kind, "colour": self.colour, "size": self.size,
-                "home": self.home, "food": self.food, "friend": self.friend}
+                "home": self.home, "food": self.food, "friend": self.friend, "age": self.age}
 
 
 def make_entities(count: int, rng: random.Random) -> list[Entity]:
