@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -12,6 +13,8 @@ from tokenizers import Tokenizer
 
 from mllm_cl.conversation import TEMPLATES
 from mllm_cl.synthetic import IMAGE_PREFIX, TASKS, build_world
+from mllm_cl.synthetic.images import radius
+from mllm_cl.synthetic.world import apart
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +183,22 @@ def test_text_inquiries_are_unanswered_questions_about_the_text_world(world: Pat
         assert any(name in question for name in names), question
     nl = " ".join(c for d in read_jsonl(world / "nl/facts_mc.jsonl") for c, _ in d["requests"])
     assert not any(r["conversations"][0]["value"] in nl for r in inquiries)  # not the NL benchmarks' text
+
+
+def test_big_color_asks_the_colour_of_the_one_big_shape() -> None:
+    _, make = TASKS["big_color"]
+    rng = random.Random(0)
+    for answer in ("red", "blue", "yellow") * 20:
+        scene, question = make(answer, rng)
+        big, small = sorted(scene, key=lambda s: -radius(s.size))
+        assert (big.size, small.size) == ("big", "small") and big.colour == answer != small.colour
+        assert apart(big, small) and "big" in question
+
+
+def test_the_text_world_states_ages_in_digits(world: Path) -> None:
+    # Count's answers are digits: the LLM's language pre-training must have used them.
+    entities = read_json(world / "text/entities.json")
+    train = (world / "text/train.txt").read_text(encoding="utf-8")
+    assert {e["age"] for e in entities} <= set("123456") and len({e["age"] for e in entities}) > 1
+    assert all(f"The age of {e['name']} is {e['age']}." in train or f"{e['name']} turns {e['age']}" in train
+               or f"{e['name']} says {e['age']}." in train for e in entities)

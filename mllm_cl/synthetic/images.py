@@ -23,7 +23,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
 SIZES: dict[str, float] = {"small": 0.08, "big": 0.2}  # radius as a share of the image side
 BACKGROUND = (250, 250, 250)
-OUTLINE = 0.03  # line width of an outlined shape, as a share of the image side
 SUPERSAMPLE = 4
 
 
@@ -34,7 +33,6 @@ class Shape:
     size: str  # one of SIZES
     x: float  # centre, as a share of the image side (0 = left, 1 = right)
     y: float  # centre, as a share of the image side (0 = top, 1 = bottom)
-    outline: bool = False  # drawn as its outline only (the fill task), not filled
 
 
 @dataclass(frozen=True)
@@ -85,11 +83,9 @@ def render(items: list[Shape | Word], image_size: int = 64) -> Image.Image:
         if isinstance(item, Word):
             draw.text((cx, cy), item.text, fill=fill, font=font, anchor="mm", stroke_width=SUPERSAMPLE // 2,
                       stroke_fill=fill)
-            continue
-        paint = dict(outline=fill, width=round(OUTLINE * side)) if item.outline else dict(fill=fill)
-        if item.kind == "circle":
+        elif item.kind == "circle":
             r = radius(item.size) * side
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), **paint)
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         else:
-            draw.polygon(_shape_points(item.kind, cx, cy, radius(item.size) * side), **paint)
+            draw.polygon(_shape_points(item.kind, cx, cy, radius(item.size) * side), fill=fill)
     return image.resize((image_size, image_size), Image.Resampling.BOX)  # average each 4x4 block
