@@ -3,6 +3,7 @@
     python bench/vision_probe.py --vision runs/demo/pretrain_vision/model          # the demo's trained tower
     python bench/vision_probe.py --vision runs/demo/pretrain_vision/model --json probe.json
     python bench/vision_probe.py                                                   # untrained clip-tiny only
+    python bench/vision_probe.py --vision runs/demo/pretrain_vision/model --probe logistic --attributes count
 
 Prints one row per attribute and one column per feature source: the raw pixels, an untrained tower of the same
 shape, and the given tower, each read out flat (the projector's view) and averaged over tokens (a bag's view).
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mllm_cl.config import VISION_PRESETS, vision_preset  # noqa: E402
-from mllm_cl.probe import ATTRIBUTES, format_table, probe_towers  # noqa: E402
+from mllm_cl.probe import ATTRIBUTES, PROBES, format_table, probe_towers  # noqa: E402
 from mllm_cl.vision import VisionTower  # noqa: E402
 from mllm_cl.weights import load_vision_tower  # noqa: E402
 
@@ -37,6 +38,9 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=200, help="scenes to choose the ridge strength on")
     parser.add_argument("--test", type=int, default=400, help="scenes to score on")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--probe", default="ridge", choices=list(PROBES),
+                        help="ridge: closed-form least squares to one-hot labels (default); logistic: multinomial "
+                             "logistic regression by L-BFGS, slower, fairer to ordered attributes such as count")
     parser.add_argument("--no-pixels", action="store_true", help="skip the raw-pixel baseline")
     parser.add_argument("--json", default="", help="also write the figures to this file")
     args = parser.parse_args()
@@ -52,10 +56,10 @@ def main() -> None:
     size = towers["trained" if args.vision else "untrained"].config.image_size
     start = time.perf_counter()
     columns = probe_towers(towers, tuple(args.attributes), n_train=args.train, n_val=args.val, n_test=args.test,
-                           seed=args.seed, image_size=size)
+                           seed=args.seed, image_size=size, probe=args.probe)
     print(format_table(columns))
-    print(f"\n{args.train} / {args.val} / {args.test} scenes per attribute (fit / ridge choice / test); "
-          f"{time.perf_counter() - start:.0f}s")
+    print(f"\n{args.probe} probe; {args.train} / {args.val} / {args.test} scenes per attribute "
+          f"(fit / penalty choice / test); {time.perf_counter() - start:.0f}s")
     if args.json:
         Path(args.json).write_text(json.dumps({name: [asdict(r) for r in results]
                                                for name, results in columns.items()}, indent=1) + "\n")

@@ -3,8 +3,9 @@
 A VL task can only be learned if the tower's features carry what it asks about. For each attribute (a shape's
 colour, kind or size, how many shapes there are, where a shape is, where one shape is relative to another) this
 draws fresh scenes with the synthetic world's own layout functions, takes the tower's selected-layer patch tokens
-and fits a ridge-regression classifier to one-hot labels (the standard closed-form linear probe), with the ridge
-strength chosen on a validation split. Two read-outs of the tokens:
+and fits a ridge-regression classifier to one-hot labels (the standard closed-form linear probe), or a multinomial
+logistic regression (slower; fairer to an ordered attribute such as count), with the penalty chosen on a
+validation split. Two read-outs of the tokens:
 
 * `flat`: all tokens side by side, exactly what the projector sees; a token's slot tells the probe where it is;
 * `mean`: the tokens averaged, so only what their *content* says counts, which is what an LLM that reads the
@@ -81,7 +82,7 @@ class ProbeResult:
     accuracy: float  # percent, on the test split
     interval: tuple[float, float]  # 95% Wilson, percent
     chance: float  # percent: 100 / number of classes (labels are balanced)
-    ridge: float  # the chosen ridge strength, relative to the mean squared feature norm
+    ridge: float  # the chosen penalty: ridge strength relative to the mean squared feature norm, or logistic L2
     n_test: int
 
 
@@ -127,34 +128,67 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, ridge: float) 
     return torch.cat([weights, bias[None]])
 
 
+def logistic_fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, penalty: float,
+                 max_iter: int = 300) -> torch.Tensor:
+    """Weights W (d+1, k) of multinomial logistic regression: minimise the mean cross-entropy of [z 1] W_z plus
+    penalty * |W_z|^2 over standardised features z = (x - mean) / std, by L-BFGS; returned folded back onto x, so
+    `ridge_predict` scores it. Unlike the ridge probe's least squares to one-hot targets, it can carve an
+    ordered attribute (a count read off one direction) into intervals."""
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
+    z = (x - mean) / std
+    weights = torch.zeros(x.shape[1] + 1, num_classes, dtype=x.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights], max_iter=max_iter, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z @ weights[:-1] + weights[-1], y) + \
+            penalty * weights[:-1].pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    w = weights.detach()
+    folded = w[:-1] / std[:, None]
+    return torch.cat([folded, (w[-1] - mean @ folded)[None]])
+
+
 def ridge_predict(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The class of each row under affine class scores [x 1] W (a ridge or a logistic probe's weights)."""
     return (x @ weights[:-1] + weights[-1]).argmax(1)
 
 
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+PROBES: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor, int, float], torch.Tensor], tuple[float, ...]]] = {
+    "ridge": (ridge_fit, RIDGES),  # closed form: fast, the default
+    "logistic": (logistic_fit, (1e-4, 1e-3, 1e-2)),  # iterative: slower, fairer to ordered attributes
+}
 
 
 def fit_and_score(x: torch.Tensor, labels: torch.Tensor, num_classes: int, n_train: int,
-                  n_val: int) -> tuple[int, float]:
-    """Fit on the first `n_train` rows, choose the ridge on the next `n_val`, refit on both and score the rest:
-    (number correct, chosen ridge)."""
+                  n_val: int, probe: str = "ridge") -> tuple[int, float]:
+    """Fit on the first `n_train` rows, choose the penalty on the next `n_val`, refit on both and score the rest:
+    (number correct, chosen penalty). `probe`: a key of PROBES."""
+    if probe not in PROBES:
+        raise ValueError(f"unknown probe {probe!r}; known: {', '.join(PROBES)}")
+    fit_probe, penalties = PROBES[probe]
     fit, val = slice(0, n_train), slice(n_train, n_train + n_val)
 
-    def val_accuracy(ridge: float) -> float:
-        weights = ridge_fit(x[fit], labels[fit], num_classes, ridge)
+    def val_accuracy(penalty: float) -> float:
+        weights = fit_probe(x[fit], labels[fit], num_classes, penalty)
         return (ridge_predict(weights, x[val]) == labels[val]).double().mean().item()
 
-    best = max(RIDGES, key=val_accuracy)
+    best = max(penalties, key=val_accuracy)
     train_val, test = slice(0, n_train + n_val), slice(n_train + n_val, None)
-    weights = ridge_fit(x[train_val], labels[train_val], num_classes, best)
+    weights = fit_probe(x[train_val], labels[train_val], num_classes, best)
     return int((ridge_predict(weights, x[test]) == labels[test]).sum()), best
 
 
 def probe_towers(towers: dict[str, VisionTower | None], attributes: tuple[str, ...] = tuple(ATTRIBUTES),
                  pools: tuple[str, ...] = ("flat", "mean"), n_train: int = 600, n_val: int = 200, n_test: int = 400,
-                 seed: int = 0, image_size: int = 64) -> dict[str, list[ProbeResult]]:
+                 seed: int = 0, image_size: int = 64, probe: str = "ridge") -> dict[str, list[ProbeResult]]:
     """{"<tower name> (<pool>)": one ProbeResult per attribute}; every tower sees the same scenes (a tower of
-    None: the raw pixels)."""
+    None: the raw pixels). `probe`: "ridge" or "logistic" (PROBES)."""
     columns: dict[str, list[ProbeResult]] = {f"{name} ({pool})": [] for name in towers for pool in pools}
     for attribute in attributes:
         classes = ATTRIBUTES[attribute][0]
@@ -164,7 +198,7 @@ def probe_towers(towers: dict[str, VisionTower | None], attributes: tuple[str, .
         for name, tower in towers.items():
             for pool in pools:
                 correct, ridge = fit_and_score(tower_features(tower, pixels, pool), labels, len(classes), n_train,
-                                               n_val)
+                                               n_val, probe)
                 columns[f"{name} ({pool})"].append(ProbeResult(
                     attribute, 100.0 * correct / n_test, wilson_interval(correct, n_test), 100.0 / len(classes),
                     ridge, n_test))

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mllm_cl.probe import ATTRIBUTES, draw, probe_towers, ridge_fit, ridge_predict, tower_features
+from mllm_cl.probe import (ATTRIBUTES, draw, fit_and_score, logistic_fit, probe_towers, ridge_fit, ridge_predict,
+                            tower_features)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import vision_probe  # noqa: E402
@@ -78,3 +79,33 @@ def test_the_bench_script_prints_and_writes_the_table(tmp_path, monkeypatch, cap
     figures = json.loads(out.read_text())
     assert set(figures) == {"pixels (flat)", "pixels (mean)", "untrained (flat)", "untrained (mean)"}
     assert [r["attribute"] for r in figures["untrained (flat)"]] == ["colour", "control"]
+
+
+def test_logistic_fit_is_a_stationary_point_of_its_objective() -> None:
+    # The gradient of mean cross-entropy + penalty |W_z|^2, written out by hand, vanishes at the fitted weights.
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(60, 5, generator=generator, dtype=torch.float64) * 3 + 1
+    y = torch.randint(0, 3, (60,), generator=generator)
+    penalty = 0.05
+    weights = logistic_fit(x, y, 3, penalty)
+    mean, std = x.mean(0), x.std(0)
+    w_z = weights[:-1] * std[:, None]  # back onto the standardised features the objective is defined on
+    z = (x - mean) / std
+    probs = torch.softmax(z @ w_z + (weights[-1] + mean @ weights[:-1]), dim=1)
+    residual = (probs - torch.nn.functional.one_hot(y, 3).double()) / len(x)
+    assert torch.allclose(z.T @ residual + 2 * penalty * w_z, torch.zeros_like(w_z), atol=1e-6)
+    assert torch.allclose(residual.sum(0), torch.zeros(3, dtype=torch.float64), atol=1e-6)
+
+
+def test_logistic_probe_reads_an_ordered_attribute_that_least_squares_misses() -> None:
+    # Five classes lying in order along one direction (as a count would): argmax of affine scores can carve them,
+    # the cross-entropy fit finds it, and least squares to one-hot targets leaves the middle classes behind.
+    generator = torch.Generator().manual_seed(2)
+    y = torch.arange(500) % 5
+    x = torch.cat([y[:, None].double() + 0.15 * torch.randn(500, 1, generator=generator, dtype=torch.float64),
+                   torch.randn(500, 3, generator=generator, dtype=torch.float64)], dim=1)
+    logistic, _ = fit_and_score(x, y, 5, n_train=300, n_val=100, probe="logistic")
+    ridge, _ = fit_and_score(x, y, 5, n_train=300, n_val=100, probe="ridge")
+    assert logistic >= 95 and ridge <= 80
+    with pytest.raises(ValueError, match="unknown probe"):
+        fit_and_score(x, y, 5, n_train=300, n_val=100, probe="svm")
