@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import shutil
 import subprocess
@@ -32,13 +31,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from mllm_cl.consolidation import RULES, ConsolidationMismatchError, check_alpha, modelmix
-from mllm_cl.errors import DEBUG_ENV, USER_ERRORS
+from mllm_cl.errors import UserError, run_cli
 from mllm_cl.llava import MODEL_TYPE as LLAVA_TYPE
 from mllm_cl.llava import PROJECTOR_FILE, is_llava_folder, load_llava, save_llava, tokenizer_folder
 from mllm_cl.model_folder import (CONFIG_FILE, ModelFolderError, atomic_save_tensors, atomic_write_text, read_config,
                                   read_tensors, staged_folder, write_model_folder)
 from mllm_cl.spectral import decompose_updates, sac_from_spectra
 from mllm_cl.weights import hf_state_dict_from_llm, llm_from_hf_tensors
+
+
+MAX_SWEEP_POINTS = 1001  # a sweep writes one full model folder per point
+
+
+class ConsolidateError(UserError, ValueError):
+    """Bad arguments or an eval command that failed; run_cli prints it as `consolidate.py: error: ...`."""
 
 
 def log(message: str) -> None:
@@ -53,18 +59,23 @@ def parse_alphas(text: str) -> list[float]:
             if step <= 0 or stop < start:
                 raise ValueError
             count = math.floor((stop - start) / step + 1e-9)
+            if count + 1 > MAX_SWEEP_POINTS:
+                raise ConsolidateError(f"--sweep {text!r} gives {count + 1} alphas; at most {MAX_SWEEP_POINTS} (each "
+                                       "writes a whole model folder): use a larger step")
             alphas = [round(start + i * step, 10) for i in range(count + 1)]
         else:
             alphas = [float(part) for part in text.split(",") if part.strip()]
+    except ConsolidateError:
+        raise
     except ValueError:
-        raise SystemExit(f"--sweep {text!r}: expected a comma list (0,0.1,0.5) or start:stop:step (0:1:0.1)")
+        raise ConsolidateError(f"--sweep {text!r}: expected a comma list (0,0.1,0.5) or start:stop:step (0:1:0.1)")
     try:
         if not alphas:
             raise ValueError("no alphas")
         for alpha in alphas:
             check_alpha(alpha)
     except ValueError:
-        raise SystemExit(f"--sweep {text!r}: alphas must lie in [0, 1]; got {alphas}") from None
+        raise ConsolidateError(f"--sweep {text!r}: alphas must lie in [0, 1]; got {alphas}") from None
     return alphas
 
 
@@ -131,16 +142,16 @@ def run_eval(command: str, model: Path, json_path: Path) -> dict[str, float]:
     try:
         result = subprocess.run(arguments)
     except OSError as e:
-        raise SystemExit(f"--eval-cmd could not start {arguments[0]!r}: {e}") from None
+        raise ConsolidateError(f"--eval-cmd could not start {arguments[0]!r}: {e}") from None
     if result.returncode != 0:
-        raise SystemExit(f"--eval-cmd failed with exit code {result.returncode} on {model}: {filled}")
+        raise ConsolidateError(f"--eval-cmd failed with exit code {result.returncode} on {model}: {filled}")
     try:
         data = json.loads(json_path.read_text())
         return {task: float(entry["acc"]) for task, entry in data.items()}
     except FileNotFoundError:
-        raise SystemExit(f"--eval-cmd did not write {json_path}: {filled}") from None
+        raise ConsolidateError(f"--eval-cmd did not write {json_path}: {filled}") from None
     except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
-        raise SystemExit(f"{json_path}: expected a JSON object "
+        raise ConsolidateError(f"{json_path}: expected a JSON object "
                          f"{{\"task\": {{\"acc\": number}}, ...}} ({e!r})") from None
 
 
@@ -149,9 +160,10 @@ def check_out(out: Path, old: Path, new: Path) -> None:
     for model in (old, new):
         target, source = out.resolve(), model.resolve()
         if target == source or source in target.parents or target in source.parents:
-            raise SystemExit(f"--out {out} would write over {model}: choose a folder outside both models")
+            raise ConsolidateError(f"--out {out} would write over {model}: choose a folder outside both models")
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
-        raise SystemExit(f"--out {out} exists and is not an empty folder: choose a new folder (nothing is replaced)")
+        raise ConsolidateError(f"--out {out} exists and is not an empty folder: choose a new folder (nothing is "
+                               "replaced)")
 
 
 def format_table(points: list[dict]) -> str:
@@ -165,8 +177,15 @@ def format_table(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    """The command line: a bad argument exits 2 with argparse's usage, any other user error with one
+    `consolidate.py: error: ...` line, as the other scripts do."""
+    return run_cli("consolidate.py", lambda: consolidate(argv))
+
+
+def consolidate(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="consolidate.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("old", type=Path, help="the model before the task")
     parser.add_argument("new", type=Path, help="the model trained on the task, starting from OLD")
     parser.add_argument("--method", choices=("sac", "modelmix"), default="sac")
@@ -186,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--eval-cmd needs --sweep (a single alpha can be evaluated with eval.py directly)")
     if args.eval_cmd and ("{model}" not in args.eval_cmd or "{json}" not in args.eval_cmd):
         parser.error("--eval-cmd must contain {model} (the model folder) and {json} (the results file to write)")
+    if args.rank is not None and args.rank < 1:
+        parser.error(f"--rank must be a positive integer (the updates' largest rank), got {args.rank}")
     try:
         check_alpha(args.alpha)
     except ValueError:
@@ -203,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--eval-cmd cannot be split into arguments: {e}")
     try:
         if is_llava_folder(args.old) != is_llava_folder(args.new):
-            raise SystemExit(f"{args.old} and {args.new} are not the same kind of folder (LLaVA vs LLM)")
+            raise ConsolidateError(f"{args.old} and {args.new} are not the same kind of folder (LLaVA vs LLM)")
         start = time.perf_counter()
         old, new = read_model(args.old, args.vision), read_model(args.new, args.vision)
         log(f"read {len(old)} tensors from each model ({time.perf_counter() - start:.1f} s)")
@@ -229,11 +250,7 @@ def main(argv: list[str] | None = None) -> None:
                            "old": str(args.old), "new": str(args.new), "points": results}
                 atomic_write_text(args.out / "sweep.json", json.dumps(summary, indent=2) + "\n")  # kept per point
     except ConsolidationMismatchError as e:
-        raise SystemExit(f"error: {args.old} and {args.new}: {e}") from None
-    except USER_ERRORS as e:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        raise SystemExit(f"error: {e}") from None
+        raise ConsolidateError(f"{args.old} and {args.new}: {e}") from None
     if args.eval_cmd:
         log(format_table(results))
         log(f"wrote {args.out / 'sweep.json'}")

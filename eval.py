@@ -23,7 +23,7 @@ from mllm_cl.errors import run_cli
 from mllm_cl.evaluation import (NL_DIRS, NL_PATTERN, VL_DIRS, VL_PATTERN, EvalDataError, TaskResult,
                                 evaluate_nl_suite, evaluate_vl_suite, find_tasks)
 from mllm_cl.llava import is_llava_folder, load_llava, tokenizer_folder
-from mllm_cl.model_folder import atomic_write_text, check_writable
+from mllm_cl.model_folder import atomic_write_text, check_not_an_input, check_writable
 from mllm_cl.report import write_report
 from mllm_cl.tokenizer import load_tokenizer
 from mllm_cl.weights import load_llm
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {write_report(args.report, args.out or args.report[0])}")
             return
         if args.json is not None:
+            check_not_an_input(args.json, {"the model folder": args.model_dir, "--vision": args.vision}, "--json")
             check_writable(args.json)  # before the evaluation, not after it
         metrics = evaluate(args)
         if args.json is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mllm_cl.errors import UserError
+from mllm_cl.projector import projector_depth
 
 T = TypeVar("T")
 
@@ -64,6 +66,23 @@ def check_fields(config: Any, positive: tuple[str, ...] = (), positive_float: tu
         value = getattr(config, key)
         if value is not None and not (is_int(value) and 0 <= value < 2 ** 31):
             raise fail(key, "a token id (an integer >= 0) or null")
+
+
+# A name that becomes a folder (a task's, a method run's): no path separator, no leading dot, nothing to escape.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,99}")
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")  # the devices the trainer and the evaluators run on
+
+
+def check_plain_name(name: str, what: str) -> None:
+    """ConfigError unless `name` can be a folder name inside an output folder (PLAIN_NAME)."""
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
+        raise ConfigError(f"{what} {name!r} must be a plain name: letters, digits and _ . + = - (not first: "
+                          f". + = -), at most 100 characters, no path separator; it names a folder")
+
+
+def check_device(device: str, where: str) -> None:
+    if not isinstance(device, str) or not DEVICE_NAME.fullmatch(device):
+        raise ConfigError(f"{where} must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 @dataclass
@@ -261,6 +280,8 @@ class TrainConfig:
             problems.append(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             problems.append(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if not isinstance(self.device, str) or not DEVICE_NAME.fullmatch(self.device):
+            problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.distributed not in DISTRIBUTED_ENGINES:
             problems.append(f"distributed must be one of {', '.join(DISTRIBUTED_ENGINES)}, got {self.distributed!r}")
         if problems:
@@ -286,6 +307,10 @@ class TaskSpec:
     test: str = ""
     image_folder: str = ""
 
+    def __post_init__(self) -> None:
+        if self.name:
+            check_plain_name(self.name, "task name")
+
 
 @dataclass
 class EvalSpec:
@@ -298,6 +323,13 @@ class EvalSpec:
     max_new_tokens: int = 8
     # VL tests outside the task sequence, measured after every task (paper 2's general VL benchmarks)
     general_vl: list[TaskSpec] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_fields(self, positive=("batch_size", "max_new_tokens"))
+        for key in ("nl_limit", "vl_limit"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 31:
+                raise ConfigError(f"EvalSpec.{key} must be an integer >= 0 (0: all), got {value!r}")
 
 
 @dataclass
@@ -321,6 +353,18 @@ class StageConfig:
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     eval: EvalSpec = field(default_factory=EvalSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        check_model_fields(self)
+
+
+def check_model_fields(config: Any) -> None:
+    """The settings a stage or an experiment builds its model from that no later check would catch in time."""
+    check_fields(config, positive=("max_len",))
+    try:
+        projector_depth(config.projector)
+    except ValueError as e:
+        raise ConfigError(f"projector: {e}") from None
 
 
 class StageError(UserError, ValueError):
@@ -391,6 +435,12 @@ class ExperimentConfig:
     then: list[str] = field(default_factory=list)
     # A finished experiment's folder: each shared stage reuses its model there when the settings are the same.
     shared_dir: str = ""
+
+    def __post_init__(self) -> None:
+        check_model_fields(self)
+        check_device(self.device, "device")
+        for run_name in self.methods:
+            check_plain_name(run_name, "method run")
 
 
 # ---------------------------------------------------------------- dataclass <-> dict, JSON and overrides
@@ -463,6 +513,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not (is_int if hint is int else isinstance(value, hint)):
             raise ConfigError(f"{where}: expected {_SCALARS[hint]}, got {value!r}")
     return value
+
+
+coerce_value = _coerce  # the same check for values outside a dataclass (a CL method's options)
 
 
 def load_json(cls: type[T], path: str | Path) -> T:

@@ -75,8 +75,13 @@ def run_continual(cfg: StageConfig) -> Path:
         raise StageError(f"continual tasks need distinct, non-empty names; got {names}")
     out = Path(cfg.out_dir)
     device = resolve_device(cfg.train.device)
-    model, tokenizer, cfg = load_init(cfg, device)
     methods = build_methods(cfg.methods, cfg.method_options)
+    asking = [m.name for m in methods if m.needs_inquiries]
+    if asking and not cfg.inquiries:
+        raise StageError(f"{', '.join(asking)} needs text-only inquiries: set `inquiries` to a LLaVA JSON file of "
+                         "questions without images (paper 2 used TQA's; `make data` writes "
+                         "data/offline/inquiries/sciq.json)")
+    model, tokenizer, cfg = load_init(cfg, device)
     if any(m.name == "ewc" for m in methods) and cfg.train.distributed == "fsdp":
         raise StageError("ewc reads every parameter in its penalty, which FSDP keeps in shards outside their block's "
                          "forward: run ewc with train.distributed=ddp")

@@ -42,7 +42,7 @@ from mllm_cl.methods import build_methods, expand_methods
 from mllm_cl.model_folder import atomic_write_text
 from mllm_cl.report import overlapped_part, time_rows, write_report
 from mllm_cl.stages import SETTINGS_FILE, changed_settings, run_stage
-from mllm_cl.synthetic import WORLD_VERSION, build_world
+from mllm_cl.synthetic import WORLD_SIZES, WORLD_VERSION, build_world
 from mllm_cl.workers import Job, run_jobs
 
 
@@ -54,6 +54,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         raise StageError(f"seeds and workers must be at least 1, got seeds={cfg.seeds}, workers={cfg.workers}")
     if cfg.seeds > 1:
         return run_seeds(cfg)
+    if cfg.world_size and cfg.world_size not in WORLD_SIZES:
+        raise StageError(f"world_size must be one of {', '.join(WORLD_SIZES)} (or empty: never generate), "
+                         f"got {cfg.world_size!r}")
     if cfg.protocol not in PROTOCOLS:
         raise StageError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
     if cfg.alpha_curves and cfg.protocol != "paper2":

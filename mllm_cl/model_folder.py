@@ -96,6 +96,19 @@ def read_tensors(folder: str | Path, device: str | torch.device = "cpu") -> dict
     return tensors
 
 
+def check_not_an_input(output: str | Path, inputs: dict[str, str | Path | None], what: str) -> None:
+    """A ModelFolderError when the file `output` would replace an input: it is one of `inputs` (name -> path; a
+    folder counts with everything inside it), e.g. a scores file written into the model folder it scores."""
+    target = Path(output).resolve()
+    for name, source in inputs.items():
+        if not source or not Path(source).exists():  # a preset's name, an unused option
+            continue
+        source = Path(source).resolve()
+        if target == source or source in target.parents:
+            raise ModelFolderError(f"{what} {output} would write over {name} {source if target == source else target}"
+                                   f" (an input of this run): choose a path outside it")
+
+
 def check_writable(path: str | Path) -> Path:
     """Make sure a file can be written at `path` (creating its folder) before a long job computes what goes
     there; a folder in the way or an unwritable place is a ModelFolderError naming the path."""

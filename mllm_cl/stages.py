@@ -32,7 +32,7 @@ from mllm_cl.device import resolve_device
 from mllm_cl.llava import LlavaModel, save_llava, tokenizer_folder
 from mllm_cl.llm import LanguageModel
 from mllm_cl.losses import LossResult, forward_loss
-from mllm_cl.model_folder import atomic_write_text
+from mllm_cl.model_folder import ModelFolderError, atomic_write_text, check_not_an_input
 from mllm_cl.projector import build_projector
 from mllm_cl.run_state import find_checkpoint
 from mllm_cl.seeding import derive_seed, seed_everything
@@ -73,6 +73,15 @@ def claim_out_dir(cfg: StageConfig) -> Path:
         raise StageError(f"out_dir {out} is a file, not a folder")
     outputs = [out / "model"] if cfg.stage != "continual" else [out / f"task_{i + 1}_{t.name}"
                                                                  for i, t in enumerate(cfg.tasks)]
+    if cfg.stage == "continual":  # its scores too: a finished experiment's results are not replaced either
+        outputs += [out / "results.json"] + ([] if cfg.initial_eval else [out / "initial_eval.json"])
+        if cfg.initial_eval:
+            inputs = {name: getattr(cfg, name) for name in ("init", "llm", "vision", "tokenizer", "inquiries")}
+            inputs |= {f"task {t.name}'s {split}": getattr(t, split) for t in cfg.tasks for split in ("train", "test")}
+            try:
+                check_not_an_input(cfg.initial_eval, inputs, "initial_eval")
+            except ModelFolderError as e:
+                raise StageError(str(e)) from None
     for name in ("init", "llm", "vision", "tokenizer", "train_file"):
         source = getattr(cfg, name)
         if source and any(_inside(Path(source), output) for output in outputs):
@@ -85,7 +94,8 @@ def claim_out_dir(cfg: StageConfig) -> Path:
             raise StageError(f"{out} holds an earlier run with other settings (saved, now): {changed}; use another "
                              "out_dir, or the same settings to continue it")
     elif earlier:
-        raise StageError(f"{out} holds {earlier[0].name}/ from something other than a run of this stage (no "
+        shown = earlier[0].name + ("/" if earlier[0].is_dir() else "")
+        raise StageError(f"{out} holds {shown} from something other than a run of this stage (no "
                          f"{SETTINGS_FILE}); refusing to replace it: choose another out_dir")
     if earlier and not cfg.train.resume:
         raise StageError(f"{out} holds an earlier run ({', '.join(p.name for p in earlier)}): set train.resume=true "

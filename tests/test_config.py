@@ -78,3 +78,45 @@ def test_values_are_checked_against_the_field_types() -> None:
 def test_an_override_of_the_wrong_type_names_its_key() -> None:
     with pytest.raises(ConfigError, match="n_layer: expected an integer, got 'two'"):
         apply_overrides(llm_preset("tiny"), ["n_layer=two"])
+
+
+# ---------------------------------------------------------------- settings refused before anything runs (issue 30)
+
+REFUSED_OVERRIDES = [
+    ("finetune", "max_len=0", "StageConfig.max_len must be a positive integer"),
+    ("finetune", "max_len=-5", "StageConfig.max_len must be a positive integer"),
+    ("continual", "eval.batch_size=0", "EvalSpec.batch_size must be a positive integer"),
+    ("continual", "eval.max_new_tokens=0", "EvalSpec.max_new_tokens must be a positive integer"),
+    ("continual", "eval.nl_limit=-1", "EvalSpec.nl_limit must be an integer >= 0"),
+    ("finetune", "projector=foo", "projector: unknown projector kind 'foo'"),
+    ("finetune", "projector=mlp100000000x_gelu", "with 1 <= N <= 16"),
+    ("finetune", "train.device=mps", "device must be auto, cpu, cuda or cuda:N, got 'mps'"),
+    ("finetune", "train.device=meta", "device must be auto, cpu, cuda or cuda:N, got 'meta'"),
+    ("continual", 'tasks=[{"name": "x/../../../escaped", "train": "a.json", "test": "b.json"}]',
+     "task name 'x/../../../escaped' must be a plain name"),
+    ("continual", 'tasks=[{"name": "..", "train": "a.json", "test": "b.json"}]', "task name '..' must be a plain name"),
+    ("experiment", 'methods={"../../../x": ["naive"]}', "method run '../../../x' must be a plain name"),
+    ("experiment", "device=mps", "device must be auto, cpu, cuda or cuda:N, got 'mps'"),
+    ("experiment", "max_len=0", "ExperimentConfig.max_len must be a positive integer"),
+    ("experiment", "world_size=bogus", "world_size must be one of smoke, small, demo, experiment"),
+]
+
+
+@pytest.mark.parametrize("stage, override, message", REFUSED_OVERRIDES)
+def test_train_py_refuses_settings_no_later_check_would_catch(stage, override, message, tmp_path, capsys) -> None:
+    import train
+
+    out = tmp_path / "out"
+    assert train.main([stage, override, f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"train.py {stage}: error: ") and message in err, err
+    assert err.count("\n") == 1, err  # one line, no traceback
+    assert not out.exists()  # refused before anything was written
+
+
+def test_plain_names_accept_the_names_the_grids_use() -> None:
+    from mllm_cl.config import ExperimentConfig, TaskSpec
+
+    for name in ("easy_vqa", "big_color", "msgm+rehearsal", "lora+modelmix", "llava_c", "uir+sac", "p1", "t.2"):
+        TaskSpec(name=name)
+        ExperimentConfig(methods={name: ["naive"]})

@@ -1,6 +1,7 @@
 """consolidate.py end to end on tiny folders: one point, sweeps with an eval command, LLaVA folders, errors."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -78,8 +79,11 @@ def test_parse_alphas():
     assert consolidate.parse_alphas("0,0.1,1") == [0.0, 0.1, 1.0]
     assert len(consolidate.parse_alphas("0:1:0.1")) == 11
     for bad in ("0:2:0.5", "a,b", "1:0:0.1", "0:1:0"):
-        with pytest.raises(SystemExit, match="--sweep"):
+        with pytest.raises(consolidate.ConsolidateError, match="--sweep"):
             consolidate.parse_alphas(bad)
+    with pytest.raises(consolidate.ConsolidateError, match=r"--sweep '0:1:1e-12' gives 1000000000001 alphas; at most "
+                       "1001"):  # refused at once: building that list would hang
+        consolidate.parse_alphas("0:1:1e-12")
 
 
 def test_llava_folder(tmp_path):
@@ -113,11 +117,32 @@ def test_llava_folder(tmp_path):
     assert (out / "llm" / "tokenizer.json").is_file()
 
 
-def test_mismatched_folders_give_a_clear_error(tmp_path):
+def refused(capsys, argv: list[str], pattern: str) -> None:
+    """consolidate.py exits with 2 and one `consolidate.py: error: ...` line matching `pattern`, as the other
+    scripts do."""
+    assert consolidate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("consolidate.py: error: ") and err.count("\n") == 1, err
+    assert re.search(pattern, err), err
+
+
+def test_bad_ranks_are_refused_by_the_parser(tmp_path, capsys):
+    tiny_pair(tmp_path)
+    for rank in ("0", "-3"):
+        with pytest.raises(SystemExit) as exit_info:
+            consolidate.main([str(tmp_path / "old"), str(tmp_path / "new"), "--rank", rank, "--out",
+                              str(tmp_path / "x")])
+        assert exit_info.value.code == 2
+        assert f"consolidate.py: error: --rank must be a positive integer (the updates' largest rank), got {rank}" \
+            in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_mismatched_folders_give_a_clear_error(tmp_path, capsys):
     tiny_pair(tmp_path)
     write_model_folder(tmp_path / "other", {"w": torch.zeros(12, 8)}, {})
-    with pytest.raises(SystemExit, match=r"(?s)other.*keys in the old model but not the new one: \['b', 'emb'\]"):
-        consolidate.main([str(tmp_path / "old"), str(tmp_path / "other"), "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="config.json not found"):
-        consolidate.main([str(tmp_path / "old"), str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+    refused(capsys, [str(tmp_path / "old"), str(tmp_path / "other"), "--out", str(tmp_path / "x")],
+            r"(?s)other.*keys in the old model but not the new one: \['b', 'emb'\]")
+    refused(capsys, [str(tmp_path / "old"), str(tmp_path / "missing"), "--out", str(tmp_path / "x")],
+            "config.json not found")
     assert not (tmp_path / "x").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_consolidate_cli import tiny_pair
+from test_consolidate_cli import refused, tiny_pair
 
 import consolidate
 import eval as eval_cli
@@ -30,23 +30,23 @@ def digest(path: Path) -> dict[str, str]:
 # ---------------------------------------------------------------- consolidate.py --out
 
 @pytest.mark.parametrize("target", ["old", "new", "old/sub"])
-def test_consolidate_refuses_an_out_over_either_model(tmp_path: Path, target: str) -> None:
+def test_consolidate_refuses_an_out_over_either_model(tmp_path: Path, target: str, capsys) -> None:
     tiny_pair(tmp_path)
     before = {**digest(tmp_path / "old"), **digest(tmp_path / "new")}
-    with pytest.raises(SystemExit, match=f"--out .*{target}.* would write over .*(old|new)"):
-        consolidate.main([str(tmp_path / "old"), str(tmp_path / "new"), "--out", str(tmp_path / target)])
+    refused(capsys, [str(tmp_path / "old"), str(tmp_path / "new"), "--out", str(tmp_path / target)],
+            f"--out .*{target}.* would write over .*(old|new)")
     assert {**digest(tmp_path / "old"), **digest(tmp_path / "new")} == before
 
 
-def test_consolidate_refuses_a_non_empty_folder_or_a_file(tmp_path: Path) -> None:
+def test_consolidate_refuses_a_non_empty_folder_or_a_file(tmp_path: Path, capsys) -> None:
     tiny_pair(tmp_path)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "thesis.tex").write_text("months of work")
     (tmp_path / "file.txt").write_text("keep me")
     for out in ("notes", "file.txt"):
         before = digest(tmp_path / out)
-        with pytest.raises(SystemExit, match=f"--out .*{out} exists and is not an empty folder"):
-            consolidate.main([str(tmp_path / "old"), str(tmp_path / "new"), "--out", str(tmp_path / out)])
+        refused(capsys, [str(tmp_path / "old"), str(tmp_path / "new"), "--out", str(tmp_path / out)],
+                f"--out .*{out} exists and is not an empty folder")
         assert digest(tmp_path / out) == before
     (tmp_path / "empty").mkdir()
     consolidate.main([str(tmp_path / "old"), str(tmp_path / "new"), "--out", str(tmp_path / "empty"),
@@ -78,6 +78,16 @@ def test_eval_json_to_an_unwritable_path_fails_before_evaluating(tmp_path: Path,
                           str(tmp_path / "file.txt" / "scores.json")])
     assert code == 2 and "scores.json" in capsys.readouterr().err  # the path, not the missing model
     assert (tmp_path / "file.txt").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("inside", ["config.json", "model.safetensors", "scores/new.json"])
+def test_eval_json_into_the_model_folder_is_refused(tmp_path: Path, capsys, inside: str) -> None:
+    tiny_pair(tmp_path)
+    before = digest(tmp_path / "old")
+    code = eval_cli.main([str(tmp_path / "old"), "--suite", "nl", "--json", str(tmp_path / "old" / inside)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("eval.py: error: --json ") and "would write over the model folder" in err
+    assert digest(tmp_path / "old") == before  # config.json and the weights untouched, nothing added
 
 
 # ---------------------------------------------------------------- train.py out_dir
@@ -296,3 +306,33 @@ def test_resuming_with_another_train_file_is_refused(world: Path, tmp_path: Path
     changed.train_file = str(other)
     with pytest.raises(StageError, match=r"other settings .*'train_file'"):
         run_stage(changed)
+
+
+# ---------------------------------------------------------------- a continual run's scores (issue 30)
+
+def continual_stage(tmp_path: Path, **fields: object) -> StageConfig:
+    fields = {"train": TrainConfig(device="cpu"), **fields}
+    return StageConfig(stage="continual", init=str(tmp_path / "old"), out_dir=str(tmp_path / "out"),
+                       tasks=[TaskSpec(name="t", train="a.json", test="b.json")], **fields)
+
+
+def test_initial_eval_over_the_starting_model_is_refused(tmp_path: Path) -> None:
+    tiny_pair(tmp_path)
+    before = digest(tmp_path / "old")
+    with pytest.raises(StageError, match=r"initial_eval .*old/config.json would write over init .*old"):
+        run_stage(continual_stage(tmp_path, initial_eval=str(tmp_path / "old" / "config.json")))
+    assert digest(tmp_path / "old") == before
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_finished_experiments_scores_are_not_replaced_by_a_continual_run(tmp_path: Path) -> None:
+    tiny_pair(tmp_path)
+    experiment = tmp_path / "out"  # what run_experiment leaves at its top: no continual stage's settings
+    experiment.mkdir()
+    (experiment / "results.json").write_text('{"methods": {"naive": {}}}\n')
+    (experiment / "initial_eval.json").write_text('{"nl": {}}\n')
+    before = digest(experiment)
+    for resume in (False, True):
+        with pytest.raises(StageError, match="holds (results|initial_eval).json from something other than a run"):
+            run_stage(continual_stage(tmp_path, train=TrainConfig(device="cpu", resume=resume)))
+        assert digest(experiment) == before

@@ -8,9 +8,11 @@ returns the composed list in hook order. Adding a method: subclass `Method` in a
 from __future__ import annotations
 
 import inspect
+import math
+import typing
 from typing import Any
 
-from mllm_cl.config import ConfigError
+from mllm_cl.config import ConfigError, coerce_value
 from mllm_cl.methods.base import Method, TaskContext
 from mllm_cl.methods.consolidation_methods import ModelMixMethod, SACMethod
 from mllm_cl.methods.ewc import EWC
@@ -57,6 +59,12 @@ def build_methods(names: list[str], options: dict[str, dict[str, Any]] | None = 
         if not isinstance(given, dict) or set(given) - set(accepted):
             takes = f"only {', '.join(accepted)}" if accepted else "no option"
             raise ConfigError(f"method_options[{name!r}] = {given!r}: {name} takes {takes}")
+        hints = typing.get_type_hints(REGISTRY[name].__init__)
+        given = {key: coerce_value(hints.get(key, Any), value, f"method_options[{name!r}].{key}")
+                 for key, value in given.items()}
+        bad = [key for key, value in given.items() if isinstance(value, float) and not math.isfinite(value)]
+        if bad:
+            raise ConfigError(f"method_options[{name!r}].{bad[0]} must be a finite number, got {given[bad[0]]}")
         try:
             methods.append(REGISTRY[name](**given))
         except ValueError as e:  # a method's own range check

@@ -71,6 +71,7 @@ class Method:
     name = "naive"
     needs_previous = False  # True: the stage builds ctx.previous_model() before any before_task hook
     needs_logits = False  # True: `loss` reads output.logits (otherwise they may be None: see losses.forward_loss)
+    needs_inquiries = False  # True: the stage must name text-only `inquiries` (checked before anything runs)
     order = 50  # hooks run by increasing order: LoRA adapts (10) first, consolidation (90) after it has merged
 
     def before_task(self, ctx: TaskContext) -> None:

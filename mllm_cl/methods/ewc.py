@@ -52,6 +52,9 @@ class EWC(Method):
     order = 95
 
     def __init__(self, weight: float = 100.0, decay: float = 0.9, fisher_batches: int = 16) -> None:
+        if weight < 0 or not 0 <= decay <= 1 or fisher_batches < 1:
+            raise ValueError(f"ewc needs weight >= 0, decay in [0, 1] and fisher_batches >= 1, got {weight}, {decay} "
+                             f"and {fisher_batches}")
         self.weight, self.decay, self.fisher_batches = weight, decay, fisher_batches
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}

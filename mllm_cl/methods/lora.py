@@ -16,6 +16,10 @@ class LoRA(Method):
     order = 10
 
     def __init__(self, rank: int | None = None, alpha: float = 8.0, dropout: float = 0.05, rslora: bool = True) -> None:
+        if rank is not None and not 1 <= rank < 2 ** 20:
+            raise ValueError(f"lora.rank must be a positive integer (or null: hidden_size / 2), got {rank}")
+        if not alpha > 0 or not 0 <= dropout < 1:
+            raise ValueError(f"lora.alpha must be > 0 and lora.dropout in [0, 1), got {alpha} and {dropout}")
         self.rank, self.alpha, self.dropout, self.rslora = rank, alpha, dropout, rslora
 
     def before_task(self, ctx: TaskContext) -> None:

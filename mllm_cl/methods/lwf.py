@@ -32,6 +32,8 @@ class LwF(Method):
     needs_logits = True
 
     def __init__(self, weight: float = 1.0, temperature: float = 2.0) -> None:
+        if weight < 0 or not temperature > 0:
+            raise ValueError(f"lwf needs weight >= 0 and temperature > 0, got {weight} and {temperature}")
         self.weight, self.temperature = weight, temperature
 
     def loss(self, ctx: TaskContext, batch: dict, output: Any, loss: torch.Tensor) -> torch.Tensor:

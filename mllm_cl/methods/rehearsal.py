@@ -28,6 +28,8 @@ class Rehearsal(Method):
     name = "rehearsal"
 
     def __init__(self, share: float = 0.01, seed: int = 0) -> None:
+        if not 0 <= share <= 1:
+            raise ValueError(f"rehearsal.share must be in [0, 1], got {share}")
         self.share, self.seed = share, seed
         self.buffer: dict[str, list[Any]] = {}  # task name -> kept samples
         self.own_count = 0

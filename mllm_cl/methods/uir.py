@@ -33,8 +33,11 @@ def hidden_state_distance(current: torch.Tensor, previous: torch.Tensor, attenti
 class UIR(Method):
     name = "uir"
     needs_previous = True
+    needs_inquiries = True
 
     def __init__(self, weight: float = 1.0) -> None:
+        if weight < 0:
+            raise ValueError(f"uir.weight must be >= 0, got {weight}")
         self.weight = weight
         self.inquiries = None
 

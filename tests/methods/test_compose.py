@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from tiny_llava import PAD, context, endless_inquiries, image_batch, tiny_llava
 
-from mllm_cl.config import IGNORE_INDEX
+from mllm_cl.config import IGNORE_INDEX, ConfigError
 from mllm_cl.data import collate
 from mllm_cl.llm import LMOutput
 from mllm_cl.losses import causal_lm_loss
@@ -129,3 +129,32 @@ def test_a_two_task_loop_runs_every_hook_of_a_large_composition() -> None:
         assert ("ewc_last" in ctx.log) == (index == 1)  # the penalty starts with the second task
     assert replayed == [0, 1]  # 20% of task 0's 7 samples joined task 1
     assert all(torch.equal(v, vision[k]) for k, v in model.vision.state_dict().items())
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"lora": {"rank": -1}}, "lora.rank must be a positive integer"),
+    ({"lora": {"rank": 0}}, "lora.rank must be a positive integer"),
+    ({"lora": {"rank": "four"}}, "method_options['lora'].rank: expected an integer, got 'four'"),
+    ({"lora": {"dropout": 1.0}}, "lora.dropout in [0, 1)"),
+    ({"ewc": {"weight": float("nan")}}, "method_options['ewc'].weight must be a finite number, got nan"),
+    ({"ewc": {"weight": -1.0}}, "ewc needs weight >= 0"),
+    ({"ewc": {"fisher_batches": 0}}, "fisher_batches >= 1"),
+    ({"uir": {"weight": float("inf")}}, "method_options['uir'].weight must be a finite number, got inf"),
+    ({"rehearsal": {"share": 2.0}}, "rehearsal.share must be in [0, 1]"),
+    ({"lwf": {"temperature": 0.0}}, "temperature > 0"),
+])
+def test_method_options_are_checked_by_type_and_range(options, message) -> None:
+    with pytest.raises(ConfigError) as error:
+        build_methods(list(options), options)
+    assert message in str(error.value)
+
+
+def test_uir_without_inquiries_is_refused_before_the_model_loads(tmp_path) -> None:
+    from mllm_cl.config import StageConfig, StageError, TaskSpec
+    from mllm_cl.continual import run_continual
+
+    cfg = StageConfig(stage="continual", init=str(tmp_path / "no-such-model"), out_dir=str(tmp_path / "out"),
+                      tasks=[TaskSpec(name="t", train="a.json", test="b.json")], methods=["llava_c"])
+    with pytest.raises(StageError, match="uir needs text-only inquiries: set `inquiries`"):
+        run_continual(cfg)  # the missing init would be the error if the model were loaded first
+    assert not (tmp_path / "out").exists()
