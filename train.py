@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     code = 1
     try:
-        code = run_cli(f"train.py {args.stage}", run)
+        code = run_cli(f"train.py {args.stage}", run, interrupted="what was saved is kept: run the same command with "
+                       "train.resume=true to continue from the last checkpoint (an experiment resumes by itself)")
     except dist.DistError as e:  # a collective failed: another rank stopped (an error, a kill) or cannot be reached
         print(f"{rank_prefix()}train.py {args.stage}: error: lost contact with the other processes; one of them "
               f"stopped or was killed (its own message says why). Resume from the last checkpoint with "

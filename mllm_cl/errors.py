@@ -30,11 +30,20 @@ def rank_prefix() -> str:
     return f"[rank {os.environ.get('RANK', '0')}/{size}] " if size > 1 else ""
 
 
-def run_cli(prog: str, main: Callable[[], int | None]) -> int:
+INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
+
+
+def run_cli(prog: str, main: Callable[[], int | None], interrupted: str = "") -> int:
     """Run a script's `main`; a user error becomes one `PROG: error: ...` message on stderr and exit code 2
-    (prefixed with the rank that raised it under torchrun)."""
+    (prefixed with the rank that raised it under torchrun); Ctrl-C becomes one `PROG: interrupted` line, with
+    `interrupted` saying how to go on, and exit code 130."""
     try:
         return main() or 0
+    except KeyboardInterrupt:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"{rank_prefix()}{prog}: interrupted{'; ' + interrupted if interrupted else ''}", file=sys.stderr)
+        return INTERRUPTED
     except USER_ERRORS as e:
         if os.environ.get(DEBUG_ENV):
             raise

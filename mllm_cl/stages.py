@@ -15,6 +15,7 @@ an interrupted stage resumes with `resume=true`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,9 @@ from mllm_cl.device import resolve_device
 from mllm_cl.llava import LlavaModel, save_llava, tokenizer_folder
 from mllm_cl.llm import LanguageModel
 from mllm_cl.losses import LossResult, forward_loss
-from mllm_cl.model_folder import ModelFolderError, atomic_write_text, check_not_an_input
+from mllm_cl.model_folder import ModelFolderError, atomic_write_text, check_not_an_input, remove_stale_staging
 from mllm_cl.projector import build_projector
+from mllm_cl.run_lock import out_dir_lock
 from mllm_cl.run_state import find_checkpoint
 from mllm_cl.seeding import derive_seed, seed_everything
 from mllm_cl.tokenizer import Tokenizer, load_tokenizer
@@ -47,11 +49,22 @@ def run_stage(cfg: StageConfig) -> Path:
     if cfg.stage not in STAGES:
         raise StageError(f"stage must be one of {', '.join(STAGES)}; got {cfg.stage!r}")
     resolve_device(cfg.train.device)  # an unknown or missing device fails here, before anything is written
-    distributed.on_main(lambda: claim_out_dir(cfg))
-    seed_everything(derive_seed(cfg.train.seed, "init", cfg.stage))  # the stage's fresh weights, if any
+    if not cfg.out_dir.strip():
+        raise StageError("out_dir is empty: name the folder this stage writes into (out_dir=runs/...)")
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise StageError(f"out_dir {out} is a file, not a folder")
     runner = {"pretrain-text": pretrain_text, "pretrain-vision": pretrain_vision, "align": align,
               "finetune": finetune, "continual": run_continual}[cfg.stage]
-    return runner(cfg)
+    created = not out.exists()
+    try:  # one run at a time in out_dir (rank 0 holds it for all ranks), from the look at what is there to the end
+        with out_dir_lock(out) if distributed.is_main() else contextlib.nullcontext():
+            distributed.on_main(lambda: claim_out_dir(cfg))
+            seed_everything(derive_seed(cfg.train.seed, "init", cfg.stage))  # the stage's fresh weights, if any
+            return runner(cfg)
+    finally:
+        if created and distributed.is_main() and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # refused before writing anything: leave no trace
 
 
 SETTINGS_FILE = "stage_config.json"
@@ -66,11 +79,7 @@ def claim_out_dir(cfg: StageConfig) -> Path:
     without `train.resume=true`. A run that stopped before writing anything (bad input) leaves only its
     settings, which the next run replaces.
     """
-    if not cfg.out_dir.strip():
-        raise StageError("out_dir is empty: name the folder this stage writes into (out_dir=runs/...)")
     out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise StageError(f"out_dir {out} is a file, not a folder")
     outputs = [out / "model"] if cfg.stage != "continual" else [out / f"task_{i + 1}_{t.name}"
                                                                  for i, t in enumerate(cfg.tasks)]
     if cfg.stage == "continual":  # its scores too: a finished experiment's results are not replaced either
@@ -103,6 +112,10 @@ def claim_out_dir(cfg: StageConfig) -> Path:
     if not earlier:  # a resumed run keeps the record of the run it continues
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(settings, json.dumps(to_dict(cfg), indent=2) + "\n")
+    models = [out / "model"] if cfg.stage != "continual" else [task / "model" for task in outputs[:len(cfg.tasks)]]
+    for model in models:  # a model folder's staging copy that a killed swap left: ours to remove, under the lock
+        for stale in remove_stale_staging(model):
+            print(f"removed {stale}, left by a run killed while it saved {model}")
     return out
 
 
