@@ -27,17 +27,15 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from mllm_cl.consolidation import RULES, ConsolidationMismatchError, check_alpha, modelmix
 from mllm_cl.errors import UserError, run_cli
 from mllm_cl.llava import MODEL_TYPE as LLAVA_TYPE
 from mllm_cl.llava import PROJECTOR_FILE, is_llava_folder, load_llava, save_llava, tokenizer_folder
-from mllm_cl.model_folder import (CONFIG_FILE, ModelFolderError, atomic_save_tensors, atomic_write_text, read_config,
-                                  read_tensors, staged_folder, write_model_folder)
+from mllm_cl.model_folder import (CONFIG_FILE, atomic_save_tensors, atomic_write_text, check_float_weights,
+                                  read_config, read_safetensors, read_tensors, staged_folder, write_model_folder)
 from mllm_cl.spectral import decompose_updates, sac_from_spectra
-from mllm_cl.weights import hf_state_dict_from_llm, llm_from_hf_tensors
+from mllm_cl.weights import IGNORED_SUFFIXES, hf_state_dict_from_llm, llm_from_hf_tensors
 
 
 MAX_SWEEP_POINTS = 1001  # a sweep writes one full model folder per point
@@ -91,17 +89,15 @@ def read_model(folder: Path, vision: Path | None = None) -> dict[str, torch.Tens
     """Every consolidated tensor of a folder; a LLaVA folder's keys are prefixed `llm/` (the LLM's Hugging Face
     names) and `projector/`, whatever its layout."""
     if not is_llava_folder(folder):
-        return read_tensors(folder)
+        tensors = read_tensors(folder)
+        check_float_weights(tensors, folder, [k for k in tensors if not k.endswith(IGNORED_SUFFIXES)])
+        return tensors
     if not is_ours(folder):
         model = load_llava(folder, vision=vision)
         return ({f"llm/{k}": v for k, v in hf_state_dict_from_llm(model.llm).items()}
                 | {f"projector/{k}": v for k, v in model.projector.state_dict().items()})
     tensors = {f"llm/{k}": v for k, v in read_tensors(folder / "llm").items()}
-    path = folder / PROJECTOR_FILE
-    try:
-        tensors.update({f"projector/{k}": v for k, v in load_file(str(path)).items()})
-    except (SafetensorError, OSError) as e:
-        raise ModelFolderError(f"cannot read {path}: {e}") from None
+    tensors.update({f"projector/{k}": v for k, v in read_safetensors(folder / PROJECTOR_FILE).items()})
     return tensors
 
 

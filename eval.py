@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,6 +23,7 @@ from mllm_cl.device import resolve_device
 from mllm_cl.errors import run_cli
 from mllm_cl.evaluation import (NL_DIRS, NL_PATTERN, VL_DIRS, VL_PATTERN, EvalDataError, TaskResult,
                                 evaluate_nl_suite, evaluate_vl_suite, find_tasks)
+from mllm_cl.experiment import summarise_run
 from mllm_cl.llava import is_llava_folder, load_llava, tokenizer_folder
 from mllm_cl.model_folder import atomic_write_text, check_not_an_input, check_writable
 from mllm_cl.report import write_report
@@ -110,12 +112,40 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     return {r.task: r.metrics for r in results}
 
 
+def report_sources(paths: list[Path]) -> list[Path] | dict[str, Any]:
+    """What `--report` draws: the paths as they are, unless one holds a continual stage's own results.json
+    (`train.py continual` writes per-task scores, not the report's figures); then every source's methods in one
+    dict, a stage's summarised (`summarise_run`) under its folder's name."""
+    loaded = {}
+    for path in paths:
+        file = path / "results.json" if path.is_dir() else path
+        try:
+            loaded[path] = json.loads(file.read_text())
+        except (OSError, ValueError):
+            return paths  # the report's own reader says what is wrong with it
+    stage = {path: data for path, data in loaded.items() if isinstance(data, dict) and "after_task" in data}
+    if not stage:
+        return paths
+    methods: dict[str, Any] = {}
+    for path, data in loaded.items():
+        if path in stage:
+            name = (path if path.is_dir() else path.parent).resolve().name
+            methods[name] = summarise_run(data, data["tasks"])
+        elif isinstance(data, dict) and isinstance(data.get("methods"), dict):
+            methods.update(data["methods"])
+        elif isinstance(data, dict) and "method" in data:  # the report's one-method form
+            methods[str(data["method"])] = {k: v for k, v in data.items() if k != "method"}
+        else:
+            return paths
+    return {"methods": methods}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def run() -> None:
         if args.report is not None:
-            print(f"wrote {write_report(args.report, args.out or args.report[0])}")
+            print(f"wrote {write_report(report_sources(args.report), args.out or args.report[0])}")
             return
         if args.json is not None:
             check_not_an_input(args.json, {"the model folder": args.model_dir, "--vision": args.vision}, "--json")

@@ -54,10 +54,33 @@ def expand_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
     return canvas
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode, by the image's real range: PIL's own convert("RGB") clips 16-bit and 32-bit
+    integer pixels to 255 (almost white) and float pixels to 0/255; here 16-bit values scale by 255/65535 and
+    float ones in [0, 1] by 255. Integers beyond 16 bits and floats outside [0, 1] have no range to read: refused."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        pixels = np.asarray(image)
+        if image.mode == "F":
+            if not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1):
+                raise ValueError("float pixels outside [0, 1] (or not finite): their range cannot be known")
+            eight = np.round(pixels * 255)
+        else:
+            if pixels.min() < 0 or pixels.max() > 65535:
+                raise ValueError(f"{image.mode} pixels from {pixels.min()} to {pixels.max()}: beyond 16 bits")
+            eight = np.round(pixels.astype(np.float64) * (255 / 65535)) if image.mode != "I" or pixels.max() > 255 \
+                else pixels  # mode I holding 8-bit values (a converted L image) stays as it is
+        image = Image.fromarray(eight.astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
 def preprocess_image(image: Image.Image, image_size: int, mean: tuple[float, ...] = CLIP_MEAN,
                      std: tuple[float, ...] = CLIP_STD) -> torch.Tensor:
     """RGB, pad to square with the mean colour (as ints, like LLaVA), bicubic resize, [0,1], normalise -> (3,S,S)."""
-    image = expand_to_square(image.convert("RGB"), tuple(int(m * 255) for m in mean))
+    side = max(image.size)
+    if side * side > Image.MAX_IMAGE_PIXELS:  # the square canvas, not the image: a 60000x1 strip asks for 3.6e9
+        raise ValueError(f"a {image.size[0]}x{image.size[1]} image pads to a {side}x{side} square, over the "
+                         f"{Image.MAX_IMAGE_PIXELS:,} pixels allowed; crop or resize it")
+    image = expand_to_square(to_rgb(image), tuple(int(m * 255) for m in mean))
     image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
     pixels = np.asarray(image, dtype=np.float32) / 255.0  # (S,S,3)
     pixels = (pixels - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)

@@ -482,44 +482,49 @@ def run_alpha_curves(cfg: ExperimentConfig, out: Path, start: Path) -> dict[str,
 
 
 def summarise(cfg: ExperimentConfig, runs: dict[str, dict], wall_seconds: float) -> dict[str, Any]:
-    """Per method: the accuracy matrix, NL omega after each task (also split into paper 1's NLU and NLG), NL Delta
-    and VL harmonic mean (percent), with 95% intervals: Wilson for every accuracy, a paired bootstrap over
-    documents for NL Delta."""
+    """Every method run's summary (`summarise_run`) with the experiment's name, date and machine."""
     task_names = [t.name for t in cfg.tasks]
-    methods = {}
-    for run_name, run in runs.items():
-        base_nl = nl_accuracies(run["initial"])
-        omega_base = metrics.nl_omega(base_nl)
-        matrix = [[100.0 * after["vl"][t]["acc"] for t in task_names] for after in run["after_task"]]
-        nl_after = [metrics.nl_omega(nl_accuracies(after)) for after in run["after_task"]]
-        final = run["after_task"][-1]
-        methods[run_name] = {
-            "methods": run["methods"], "task_names": task_names, "acc_matrix": matrix,
-            "nl_base": omega_base, "nl_after_task": nl_after, "nl_delta": metrics.nl_delta(omega_base, nl_after[-1]),
-            "nl_tasks_final": nl_accuracies(final), "nl_tasks_base": base_nl,
-            "vl_after_task": [metrics.average_accuracy(matrix, k) for k in range(len(matrix))],
-            "vl_hmean": metrics.vl_hmean(matrix[-1]),
-            "forgetting": metrics.forgetting(matrix), "bwt": metrics.backward_transfer(matrix),
-            "acc_matrix_ci": [[wilson(after["vl"][t]) for t in task_names] for after in run["after_task"]],
-            "nl_delta_ci": delta_interval(run["initial"], final),
-            "nl_delta_after_task": [metrics.nl_delta(omega_base, omega) for omega in nl_after],
-            "nl_delta_ci_after_task": [delta_interval(run["initial"], after) for after in run["after_task"]],
-            "nl_tasks_final_ci": {task: wilson(m) for task, m in final["nl"].items()},
-            "nlu_base": group_omega(run["initial"], "nlu"), "nlg_base": group_omega(run["initial"], "nlg"),
-            "nlu_after_task": [group_omega(after, "nlu") for after in run["after_task"]],
-            "nlg_after_task": [group_omega(after, "nlg") for after in run["after_task"]],
-        }
-        if "general_vl" in run["initial"]:  # paper 2's general VL score, pooled over its tests
-            methods[run_name] |= {
-                "general_vl_base": general_vl_accuracy(run["initial"]),
-                "general_vl_after_task": [general_vl_accuracy(after) for after in run["after_task"]],
-                "general_vl_ci_after_task": [general_interval(after) for after in run["after_task"]]}
-            methods[run_name]["general_after_task"] = [
-                general_of(nl, vl) for nl, vl in zip(nl_after, methods[run_name]["general_vl_after_task"])]
     return {"name": cfg.name, "protocol": cfg.protocol, "wall_seconds": wall_seconds,
             "date": datetime.now(timezone.utc).isoformat(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "tasks": task_names,
-            "nl_files": cfg.eval.nl_files, "methods": methods}
+            "nl_files": cfg.eval.nl_files,
+            "methods": {run_name: summarise_run(run, task_names) for run_name, run in runs.items()}}
+
+
+def summarise_run(run: dict[str, Any], task_names: list[str]) -> dict[str, Any]:
+    """One continual run's results.json (what `train.py continual` writes) as the report's figures: the accuracy
+    matrix, NL omega after each task (also split into paper 1's NLU and NLG), NL Delta and VL harmonic mean
+    (percent), with 95% intervals: Wilson for every accuracy, a paired bootstrap over documents for NL Delta."""
+    base_nl = nl_accuracies(run["initial"])
+    omega_base = metrics.nl_omega(base_nl)
+    matrix = [[100.0 * after["vl"][t]["acc"] for t in task_names] for after in run["after_task"]]
+    nl_after = [metrics.nl_omega(nl_accuracies(after)) for after in run["after_task"]]
+    final = run["after_task"][-1]
+    summary = {
+        "methods": run["methods"], "task_names": task_names, "acc_matrix": matrix,
+        "nl_base": omega_base, "nl_after_task": nl_after, "nl_delta": metrics.nl_delta(omega_base, nl_after[-1]),
+        "nl_tasks_final": nl_accuracies(final), "nl_tasks_base": base_nl,
+        "vl_after_task": [metrics.average_accuracy(matrix, k) for k in range(len(matrix))],
+        "vl_hmean": metrics.vl_hmean(matrix[-1]),
+        # one task has no earlier task to forget: forgetting is [], BWT null (its REPORT.md cell is "-")
+        "forgetting": metrics.forgetting(matrix),
+        "bwt": metrics.backward_transfer(matrix) if len(matrix) > 1 else None,
+        "acc_matrix_ci": [[wilson(after["vl"][t]) for t in task_names] for after in run["after_task"]],
+        "nl_delta_ci": delta_interval(run["initial"], final),
+        "nl_delta_after_task": [metrics.nl_delta(omega_base, omega) for omega in nl_after],
+        "nl_delta_ci_after_task": [delta_interval(run["initial"], after) for after in run["after_task"]],
+        "nl_tasks_final_ci": {task: wilson(m) for task, m in final["nl"].items()},
+        "nlu_base": group_omega(run["initial"], "nlu"), "nlg_base": group_omega(run["initial"], "nlg"),
+        "nlu_after_task": [group_omega(after, "nlu") for after in run["after_task"]],
+        "nlg_after_task": [group_omega(after, "nlg") for after in run["after_task"]],
+    }
+    if "general_vl" in run["initial"]:  # paper 2's general VL score, pooled over its tests
+        summary["general_vl_base"] = general_vl_accuracy(run["initial"])
+        summary["general_vl_after_task"] = [general_vl_accuracy(after) for after in run["after_task"]]
+        summary["general_vl_ci_after_task"] = [general_interval(after) for after in run["after_task"]]
+        summary["general_after_task"] = [general_of(nl, vl) for nl, vl in zip(nl_after,
+                                                                              summary["general_vl_after_task"])]
+    return summary
 
 
 def wilson(task_metrics: dict[str, Any]) -> list[float]:

@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from mllm_cl.config import IMAGE_PLACEHOLDER_ID
@@ -23,7 +21,8 @@ from mllm_cl.generation import GenerationOutput, generate
 from mllm_cl.llava_layouts import (is_hf_llava, is_original_llava, load_projector, read_hf_llava,
                                    read_original_llava, write_hf_llava)
 from mllm_cl.llm import LanguageModel, LMOutput
-from mllm_cl.model_folder import CONFIG_FILE, ModelFolderError, atomic_save_tensors, read_config, staged_folder
+from mllm_cl.model_folder import (CONFIG_FILE, ModelFolderError, atomic_save_tensors, read_config, read_safetensors,
+                                  staged_folder)
 from mllm_cl.projector import Projector
 from mllm_cl.vision import VisionTower
 from mllm_cl.weights import load_llm, load_vision_tower, save_llm, save_vision_tower
@@ -161,9 +160,6 @@ def load_llava(folder: str | Path, device: torch.device | str | None = None,
     llm = load_llm(folder / "llm", device, dtype)
     vision = load_vision_tower(folder / "vision", device, dtype)
     path = folder / PROJECTOR_FILE
-    try:
-        tensors = load_file(str(path), device=str(device or "cpu"))
-    except (SafetensorError, OSError) as e:
-        raise ModelFolderError(f"cannot read {path}: {e}") from None
+    tensors = read_safetensors(path, device or "cpu")
     projector = load_projector(config["projector"], vision, llm, tensors, path, f"{folder / CONFIG_FILE}: projector")
     return LlavaModel(vision, projector.to(device=device, dtype=dtype), llm, config.get("template"))

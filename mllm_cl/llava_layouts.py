@@ -28,8 +28,8 @@ from mllm_cl.config import ConfigError, VisionConfig
 from mllm_cl.conversation import get_template
 from mllm_cl.data import CLIP_MEAN, CLIP_STD
 from mllm_cl.llm import LanguageModel
-from mllm_cl.model_folder import (CONFIG_FILE, SINGLE_FILE, atomic_save_tensors, copy_tokenizer_files, read_config,
-                                  read_tensors, staged_folder)
+from mllm_cl.model_folder import (CONFIG_FILE, SINGLE_FILE, atomic_save_tensors, check_float_weights,
+                                  copy_tokenizer_files, read_config, read_tensors, staged_folder)
 from mllm_cl.projector import Projector, build_projector
 from mllm_cl.vision import VisionTower
 from mllm_cl.weights import (CheckpointMismatchError, config_errors, hf_state_dict_from_llm, llm_config_from_hf,
@@ -74,6 +74,7 @@ def load_projector(kind: str, vision: VisionTower, llm: LanguageModel, tensors: 
         raise CheckpointMismatchError(f"{where} does not hold the {kind} projector {vision.config.d_model} -> "
                                       f"{llm.config.d_model} that {field} describes: expected {expected}, "
                                       f"found {found}")
+    check_float_weights(tensors, where)
     projector.load_state_dict(tensors, strict=True)
     return projector
 

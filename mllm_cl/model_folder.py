@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,21 +77,37 @@ def weight_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file; an unreadable file, or NaN or inf in a tensor, is a ModelFolderError."""
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ModelFolderError(f"cannot read {path}: {e}") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelFolderError(f"{path}: tensor {key!r} holds NaN or inf values (a diverged run or a "
+                                   "damaged file); it is not loaded")
+    return tensors
+
+
+def check_float_weights(tensors: dict[str, torch.Tensor], where: str | Path,
+                        keys: Iterable[str] | None = None) -> None:
+    """A ModelFolderError when a weight (each of `keys`, default all) is not floating point: an integer tensor
+    copied into a model would silently become whole numbers."""
+    for key in sorted(tensors if keys is None else keys):
+        if key in tensors and not tensors[key].is_floating_point():
+            raise ModelFolderError(f"{where}: weight {key!r} is {tensors[key].dtype}; model weights must be floating "
+                                   "point (float32, bfloat16 or float16): was the file converted wrongly?")
+
+
 def read_tensors(folder: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Every tensor of the folder's safetensors file(s), by key. A key found in two shards is an error."""
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
     for path in weight_files(folder):
-        try:
-            part = load_file(str(path), device=str(device))
-        except (SafetensorError, OSError) as e:
-            raise ModelFolderError(f"cannot read {path}: {e}") from None
-        for key, tensor in part.items():
+        for key, tensor in read_safetensors(path, device).items():
             if key in tensors:
                 raise ModelFolderError(f"key {key!r} appears in both {origin[key]} and {path}")
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise ModelFolderError(f"{path}: tensor {key!r} holds NaN or inf values (a diverged run or a "
-                                       "damaged file); it is not loaded")
             tensors[key], origin[key] = tensor, path
     return tensors
 

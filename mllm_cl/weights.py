@@ -18,7 +18,8 @@ from torch import nn
 from mllm_cl.config import ConfigError, LLMConfig, VisionConfig
 from mllm_cl.errors import UserError
 from mllm_cl.llm import LanguageModel
-from mllm_cl.model_folder import INDEX_FILE, SINGLE_FILE, read_config, read_tensors, write_model_folder
+from mllm_cl.model_folder import (INDEX_FILE, SINGLE_FILE, check_float_weights, read_config, read_tensors,
+                                  write_model_folder)
 from mllm_cl.vision import VisionTower
 
 # Buffers that Hugging Face checkpoints may carry and that we recompute instead.
@@ -253,6 +254,7 @@ def check_tensors(folder: Path, tensors: dict[str, torch.Tensor], expected: dict
         raise CheckpointMismatchError(f"{folder} does not match the {what} its config.json describes; "
                                       + "; ".join(problems)
                                       + ". Check that config.json belongs to these weights.")
+    check_float_weights(tensors, folder, expected)
 
 
 def _drop_ignored(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -146,3 +146,15 @@ def test_mismatched_folders_give_a_clear_error(tmp_path, capsys):
     refused(capsys, [str(tmp_path / "old"), str(tmp_path / "missing"), "--out", str(tmp_path / "x")],
             "config.json not found")
     assert not (tmp_path / "x").exists()
+
+
+def test_nan_or_integer_weights_are_refused(tmp_path, capsys):
+    old, _ = tiny_pair(tmp_path)
+    write_model_folder(tmp_path / "ints", {k: v.round().to(torch.int32) for k, v in old.items()}, {"which": "ints"})
+    refused(capsys, [str(tmp_path / "ints"), str(tmp_path / "ints"), "--out", str(tmp_path / "x")],
+            r"ints: weight 'b' is torch.int32; model weights must be floating point")
+    bad = dict(old, w=old["w"].clone().fill_(float("nan")))
+    write_model_folder(tmp_path / "nan", bad, {"which": "nan"})
+    refused(capsys, [str(tmp_path / "old"), str(tmp_path / "nan"), "--out", str(tmp_path / "x")],
+            r"nan/model.safetensors: tensor 'w' holds NaN or inf values")
+    assert not (tmp_path / "x").exists()

@@ -292,3 +292,37 @@ def test_a_symlink_out_of_the_image_folder_is_not_followed(tmp_path: Path, tok: 
     with pytest.raises(DataError, match=r"link.png links to .*secret.png, outside the image folder") as error:
         dataset(_one_image_entry(tmp_path, "link.png"), tok, images)
     assert error.value.reason == "image_outside_folder"
+
+
+# ---------------------------------------------------------------- images of every depth, and thin strips (issue 30)
+
+def test_16_bit_and_float_images_are_read_by_their_real_range(tmp_path: Path) -> None:
+    values = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    eight_bit = Image.fromarray(np.round(values * 255).astype(np.uint8), mode="L")
+    Image.fromarray(np.round(values * 65535).astype(np.uint16)).save(tmp_path / "deep.png")  # 16-bit grey
+    Image.fromarray(values.astype(np.float32), mode="F").save(tmp_path / "float.tiff")
+    expected = preprocess_image(eight_bit, 16)
+    for name in ("deep.png", "float.tiff"):
+        with Image.open(tmp_path / name) as image:
+            assert image.mode in ("I;16", "I", "F"), image.mode
+            clipped = preprocess_image(image.convert("RGB"), 16)  # PIL's own conversion: white or black
+        assert (clipped - expected).abs().max() > 1.0, name
+        torch.testing.assert_close(load_image(tmp_path / name, 16), expected, atol=0.02, rtol=0), name
+
+
+def test_images_without_a_range_to_read_are_refused(tmp_path: Path) -> None:
+    Image.fromarray(np.full((8, 8), 2.5, dtype=np.float32), mode="F").save(tmp_path / "hdr.tiff")
+    Image.fromarray(np.full((8, 8), 70000, dtype=np.int32), mode="I").save(tmp_path / "wide.tiff")
+    with pytest.raises(DataError, match=r"hdr.tiff cannot be read \(float pixels outside \[0, 1\]"):
+        load_image(tmp_path / "hdr.tiff", 16)
+    with pytest.raises(DataError, match=r"wide.tiff cannot be read \(I pixels from 70000 to 70000: beyond 16 bits"):
+        load_image(tmp_path / "wide.tiff", 16)
+
+
+def test_a_thin_strip_that_pads_to_a_huge_square_is_refused_before_padding(tmp_path: Path) -> None:
+    Image.new("L", (60000, 1)).save(tmp_path / "strip.png")
+    assert (tmp_path / "strip.png").stat().st_size < 1000  # a tiny file that would ask for a 3.6e9-pixel canvas
+    with pytest.raises(DataError, match="a 60000x1 image pads to a 60000x60000 square, over the 89,478,485 pixels"):
+        load_image(tmp_path / "strip.png", 16)
+    Image.new("L", (4000, 3)).save(tmp_path / "wide_but_fine.png")  # 16e6 pixels once square: allowed
+    assert load_image(tmp_path / "wide_but_fine.png", 16).shape == (3, 16, 16)

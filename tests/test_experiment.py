@@ -296,3 +296,27 @@ def test_the_joint_run_mixes_tasks_whose_images_lie_in_different_folders(tmp_pat
     one = mix_tasks(tasks[:1], tmp_path / "one")  # one folder: the records are kept as they are
     assert one.image_folder == tasks[0].image_folder
     assert json.loads(Path(one.test).read_text())[0]["image"] == "images/a.png"
+
+
+def test_a_one_task_experiment_reports_what_one_task_allows(tmp_path: Path) -> None:
+    cfg = load_json(ExperimentConfig, ROOT / "configs/experiments/smoke.json")
+    cfg = replace(cfg, out_dir=str(tmp_path / "run"), world=str(tmp_path / "world"), world_tasks=["color"],
+                  methods={"naive": ["naive"]}, run_train={})
+    results = run_experiment(cfg)
+    naive = json.loads((tmp_path / "run" / "results.json").read_text())["methods"]["naive"]
+    assert naive == json.loads(json.dumps(results["methods"]["naive"]))
+    assert naive["task_names"] == ["color"] and len(naive["acc_matrix"]) == 1
+    assert naive["bwt"] is None and naive["forgetting"] == []  # nothing earlier to forget
+    assert isinstance(naive["nl_delta"], float) and isinstance(naive["vl_hmean"], float)
+    summary = next(line for line in (tmp_path / "run" / "REPORT.md").read_text().splitlines()
+                   if line.startswith("| naive |"))
+    assert summary.endswith("| - | - |")  # BWT and mean forgetting
+
+    # eval.py --report reads the method run's own results.json (what train.py continual writes) as well
+    import eval as eval_cli
+
+    assert eval_cli.main(["--report", str(tmp_path / "run" / "methods" / "naive"), "--out",
+                          str(tmp_path / "report")]) == 0
+    again = next(line for line in (tmp_path / "report" / "REPORT.md").read_text().splitlines()
+                 if line.startswith("| naive |"))
+    assert again == summary  # the same figures as the experiment's own report

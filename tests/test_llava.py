@@ -202,3 +202,23 @@ def test_load_errors_name_the_file(tmp_path: Path):
         load_llava(folder)
     with pytest.raises(ModelFolderError, match="config.json not found"):
         load_llava(tmp_path / "nowhere")
+
+
+def test_nan_or_integer_weights_are_refused_in_every_part(tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    folder = save_llava(tiny_llava(), tmp_path / "llava")
+    files = {"projector": folder / "projector.safetensors", "llm": folder / "llm" / "model.safetensors",
+             "vision": folder / "vision" / "model.safetensors"}
+    originals = {part: path.read_bytes() for part, path in files.items()}
+    for part, path in files.items():
+        tensors = load_file(str(path))
+        key = sorted(tensors)[0]
+        for damage, message in ((lambda t: t.clone().fill_(float("nan")), f"tensor '{key}' holds NaN or inf values"),
+                                (lambda t: t.round().to(torch.int32), f"weight '{key}' is torch.int32; model weights "
+                                                                      "must be floating point")):
+            save_file({**tensors, key: damage(tensors[key])}, str(path))
+            with pytest.raises(ModelFolderError, match=message):
+                load_llava(folder)
+            path.write_bytes(originals[part])
+    load_llava(folder)  # whole again
