@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mllm_cl.errors import UserError
+from mllm_cl.json_files import read_json
 from mllm_cl.projector import projector_depth
 
 T = TypeVar("T")
@@ -85,6 +86,23 @@ def check_device(device: str, where: str) -> None:
         raise ConfigError(f"{where} must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
+# What a config file may ask for before anything is allocated: beyond these it is a typo or a hostile file (the
+# largest published models have ~130 layers and 128k-token contexts; a 2^30-token rope table takes 34 GB).
+MAX_LAYERS = 1024
+MAX_SEQ_LEN = 2 ** 20
+MAX_WIDTH = 2 ** 16  # d_model, d_ff, heads: the largest real ones are below 2^15
+
+
+def check_size(config: Any, layers: tuple[str, ...], widths: tuple[str, ...], lengths: tuple[str, ...] = ()) -> None:
+    """ConfigError naming the first field over MAX_LAYERS, MAX_WIDTH or MAX_SEQ_LEN."""
+    for keys, bound, what in ((layers, MAX_LAYERS, "layers"), (widths, MAX_WIDTH, "width"),
+                              (lengths, MAX_SEQ_LEN, "positions")):
+        for key in keys:
+            if getattr(config, key) > bound:
+                raise ConfigError(f"{type(config).__name__}.{key}={getattr(config, key)} is over {bound:,} ({what}), "
+                                  "more than any real model has: a typo, or a file not meant for a model")
+
+
 @dataclass
 class LLMConfig:
     """A decoder-only transformer. `arch` picks the Hugging Face layout it is read from and written to."""
@@ -116,6 +134,7 @@ class LLMConfig:
         check_fields(self, positive=("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "max_seq_len"),
                      positive_float=("rope_theta", "norm_eps", "init_std"), unit=("rotary_pct", "dropout"),
                      token_ids=("bos_token_id", "eos_token_id", "pad_token_id"))
+        check_size(self, ("n_layer",), ("n_head", "n_kv_head", "d_model", "d_ff"), ("max_seq_len",))
         if self.arch not in ("gpt_neox", "llama"):
             raise ConfigError(f"LLMConfig.arch must be 'gpt_neox' or 'llama', got {self.arch!r}")
         if self.d_model % self.n_head:
@@ -154,6 +173,7 @@ class VisionConfig:
     def __post_init__(self) -> None:
         check_fields(self, positive=("image_size", "patch_size", "num_channels", "d_model", "n_layer", "n_head",
                                      "d_ff", "projection_dim"), positive_float=("norm_eps",))
+        check_size(self, ("n_layer",), ("image_size", "num_channels", "n_head", "d_model", "d_ff", "projection_dim"))
         n = self.n_layer
         if not isinstance(self.select_layer, int) or not -(n + 1) <= self.select_layer <= n:
             raise ConfigError(f"VisionConfig.select_layer={self.select_layer!r} is out of range for a tower with {n} "
@@ -519,13 +539,7 @@ coerce_value = _coerce  # the same check for values outside a dataclass (a CL me
 
 
 def load_json(cls: type[T], path: str | Path) -> T:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    data = read_json(path, ConfigError)
     return from_dict(cls, data, str(path))
 
 

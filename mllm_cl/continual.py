@@ -32,6 +32,7 @@ from mllm_cl.data import TextOnlyInquiries, batches, check_fits, multimodal_data
 from mllm_cl.device import resolve_device
 from mllm_cl.evaluation import evaluate_nl_suite
 from mllm_cl.evaluation_vl import VLEvalCache, evaluate_vl_examples, read_vl_test_set
+from mllm_cl.json_files import read_json
 from mllm_cl.llava import LlavaModel, load_llava, save_llava, tokenizer_folder
 from mllm_cl.losses import LossResult, forward_loss
 from mllm_cl.methods import Method, TaskContext, build_methods
@@ -98,7 +99,7 @@ def run_continual(cfg: StageConfig) -> Path:
 
     for index, task in enumerate(cfg.tasks):
         task_dir = out / f"task_{index + 1}_{task.name}"
-        done = (task_dir / "eval.json").is_file() and (task_dir / "model").is_dir()
+        done = finished_task(task_dir)
         if done:
             model = load_llava(task_dir / "model", device=device)
         ctx = TaskContext(task_index=index, task_name=task.name, model=model, device=device,
@@ -136,7 +137,7 @@ def run_continual(cfg: StageConfig) -> Path:
             # Adam moments: 4x the model) is dead weight, 2 GB per task and method for SmolLM2-135M.
             distributed.on_main(lambda: (atomic_write_text(task_dir / "eval.json", json.dumps(scores, indent=2) + "\n"),
                                          remove_checkpoint(task_dir)))
-        results["after_task"].append(json.loads((task_dir / "eval.json").read_text()))
+        results["after_task"].append(read_json(task_dir / "eval.json", StageError, dict))
         results["wall_seconds"] = time.time() - start
         results["seconds"] = time_spent(results["after_task"], initial_seconds)
         distributed.on_main(lambda: atomic_write_text(results_path, json.dumps(results, indent=2) + "\n"))
@@ -162,6 +163,19 @@ def time_spent(after_task: list[dict[str, Any]], initial_seconds: float) -> dict
             "eval": initial_seconds + sum(t.get("eval", 0.0) for t in per_task)}
 
 
+def finished_task(task_dir: Path) -> bool:
+    """Whether an earlier run finished this task: its model saved and its scores readable. Scores damaged since
+    (a truncated eval.json) mean the task is learned again from the task before it, as seeded as the first time."""
+    if not ((task_dir / "eval.json").is_file() and (task_dir / "model").is_dir()):
+        return False
+    try:
+        read_json(task_dir / "eval.json", StageError, dict)
+    except StageError as e:
+        print(f"{e}: task {task_dir.name} is learned again")
+        return False
+    return True
+
+
 def initial_evaluation(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig,
                        cache: VLEvalCache | None = None) -> dict[str, Any]:
     """The scores of `init` before any task, cached in `cfg.initial_eval` (default <out_dir>/initial_eval.json).
@@ -173,7 +187,11 @@ def initial_evaluation(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig
     setup = {"format": 2, "init": str(Path(cfg.init).resolve()), "eval": to_dict(cfg.eval),
              "tests": {t.name: [t.test, t.image_folder] for t in cfg.tasks}}
     if path.is_file():
-        cached = json.loads(path.read_text())
+        try:
+            cached = read_json(path, StageError, dict)
+        except StageError as e:  # a cache: damaged, it is only made again
+            print(f"{e}; evaluating the starting model again")
+            cached = {}
         if cached.get("setup") == setup:
             return cached
     scores = {**evaluate_model(model, tokenizer, cfg, cache), "setup": setup}

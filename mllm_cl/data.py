@@ -26,7 +26,7 @@ from mllm_cl.config import IGNORE_INDEX, LLMConfig, StageConfig, VisionConfig
 from mllm_cl.conversation import (ASSISTANT, IMAGE_TOKEN, USER, ConversationError, Template, render_conversation,
                                   render_inquiry, render_prompt)
 from mllm_cl.errors import UserError
-from mllm_cl.tokenizer import Tokenizer
+from mllm_cl.tokenizer import Tokenizer, lone_surrogate
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -165,6 +165,9 @@ def validate_entry(record: Any, where: str, path: Path, image_folder: Path | Non
                        f"starting with human", "role_order")
         if not isinstance(turn["value"], str) or not turn["value"].strip():
             raise fail(f"turn {turn_index} has empty text", "empty_text")
+        surrogate = lone_surrogate(turn["value"])
+        if surrogate is not None:
+            raise fail(f"turn {turn_index} holds {surrogate}, which is not Unicode text", "bad_text")
         messages.append((role, turn["value"]))
     if not messages or messages[-1][0] != ASSISTANT:
         raise fail("a conversation must end with a gpt answer", "role_order")

@@ -33,6 +33,7 @@ import torch
 
 from mllm_cl.errors import UserError
 from mllm_cl.sharding import gather_results, my_batches
+from mllm_cl.tokenizer import lone_surrogate
 
 
 class EvalDataError(UserError, ValueError):
@@ -79,6 +80,11 @@ def _parse_doc(data: Any, path: Path, line: int) -> NLDoc:
     missing = sorted(keys - set(data))
     _check(not missing, path, line, f"missing key(s) {missing} for a {kind} document (needs {sorted(keys)})")
     _check(isinstance(data["id"], str), path, line, f"'id' must be a string, got {type(data['id']).__name__}")
+    texts = [data.get("context"), data.get("target")] + [s for pair in data.get("requests") or []
+                                                         if isinstance(pair, list) for s in pair]
+    for text in texts:
+        surrogate = lone_surrogate(text) if isinstance(text, str) else None
+        _check(surrogate is None, path, line, f"its text holds {surrogate}, which is not Unicode text")
     if kind == "last_word":
         for key in ("context", "target"):
             _check(isinstance(data[key], str), path, line, f"{key!r} must be a string")

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mllm_cl.errors import UserError
+from mllm_cl.json_files import read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -38,13 +39,7 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise ModelFolderError(f"{path} not found: a model folder needs config.json (Hugging Face layout)")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ModelFolderError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ModelFolderError(f"{path} must hold a JSON object of settings, not a {type(config).__name__}")
-    return config
+    return read_json(path, ModelFolderError, dict, "a JSON object of settings")
 
 
 def weight_files(folder: str | Path) -> list[Path]:
@@ -54,11 +49,11 @@ def weight_files(folder: str | Path) -> list[Path]:
         raise ModelFolderError(f"model folder {folder} does not exist")
     index = folder / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ModelFolderError(f"{index} is not a valid safetensors index ({e})") from None
-        names = sorted(set(weight_map.values()))
+        weight_map = read_json(index, ModelFolderError, dict).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelFolderError(f"{index} is not a safetensors index: it needs \"weight_map\", an object from "
+                                   f"tensor names to shard files, got {weight_map!r:.80}")
+        names = sorted(set(map(str, weight_map.values())))
         escaping = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
         if escaping:
             raise ModelFolderError(f"{index} names shard(s) {escaping} outside the folder: a shard must be a "

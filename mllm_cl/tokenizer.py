@@ -6,13 +6,13 @@ contains "</s>") into the special id: the templates in conversation.py place eve
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as BackendTokenizer
 
 from mllm_cl.errors import UserError
+from mllm_cl.json_files import read_json
 
 TOKENIZER_FILE = "tokenizer.json"
 # Read in this order; the first file that names a token wins. Token strings are mapped to ids through the vocab.
@@ -20,6 +20,16 @@ TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 ID_FILES = ("generation_config.json", "config.json")
 # Used only when no config file names the token (a bare tokenizer.json).
 FALLBACK_NAMES = {"bos": ("<s>", "<|endoftext|>", "<|startoftext|>"), "eos": ("</s>", "<|endoftext|>", "<|eos|>")}
+
+
+def lone_surrogate(text: str) -> str | None:
+    """How to name the first lone surrogate in `text` ("\\ud800 at character 5"), or None. JSON's escapes can
+    write one; no tokenizer takes it (`TextInputSequence must be str`), since it is not a Unicode character."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"a lone surrogate {text[e.start]!r} at character {e.start}"
+    return None
 
 
 class TokenizerError(UserError, ValueError):
@@ -107,8 +117,5 @@ def _special_id(name: str, folder: Path, backend: BackendTokenizer) -> int | Non
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path} is not valid JSON: {e}") from None
+    data = read_json(path, TokenizerError)
     return data if isinstance(data, dict) else {}

@@ -95,3 +95,26 @@ def test_runs_from_the_same_model_share_one_initial_evaluation(world: Path, init
     third.initial_eval, third.eval.vl_limit = str(cache), 2  # another evaluation setting: computed again
     run_stage(third)
     assert len(evaluations) == 3 * len(TASKS) + 2
+
+
+def test_damaged_scores_on_resume_are_made_again_not_a_traceback(world: Path, init_model: Path, tmp_path: Path,
+                                                                 capsys) -> None:
+    methods = ["naive"]
+    run_stage(stage(world, init_model, tmp_path / "whole", methods))
+    whole = json.loads((tmp_path / "whole/results.json").read_text())
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    middle = tmp_path / "cut/task_2_count/eval.json"
+    middle.write_text(middle.read_text()[:40])  # truncated, as a disk filled up or a copy stopped mid-file
+    initial = tmp_path / "cut/initial_eval.json"
+    initial.write_bytes(b"\xff" + initial.read_bytes()[1:])
+    capsys.readouterr()
+    run_stage(stage(world, init_model, tmp_path / "cut", methods))
+    said = capsys.readouterr().out
+    assert f"{initial} is not UTF-8 text (byte 0: invalid start byte); evaluating the starting model again" in said
+    assert f"{middle} is not valid JSON" in said and "task task_2_count is learned again" in said
+    resumed = json.loads((tmp_path / "cut/results.json").read_text())
+
+    def scores(results: dict) -> list[dict]:
+        return [{k: v for k, v in after.items() if k != "seconds"} for after in results["after_task"]]
+
+    assert scores(resumed) == scores(whole) and resumed["initial"] == whole["initial"]

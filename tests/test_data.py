@@ -326,3 +326,25 @@ def test_a_thin_strip_that_pads_to_a_huge_square_is_refused_before_padding(tmp_p
         load_image(tmp_path / "strip.png", 16)
     Image.new("L", (4000, 3)).save(tmp_path / "wide_but_fine.png")  # 16e6 pixels once square: allowed
     assert load_image(tmp_path / "wide_but_fine.png", 16).shape == (3, 16, 16)
+
+
+def test_a_lone_surrogate_is_bad_data_that_skip_bad_counts(tmp_path: Path, tok: Tokenizer, images: Path) -> None:
+    surrogate = ('{"id": "s", "conversations": [{"from": "human", "value": "Hi \\ud800?"}, '
+                 '{"from": "gpt", "value": "Ok."}]}')
+    path = write(tmp_path / "d.jsonl", [json.dumps(r) for r in GOOD] + [surrogate])
+    with pytest.raises(DataError, match=r"d\.jsonl: line 4 \(id 's'\): turn 0 holds a lone surrogate '\\ud800' at "
+                                        "character 3, which is not Unicode text") as error:
+        dataset(path, tok, images)
+    assert error.value.reason == "bad_text"
+    ds = dataset(path, tok, images, skip_bad=True)
+    assert len(ds) == 3 and ds.summary()["bad_text"] == 1
+
+
+def test_a_lone_surrogate_in_an_nl_benchmark_names_its_line(tmp_path: Path) -> None:
+    from mllm_cl.evaluation import EvalDataError
+    from mllm_cl.evaluation_nl import read_nl_documents
+
+    (tmp_path / "nl.jsonl").write_text('{"id": "a", "kind": "multiple_choice", "gold": 0, '
+                                       '"requests": [["Q", " yes"], ["Q", " n\\udc80o"]]}\n')
+    with pytest.raises(EvalDataError, match=r"nl\.jsonl, line 1: its text holds a lone surrogate '\\udc80'"):
+        read_nl_documents(tmp_path / "nl.jsonl")

@@ -336,3 +336,53 @@ def test_a_finished_experiments_scores_are_not_replaced_by_a_continual_run(tmp_p
         with pytest.raises(StageError, match="holds (results|initial_eval).json from something other than a run"):
             run_stage(continual_stage(tmp_path, train=TrainConfig(device="cpu", resume=resume)))
         assert digest(experiment) == before
+
+
+# ---------------------------------------------------------------- JSON files of every kind of wrong (issue 30)
+
+BAD_JSON = {"not UTF-8": (b"\xff\xfe{}", "is not UTF-8 text (byte 0: invalid start byte)"),
+            "nested": (b"[" * 100_000 + b"]" * 100_000, "is nested too deeply to be read"),
+            "not JSON": (b"{'a': 1}", "is not valid JSON")}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_JSON))
+def test_a_bad_config_file_is_one_line(tmp_path: Path, capsys, bad: str) -> None:
+    content, message = BAD_JSON[bad]
+    (tmp_path / "config.json").write_bytes(content)
+    assert train.main(["finetune", "--config", str(tmp_path / "config.json")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"train.py finetune: error: {tmp_path / 'config.json'} {message}" + err.split(message, 1)[1]
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("index, message", [
+    (b"[]", "must hold a JSON object, not a list"),
+    (b'{"weight_map": []}', 'is not a safetensors index: it needs "weight_map", an object from tensor names'),
+    (b'{"weight_map": {}}', 'is not a safetensors index: it needs "weight_map"'),
+    (b"\xff\xfe{}", "is not UTF-8 text"),
+])
+def test_a_bad_safetensors_index_is_one_error_naming_it(tmp_path: Path, index: bytes, message: str) -> None:
+    import re
+
+    from mllm_cl.config import LLMConfig
+    from mllm_cl.llm import LanguageModel
+    from mllm_cl.model_folder import ModelFolderError
+    from mllm_cl.weights import load_llm, save_llm
+
+    folder = save_llm(LanguageModel(LLMConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, d_model=8, d_ff=16)),
+                      tmp_path / "llm")
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_bytes(index)
+    with pytest.raises(ModelFolderError, match=re.escape(f"{folder / 'model.safetensors.index.json'} {message}")):
+        load_llm(folder)
+
+
+def test_a_tokenizer_config_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    from test_tokenizer import byte_tokenizer_folder
+
+    from mllm_cl.tokenizer import TokenizerError, load_tokenizer
+
+    folder = byte_tokenizer_folder(tmp_path / "tok")
+    (folder / "tokenizer_config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(TokenizerError, match=r"tokenizer_config.json is not UTF-8 text \(byte 0"):
+        load_tokenizer(folder)

@@ -213,3 +213,24 @@ def test_vision_tower_strictness_and_activation(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises(CheckpointMismatchError, match="quick_gelu"):
         load_vision_tower(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, ours, bound", [("num_hidden_layers", 100_000_000, "n_layer",
+                                                        r"1,024 \(layers\)"),
+                                                       ("max_position_embeddings", 2 ** 30, "max_seq_len",
+                                                        r"1,048,576 \(positions\)"),
+                                                       ("intermediate_size", 2 ** 20, "d_ff", r"65,536 \(width\)")])
+def test_a_config_asking_for_a_huge_model_is_refused_before_allocating(tmp_path, field, value, ours, bound):
+    import time
+
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1).to_dict()
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**config, field: value}))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointMismatchError, match=rf"config.json: LLMConfig.{ours}={value} is over {bound}"):
+        load_llm(folder)
+    assert time.perf_counter() - start < 5  # refused from the file, not after trying to build it (it hung)
