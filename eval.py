@@ -24,7 +24,7 @@ from mllm_cl.errors import run_cli
 from mllm_cl.evaluation import (NL_DIRS, NL_PATTERN, VL_DIRS, VL_PATTERN, EvalDataError, TaskResult,
                                 evaluate_nl_suite, evaluate_vl_suite, find_tasks)
 from mllm_cl.experiment import summarise_run
-from mllm_cl.llava import is_llava_folder, load_llava, tokenizer_folder
+from mllm_cl.llava import UNRECORDED_TEMPLATE, is_llava_folder, load_llava, tokenizer_folder
 from mllm_cl.model_folder import atomic_write_text, check_not_an_input, check_writable
 from mllm_cl.report import write_report
 from mllm_cl.tokenizer import load_tokenizer
@@ -90,7 +90,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     tokenizer = load_tokenizer(tokenizer_folder(args.model_dir) if is_llava else args.model_dir)
     llava = load_llava(args.model_dir, device, dtype, vision=args.vision).eval() if is_llava else None
     llm = llava.llm if llava is not None else load_llm(args.model_dir, device, dtype).eval()
-    template = args.template or (llava.template if llava is not None else None) or "pythia"
+    template = args.template or (llava.template if llava is not None else None) or UNRECORDED_TEMPLATE
 
     nl_dirs = [args.nl_dir] if args.nl_dir else list(NL_DIRS)
     vl_dirs = [args.vl_dir] if args.vl_dir else list(VL_DIRS)

@@ -5,7 +5,7 @@
 MODEL_DIR is a LLaVA folder in any layout this project reads (ours, transformers', or the original LLaVA
 repository's with --vision naming its CLIP folder). OUT_DIR gets the weights, config.json, the tokenizer with
 an `<image>` token, the chat template the model was trained with (`--template`, default: the one its folder
-records, else vicuna_v1) and the image processor's settings. OUT_DIR must be new or empty.
+records, else pythia, as training and eval.py assume) and the image processor's settings. OUT_DIR must be new or empty.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from mllm_cl.device import resolve_device
 from mllm_cl.evaluation import evaluate_nl_suite
 from mllm_cl.evaluation_vl import VLEvalCache, evaluate_vl_examples, read_vl_test_set
 from mllm_cl.json_files import read_json
-from mllm_cl.llava import LlavaModel, load_llava, save_llava, tokenizer_folder
+from mllm_cl.llava import UNRECORDED_TEMPLATE, LlavaModel, load_llava, save_llava, tokenizer_folder
 from mllm_cl.losses import LossResult, forward_loss
 from mllm_cl.methods import Method, TaskContext, build_methods
 from mllm_cl.model_folder import atomic_write_text
@@ -152,7 +152,7 @@ def load_init(cfg: StageConfig, device: torch.device | None = None) -> tuple[Lla
     model = load_llava(cfg.init, device=device, vision=vision)
     tokenizer = load_tokenizer(tokenizer_folder(cfg.init))
     check_fits(cfg.max_len, tokenizer, model.llm.config, f"init={cfg.init}")
-    return model, tokenizer, replace(cfg, template=cfg.template or model.template or "pythia")
+    return model, tokenizer, replace(cfg, template=cfg.template or model.template or UNRECORDED_TEMPLATE)
 
 
 def time_spent(after_task: list[dict[str, Any]], initial_seconds: float) -> dict[str, float]:

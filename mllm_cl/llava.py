@@ -29,6 +29,9 @@ from mllm_cl.weights import load_llm, load_vision_tower, save_llm, save_vision_t
 
 MODEL_TYPE = "mllm_cl_llava"
 PROJECTOR_FILE = "projector.safetensors"
+# The chat template of a model whose folder records none (one aligned here, or saved by older code): what
+# training (continual.load_init), eval.py and export.py all assume. LLaVA-1.5's own folders say vicuna_v1.
+UNRECORDED_TEMPLATE = "pythia"
 
 
 class LlavaModel(nn.Module):
@@ -115,7 +118,8 @@ def save_llava(model: LlavaModel, folder: str | Path, tokenizer_from: str | Path
     if layout == "hf":
         if tokenizer_from is None:
             raise ModelFolderError("the transformers layout needs the tokenizer (tokenizer_from)")
-        return write_hf_llava(model.llm, model.vision, model.projector, folder, tokenizer_from, template or "vicuna_v1")
+        return write_hf_llava(model.llm, model.vision, model.projector, folder, tokenizer_from,
+                              template or UNRECORDED_TEMPLATE)
     if layout != "ours":
         raise ModelFolderError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     with staged_folder(folder) as staging:

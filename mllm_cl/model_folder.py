@@ -161,6 +161,10 @@ def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
         save_file(contiguous, tmp, metadata=metadata)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
+    except (SafetensorError, OSError) as e:  # a full disk, most often: say that nothing was lost
+        Path(tmp).unlink(missing_ok=True)
+        kept = f"the previous {path} is kept as it was" if path.exists() else "no partial file is left"
+        raise ModelFolderError(f"cannot write {path}: {e}; {kept}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -180,7 +184,11 @@ def staged_folder(folder: str | Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=STAGING_SUFFIX))
     os.chmod(staging, 0o755)  # mkdtemp creates 0700; a model folder is meant to be shared
     try:
-        yield staging
+        try:
+            yield staging
+        except (SafetensorError, OSError) as e:  # a full disk, most often: say that nothing was lost
+            kept = f"the previous {folder} is kept as it was" if folder.exists() else "no partial copy is left"
+            raise ModelFolderError(f"cannot write {folder}: {e}; {kept}") from None
         old = folder.with_name(f".{folder.name}.old")
         if folder.exists():
             shutil.rmtree(old, ignore_errors=True)

@@ -16,6 +16,7 @@ an interrupted stage resumes with `resume=true`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,12 @@ def claim_out_dir(cfg: StageConfig) -> Path:
     settings, earlier = out / SETTINGS_FILE, _earlier_outputs(out, outputs)
     if earlier and settings.is_file():
         changed = changed_settings(out, cfg)
+        data = sorted(key.removeprefix(f"{DATA_KEY}.") for key in changed if key.startswith(f"{DATA_KEY}."))
+        changed = {key: value for key, value in changed.items() if not key.startswith(f"{DATA_KEY}.")}
+        if data and not changed:  # the same settings, other data: say which file
+            raise StageError(f"the training data changed since the run in {out} began: {', '.join(data)} (sha256 "
+                             "differs); resuming would continue on other data. Restore the file, or start afresh "
+                             "in another out_dir")
         if changed:
             raise StageError(f"{out} holds an earlier run with other settings (saved, now): {changed}; use another "
                              "out_dir, or the same settings to continue it")
@@ -111,7 +118,7 @@ def claim_out_dir(cfg: StageConfig) -> Path:
                          "to continue it, or choose another out_dir")
     if not earlier:  # a resumed run keeps the record of the run it continues
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(settings, json.dumps(to_dict(cfg), indent=2) + "\n")
+        atomic_write_text(settings, json.dumps(recorded_settings(cfg), indent=2) + "\n")
     models = [out / "model"] if cfg.stage != "continual" else [task / "model" for task in outputs[:len(cfg.tasks)]]
     for model in models:  # a model folder's staging copy that a killed swap left: ours to remove, under the lock
         for stale in remove_stale_staging(model):
@@ -129,9 +136,23 @@ def changed_settings(folder: Path, cfg: StageConfig, ignore: tuple[str, ...] = (
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StageError(f"{settings} is not valid JSON ({e}); it records an earlier run of {folder}: repair or "
                          "delete it, or choose another out_dir") from None
-    now = to_dict(cfg)
+    now = recorded_settings(cfg)
+    if DATA_KEY not in saved:  # recorded before the data's hashes were
+        del now[DATA_KEY]
     saved.update({key: now[key] for key in ("out_dir", *ignore)})
     return _changed_settings(saved, now)
+
+
+DATA_KEY = "data_sha256"  # in SETTINGS_FILE beside the settings: the training data a run began on
+
+
+def recorded_settings(cfg: StageConfig) -> dict[str, Any]:
+    """What SETTINGS_FILE records: the settings, and the sha256 of every training data file (the images aside),
+    so that a resume on data changed since (a reordered train.txt) is refused rather than silently continued."""
+    files = [cfg.train_file, cfg.inquiries, *(task.train for task in cfg.tasks)]
+    hashes = {file: hashlib.sha256(Path(file).read_bytes()).hexdigest() for file in files
+              if file and Path(file).is_file()}
+    return {**to_dict(cfg), DATA_KEY: hashes}
 
 
 def _inside(path: Path, folder: Path) -> bool:

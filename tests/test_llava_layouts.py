@@ -233,6 +233,21 @@ def test_export_command(tmp_path: Path, capsys) -> None:
     assert "exists and is not an empty folder" in capsys.readouterr().err
 
 
+def test_a_model_that_records_no_template_exports_the_one_training_assumed(tmp_path: Path) -> None:
+    import export
+
+    from mllm_cl.config import StageConfig
+    from mllm_cl.continual import load_init
+
+    save_llava(tiny_ours("gpt_neox"), tmp_path / "aligned", tokenizer_from=byte_tokenizer_folder(tmp_path / "tok"))
+    trained_with = load_init(StageConfig(init=str(tmp_path / "aligned"), max_len=128))[2].template
+    assert trained_with == "pythia"  # what a stage fine-tuning it renders with
+    assert export.main([str(tmp_path / "aligned"), str(tmp_path / "hf")]) == 0
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tokenizer.chat_template == chat_template_jinja(trained_with)  # was vicuna_v1's, with its literal <s>
+    assert load_llava(tmp_path / "hf").template == trained_with
+
+
 def test_a_llava_checkpoint_as_init_selects_vicuna_unless_told(tmp_path: Path) -> None:
     from mllm_cl.config import StageConfig
     from mllm_cl.continual import load_init

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -386,3 +387,24 @@ def test_a_tokenizer_config_that_is_not_utf8_is_one_line(tmp_path: Path) -> None
     (folder / "tokenizer_config.json").write_bytes(b"\xff\xfe{}")
     with pytest.raises(TokenizerError, match=r"tokenizer_config.json is not UTF-8 text \(byte 0"):
         load_tokenizer(folder)
+
+
+def test_resuming_on_training_data_changed_since_is_refused(world: Path, tmp_path: Path) -> None:
+    corpus = tmp_path / "train.txt"
+    lines = (world / "text/train.txt").read_text().splitlines(keepends=True)
+    corpus.write_text("".join(lines))
+
+    def on_corpus(**train: object) -> StageConfig:
+        return replace(text_stage(world, tmp_path / "run", **train), train_file=str(corpus))
+
+    run_stage(on_corpus(steps=2, save_every=1))
+    (tmp_path / "run" / "model").rename(tmp_path / "run" / "kept")  # as if killed after the first checkpoint
+    before = digest(tmp_path / "run")
+    corpus.write_text("".join(reversed(lines)))  # the same lines, another order: another run
+    with pytest.raises(StageError, match=rf"the training data changed since the run in .*run began: {corpus} "
+                                         r"\(sha256 differs\); resuming would continue on other data"):
+        run_stage(on_corpus(steps=2, save_every=1, resume=True))
+    assert digest(tmp_path / "run") == before
+    corpus.write_text("".join(lines))  # restored: the run continues
+    run_stage(on_corpus(steps=2, save_every=1, resume=True))
+    assert (tmp_path / "run" / "model").is_dir()

@@ -232,3 +232,28 @@ def test_resume_survives_a_cut_log_line_and_removes_a_killed_save(tmp_path: Path
     _assert_equal_weights(full, resumed)
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut/log.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6] and not (tmp_path / "cut/.checkpoint.k1ll3d.tmp").exists()
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_says_so(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    from safetensors import SafetensorError
+
+    import mllm_cl.run_state as run_state
+    from mllm_cl.model_folder import ModelFolderError
+
+    real_save = run_state.save_file
+    saves = []
+
+    def filling_disk(tensors, path):  # the second checkpoint finds the disk full
+        saves.append(path)
+        if sum("weights" in p for p in saves) > 1:
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                                  "\"No space left on device\" })")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(run_state, "save_file", filling_disk)
+    with pytest.raises(ModelFolderError, match=rf"cannot write {tmp_path / 'checkpoint'}: .*No space left on device.*; "
+                                               rf"the previous {tmp_path / 'checkpoint'} is kept as it was"):
+        _train(tmp_path, steps=4, save_every=2)
+    assert load_checkpoint(tmp_path / "checkpoint")["state"]["step"] == 2  # whole, and resumable
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".checkpoint")] == []  # no half copy left
