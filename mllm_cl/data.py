@@ -70,7 +70,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
             eight = np.round(pixels.astype(np.float64) * (255 / 65535)) if image.mode != "I" or pixels.max() > 255 \
                 else pixels  # mode I holding 8-bit values (a converted L image) stays as it is
         image = Image.fromarray(eight.astype(np.uint8), mode="L")
-    return image.convert("RGB")
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha: Pillow converts these only to their plain forms
+        image = image.convert(image.mode[:-1] + "A")
+    try:
+        return image.convert("RGB")
+    except ValueError as e:
+        raise DataError(f"an image of mode {image.mode} cannot be converted to RGB ({e})", "unreadable_image") \
+            from None
 
 
 def preprocess_image(image: Image.Image, image_size: int, mean: tuple[float, ...] = CLIP_MEAN,

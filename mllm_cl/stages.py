@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from mllm_cl.run_lock import out_dir_lock
 from mllm_cl.run_state import find_checkpoint
 from mllm_cl.seeding import derive_seed, seed_everything
 from mllm_cl.tokenizer import Tokenizer, load_tokenizer
-from mllm_cl.trainer import LOG_FILE, train_on
+from mllm_cl.trainer import LOG_FILE, micro_batch_for, train_on
 from mllm_cl.vision import VisionTower
 from mllm_cl.weights import load_llm, load_vision_tower, save_llm
 
@@ -50,6 +51,8 @@ def run_stage(cfg: StageConfig) -> Path:
     if cfg.stage not in STAGES:
         raise StageError(f"stage must be one of {', '.join(STAGES)}; got {cfg.stage!r}")
     resolve_device(cfg.train.device)  # an unknown or missing device fails here, before anything is written
+    if distributed.world_size() > 1:  # before the settings are recorded: they say what runs
+        cfg = replace(cfg, train=micro_batch_for(cfg.train, distributed.world_size()))
     if not cfg.out_dir.strip():
         raise StageError("out_dir is empty: name the folder this stage writes into (out_dir=runs/...)")
     out = Path(cfg.out_dir)

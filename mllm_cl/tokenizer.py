@@ -96,7 +96,8 @@ def _special_id(name: str, folder: Path, backend: BackendTokenizer) -> int | Non
         if isinstance(token, dict):  # {"content": "</s>", "lstrip": false, ...}
             token = token.get("content")
         if isinstance(token, str):
-            token_id = backend.token_to_id(token)
+            surrogate = lone_surrogate(token)
+            token_id = backend.token_to_id(token) if surrogate is None else None
             if token_id is None:
                 raise TokenizerError(f"{folder / file_name} names {name}_token {token!r}, which is not in "
                                      f"{folder / TOKENIZER_FILE}; fix the token or remove the key")

@@ -22,7 +22,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,22 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 LossFn = Callable[[nn.Module, Any], LossResult]  # (mean loss, how many tokens or samples it averages over, ...)
 BatchesFn = Callable[[int], Sequence[Any]]
+
+
+def micro_batch_for(cfg: TrainConfig, world: int) -> TrainConfig:
+    """`cfg` with a micro batch that `world` processes can share: each process takes the same number of
+    micro-batches of every step, so global_batch_size must divide by micro_batch_size x world. When it does not
+    but the global batch divides by `world`, the largest micro batch <= the given one that does is chosen (and
+    said); a step then sees the same samples, in smaller micro-batches. Otherwise ConfigError."""
+    if cfg.global_batch_size % (cfg.micro_batch_size * world) == 0:
+        return cfg
+    if cfg.global_batch_size % world:
+        raise ConfigError(f"global_batch_size={cfg.global_batch_size} cannot be shared by {world} processes: make it a "
+                          f"multiple of {world}")
+    micro = next(m for m in range(cfg.micro_batch_size, 0, -1) if cfg.global_batch_size % (m * world) == 0)
+    print(f"micro_batch_size {cfg.micro_batch_size} -> {micro}: global_batch_size={cfg.global_batch_size} is shared "
+          f"by {world} processes, {cfg.global_batch_size // world} samples each", flush=True)
+    return replace(cfg, micro_batch_size=micro)
 
 
 class Trainer:

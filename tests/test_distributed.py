@@ -206,3 +206,13 @@ def test_an_experiment_under_torchrun_gives_the_figures_of_one_rank(tmp_path: Pa
         one, two = results[1][method], results[2][method]
         assert one["acc_matrix"] == two["acc_matrix"]
         assert one["nl_after_task"] == pytest.approx(two["nl_after_task"], abs=1e-9)
+
+
+def test_the_smoke_configs_batches_run_on_two_processes(world: Path, init_model: Path, tmp_path: Path) -> None:
+    """Global batch 8 with micro batch 8, as configs/experiments/smoke.json has it: 2 processes take 4 each."""
+    config = finetune_config(world, init_model, tmp_path / "run", steps=2, distributed="ddp")
+    config.train.micro_batch_size = 8
+    done = torchrun(2, "finetune", config)
+    assert "micro_batch_size 8 -> 4: global_batch_size=8 is shared by 2 processes, 4 samples each" in done.stdout
+    assert json.loads((tmp_path / "run" / "stage_config.json").read_text())["train"]["micro_batch_size"] == 4
+    assert (tmp_path / "run" / "model").is_dir()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from test_tokenizer import byte_tokenizer_folder
 
 from mllm_cl.config import LLMConfig
@@ -160,3 +161,93 @@ def test_mutated_nl_benchmark(tmp_path: Path, tokenizer) -> None:
             evaluate_nl_suite(model, tokenizer, {"task": path}, max_seq_len=64, batch_size=4)
 
     assert run_cases(make_input, use, seed=3) == []
+
+
+def test_mutated_safetensors_index(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    folder = save_llm(LanguageModel(LLMConfig(vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, d_model=16, d_ff=32,
+                                              rotary_pct=0.25, max_seq_len=32)), tmp_path / "llm")
+    keys = sorted(load_file(str(folder / "model.safetensors")))
+    valid = {"metadata": {"total_size": 1}, "weight_map": {key: "model.safetensors" for key in keys}}
+    (folder / "model.safetensors").rename(folder / "shard.safetensors")
+    valid["weight_map"] = {key: "shard.safetensors" for key in keys}
+    index = folder / "model.safetensors.index.json"
+
+    def make_input(rng: random.Random, case: int) -> None:
+        if case % 4 == 3:
+            index.write_bytes(corrupt_text(dump(valid), rng))
+        else:
+            write = dump_escaped if case % 4 == 2 else dump
+            index.write_text(write(mutate(valid, rng)), encoding="utf-8", errors="surrogatepass")
+
+    def use() -> None:
+        loaded = load_llm(folder)
+        loaded(torch.randint(0, loaded.config.vocab_size, (1, 4)))
+
+    index.write_text(dump(valid))
+    use()  # the unmutated index loads
+    assert run_cases(make_input, use, seed=4) == []
+
+
+def test_mutated_tokenizer_config(tmp_path: Path) -> None:
+    valid = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "model_max_length": 64}
+    folder = byte_tokenizer_folder(tmp_path / "tok", tokenizer_config=valid)
+    path = folder / "tokenizer_config.json"
+
+    def make_input(rng: random.Random, case: int) -> None:
+        if case % 4 == 3:
+            path.write_bytes(corrupt_text(dump(valid), rng))
+        else:
+            write = dump_escaped if case % 4 == 2 else dump
+            path.write_text(write(mutate(valid, rng)), encoding="utf-8", errors="surrogatepass")
+
+    def use() -> None:
+        tok = load_tokenizer(folder)
+        tok.decode(tok.encode("Hello there."))
+
+    assert run_cases(make_input, use, seed=5) == []
+
+
+# Every mode Pillow can make: from a file in a format that keeps it (PNG where it can, else TIFF), or, for the
+# modes no format writes (a user cannot hand us such a file, but a caller of preprocess_image can), in memory.
+MODES = {"1": "png", "L": "png", "P": "png", "RGB": "png", "RGBA": "png", "LA": "png", "I;16": "png", "I": "tiff",
+         "I;16B": "tiff", "F": "tiff", "CMYK": "tiff", "YCbCr": "tiff", "LAB": "tiff", "RGBX": "tiff",
+         "HSV": None, "PA": None, "La": None, "RGBa": None}
+
+
+def test_images_of_every_mode_give_a_tensor_or_one_error(tmp_path: Path) -> None:
+    import time
+
+    from mllm_cl.data import load_image, preprocess_image
+
+    rng, outcomes = np.random.default_rng(6), {}
+    for mode, ext in MODES.items():
+        for trial in range(3):  # values in range; the type's extremes; beyond what the type can mean
+            size = (int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+            if mode == "F":  # floats in [0, 1], [0, 1] again, then up to 3
+                image = Image.fromarray((rng.random(size[::-1]) * (1, 1, 3)[trial]).astype(np.float32), mode="F")
+            elif mode.startswith("I"):  # 8-bit values, 16-bit ones, then (mode I only) 20-bit ones
+                top = (255, 65535, 2 ** 20 if mode == "I" else 65535)[trial]
+                image = Image.fromarray(rng.integers(0, top + 1, size[::-1]).astype(np.int32), mode="I").convert(mode)
+            else:
+                bands = len(Image.new(mode, (1, 1)).getbands())
+                image = Image.frombytes(mode, size, rng.integers(0, 256, size[0] * size[1] * bands,
+                                                                 dtype=np.uint8).tobytes())
+            name = f"{mode.replace(';', '_')}_{trial}" + (f".{ext}" if ext else "")
+            start = time.perf_counter()
+            try:
+                if ext:
+                    image.save(tmp_path / name)
+                    pixels = load_image(tmp_path / name, 16)
+                else:
+                    pixels = preprocess_image(image, 16)
+            except UserError as e:
+                outcomes[name] = str(e)
+            else:
+                assert pixels.shape == (3, 16, 16) and bool(torch.isfinite(pixels).all()), name
+                outcomes[name] = "read"
+            assert time.perf_counter() - start < 5, name
+    refused = {name: why for name, why in outcomes.items() if why != "read"}
+    assert sorted(refused) == ["F_2.tiff", "I_2.tiff"], refused  # only the values no range can explain
+    assert "float pixels outside [0, 1]" in refused["F_2.tiff"] and "beyond 16 bits" in refused["I_2.tiff"]
+    assert len(outcomes) == 3 * len(MODES)

@@ -257,3 +257,18 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_says_
         _train(tmp_path, steps=4, save_every=2)
     assert load_checkpoint(tmp_path / "checkpoint")["state"]["step"] == 2  # whole, and resumable
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".checkpoint")] == []  # no half copy left
+
+
+def test_a_micro_batch_that_processes_cannot_share_is_made_smaller_and_said(capsys) -> None:
+    from mllm_cl.config import ConfigError
+    from mllm_cl.trainer import micro_batch_for
+
+    fits = _config(global_batch_size=8, micro_batch_size=4)
+    assert micro_batch_for(fits, 2) is fits and capsys.readouterr().out == ""
+    assert micro_batch_for(_config(global_batch_size=8, micro_batch_size=8), 2).micro_batch_size == 4
+    assert "micro_batch_size 8 -> 4: global_batch_size=8 is shared by 2 processes, 4 samples each" in \
+        capsys.readouterr().out
+    assert micro_batch_for(_config(global_batch_size=24, micro_batch_size=8), 2).micro_batch_size == 6
+    assert micro_batch_for(_config(global_batch_size=12, micro_batch_size=12), 4).micro_batch_size == 3
+    with pytest.raises(ConfigError, match="global_batch_size=9 cannot be shared by 2 processes: make it a multiple"):
+        micro_batch_for(_config(global_batch_size=9, micro_batch_size=3), 2)
