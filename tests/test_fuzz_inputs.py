@@ -85,6 +85,29 @@ def dump_escaped(value: Any) -> str:
     return json.dumps(value)
 
 
+def mutated_json_file(path: Path, valid: Any) -> Callable[[random.Random, int], None]:
+    """make_input for a JSON file: in turn mutated and written raw, mutated and written escaped, corrupted."""
+    def make_input(rng: random.Random, case: int) -> None:
+        if case % 4 == 3:
+            path.write_bytes(corrupt_text(dump(valid), rng))
+        else:
+            write = dump_escaped if case % 4 == 2 else dump
+            path.write_text(write(mutate(valid, rng)), encoding="utf-8", errors="surrogatepass")
+
+    return make_input
+
+
+def tiny_llm_folder(folder: Path) -> Path:
+    torch.manual_seed(0)
+    return save_llm(LanguageModel(LLMConfig(vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, d_model=16, d_ff=32,
+                                            rotary_pct=0.25, max_seq_len=32)), folder)
+
+
+def load_and_run(folder: Path) -> None:
+    loaded = load_llm(folder)
+    loaded(torch.randint(0, loaded.config.vocab_size, (1, 4)))
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("fuzz_tok")
@@ -99,13 +122,6 @@ def test_mutated_llava_json(tmp_path: Path, tokenizer) -> None:
              {"id": "2", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}]
     path = tmp_path / "data.json"
 
-    def make_input(rng: random.Random, case: int) -> None:
-        if case % 4 == 3:
-            path.write_bytes(corrupt_text(dump(valid), rng))
-        else:
-            write = dump_escaped if case % 4 == 2 else dump
-            path.write_text(write(mutate(valid, rng)), encoding="utf-8", errors="surrogatepass")
-
     def use() -> None:
         for skip_bad in (False, True):
             data = ConversationDataset(path, tokenizer, "vicuna_v1", image_folder=tmp_path, image_size=8,
@@ -113,28 +129,13 @@ def test_mutated_llava_json(tmp_path: Path, tokenizer) -> None:
             for i in range(len(data)):
                 data[i]
 
-    assert run_cases(make_input, use, seed=1) == []
+    assert run_cases(mutated_json_file(path, valid), use, seed=1) == []
 
 
 def test_mutated_model_config(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = LanguageModel(LLMConfig(vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, d_model=16, d_ff=32,
-                                    rotary_pct=0.25, max_seq_len=32))
-    folder = save_llm(model, tmp_path / "llm")
+    folder = tiny_llm_folder(tmp_path / "llm")
     valid = json.loads((folder / "config.json").read_text())
-
-    def make_input(rng: random.Random, case: int) -> None:
-        if case % 4 == 3:
-            (folder / "config.json").write_bytes(corrupt_text(dump(valid), rng))
-        else:
-            write = dump_escaped if case % 4 == 2 else dump
-            (folder / "config.json").write_text(write(mutate(valid, rng)), encoding="utf-8", errors="surrogatepass")
-
-    def use() -> None:
-        loaded = load_llm(folder)
-        loaded(torch.randint(0, loaded.config.vocab_size, (1, 4)))
-
-    assert run_cases(make_input, use, seed=2) == []
+    assert run_cases(mutated_json_file(folder / "config.json", valid), lambda: load_and_run(folder), seed=2) == []
 
 
 def test_mutated_nl_benchmark(tmp_path: Path, tokenizer) -> None:
@@ -164,48 +165,25 @@ def test_mutated_nl_benchmark(tmp_path: Path, tokenizer) -> None:
 
 
 def test_mutated_safetensors_index(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    folder = save_llm(LanguageModel(LLMConfig(vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, d_model=16, d_ff=32,
-                                              rotary_pct=0.25, max_seq_len=32)), tmp_path / "llm")
+    folder = tiny_llm_folder(tmp_path / "llm")
     keys = sorted(load_file(str(folder / "model.safetensors")))
-    valid = {"metadata": {"total_size": 1}, "weight_map": {key: "model.safetensors" for key in keys}}
     (folder / "model.safetensors").rename(folder / "shard.safetensors")
-    valid["weight_map"] = {key: "shard.safetensors" for key in keys}
+    valid = {"metadata": {"total_size": 1}, "weight_map": {key: "shard.safetensors" for key in keys}}
     index = folder / "model.safetensors.index.json"
-
-    def make_input(rng: random.Random, case: int) -> None:
-        if case % 4 == 3:
-            index.write_bytes(corrupt_text(dump(valid), rng))
-        else:
-            write = dump_escaped if case % 4 == 2 else dump
-            index.write_text(write(mutate(valid, rng)), encoding="utf-8", errors="surrogatepass")
-
-    def use() -> None:
-        loaded = load_llm(folder)
-        loaded(torch.randint(0, loaded.config.vocab_size, (1, 4)))
-
     index.write_text(dump(valid))
-    use()  # the unmutated index loads
-    assert run_cases(make_input, use, seed=4) == []
+    load_and_run(folder)  # the unmutated index loads
+    assert run_cases(mutated_json_file(index, valid), lambda: load_and_run(folder), seed=4) == []
 
 
 def test_mutated_tokenizer_config(tmp_path: Path) -> None:
     valid = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "model_max_length": 64}
     folder = byte_tokenizer_folder(tmp_path / "tok", tokenizer_config=valid)
-    path = folder / "tokenizer_config.json"
-
-    def make_input(rng: random.Random, case: int) -> None:
-        if case % 4 == 3:
-            path.write_bytes(corrupt_text(dump(valid), rng))
-        else:
-            write = dump_escaped if case % 4 == 2 else dump
-            path.write_text(write(mutate(valid, rng)), encoding="utf-8", errors="surrogatepass")
 
     def use() -> None:
         tok = load_tokenizer(folder)
         tok.decode(tok.encode("Hello there."))
 
-    assert run_cases(make_input, use, seed=5) == []
+    assert run_cases(mutated_json_file(folder / "tokenizer_config.json", valid), use, seed=5) == []
 
 
 # Every mode Pillow can make: from a file in a format that keeps it (PNG where it can, else TIFF), or, for the
