@@ -78,10 +78,11 @@ RESUMABLE_CHANGES = {"train": RESUMABLE_TRAIN_FIELDS}  # per section: settings a
 def claim_out_dir(cfg: StageConfig) -> Path:
     """Check that `out_dir` may take this run, then record its settings there (SETTINGS_FILE).
 
-    Refused, before anything is written: an empty `out_dir`; an `out_dir` whose outputs would replace a model
-    this stage reads; an earlier run there with other settings; an earlier run (or a model it did not write)
-    without `train.resume=true`. A run that stopped before writing anything (bad input) leaves only its
-    settings, which the next run replaces.
+    Refused, before anything is written: an `out_dir` whose outputs would replace a model this stage reads, or
+    an `initial_eval` that would replace an input; an earlier run there with other settings or on other training
+    data; an earlier run (or a model, or scores, it did not write) without `train.resume=true`. A run that
+    stopped before writing anything (bad input) leaves only its settings, which the next run replaces. Called
+    under the out_dir's lock (run_stage), so it also removes what a killed save left.
     """
     out = Path(cfg.out_dir)
     outputs = [out / "model"] if cfg.stage != "continual" else [out / f"task_{i + 1}_{t.name}"
