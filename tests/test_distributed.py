@@ -129,8 +129,9 @@ def test_micro_batches_without_images_leave_no_param_behind(world: Path, init_mo
 
 
 @pytest.mark.parametrize("methods,engine", [(["msgm", "rehearsal"], "ddp"), (["uir"], "ddp"), (["ewc", "sac"], "ddp"),
-                                            (["lwf", "modelmix"], "ddp"), (["llava_c"], "ddp"), (["soft_targets"], "ddp"),
-                                            (["msgm", "rehearsal"], "fsdp"), (["uir"], "fsdp")],
+                                            (["lwf", "modelmix"], "ddp"), (["llava_c"], "ddp"),
+                                            (["soft_targets"], "ddp"), (["msgm", "rehearsal"], "fsdp"),
+                                            (["uir"], "fsdp")],
                          ids=["msgm+rehearsal", "uir", "ewc+sac", "lwf+modelmix", "llava_c", "soft_targets",
                               "fsdp-msgm+rehearsal", "fsdp-uir"])
 def test_continual_run_with_cl_methods_on_two_ranks_equals_one_rank(world: Path, init_model: Path, tmp_path: Path,
