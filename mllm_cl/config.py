@@ -300,8 +300,10 @@ class TrainConfig:
             problems.append(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             problems.append(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        if not isinstance(self.device, str) or not DEVICE_NAME.fullmatch(self.device):
-            problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        try:
+            check_device(self.device, "device")
+        except ConfigError as e:
+            problems.append(str(e))
         if self.distributed not in DISTRIBUTED_ENGINES:
             problems.append(f"distributed must be one of {', '.join(DISTRIBUTED_ENGINES)}, got {self.distributed!r}")
         if problems:

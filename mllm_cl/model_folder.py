@@ -53,8 +53,11 @@ def weight_files(folder: str | Path) -> list[Path]:
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelFolderError(f"{index} is not a safetensors index: it needs \"weight_map\", an object from "
                                    f"tensor names to shard files, got {weight_map!r:.80}")
-        names = sorted(set(map(str, weight_map.values())))
-        escaping = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
+        if not all(isinstance(name, str) for name in weight_map.values()):
+            raise ModelFolderError(f"{index}: every shard in \"weight_map\" must be a file name (a string), got "
+                                   f"{sorted({repr(n) for n in weight_map.values() if not isinstance(n, str)})[:3]}")
+        names = sorted(set(weight_map.values()))
+        escaping = [n for n in names if Path(n).name != n or n in ("", ".", "..")]
         if escaping:
             raise ModelFolderError(f"{index} names shard(s) {escaping} outside the folder: a shard must be a "
                                    "file name in the folder itself")

@@ -32,6 +32,7 @@ from mllm_cl.continual import load_init, run_continual
 from mllm_cl.data import (DataError, TextCorpus, check_fits, load_image, multimodal_dataset, read_records,
                           validate_entry)
 from mllm_cl.device import resolve_device
+from mllm_cl.json_files import read_json
 from mllm_cl.llava import LlavaModel, save_llava, tokenizer_folder
 from mllm_cl.llm import LanguageModel
 from mllm_cl.losses import LossResult, forward_loss
@@ -136,10 +137,10 @@ def changed_settings(folder: Path, cfg: StageConfig, ignore: tuple[str, ...] = (
     settings a resumed run may change."""
     settings = folder / SETTINGS_FILE
     try:
-        saved = json.loads(settings.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StageError(f"{settings} is not valid JSON ({e}); it records an earlier run of {folder}: repair or "
-                         "delete it, or choose another out_dir") from None
+        saved = read_json(settings, StageError, dict)
+    except StageError as e:
+        raise StageError(f"{e}; it records an earlier run of {folder}: repair or delete it, or choose another "
+                         "out_dir") from None
     now = recorded_settings(cfg)
     if DATA_KEY not in saved:  # recorded before the data's hashes were
         del now[DATA_KEY]
