@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -34,14 +35,27 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mllm_cl.llm import LanguageModel
 
-try:  # torch >= 2.6; 2.4 and 2.5 have FSDP2 under its first name
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-except ImportError:  # pragma: no cover
-    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
-try:
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # pragma: no cover
-    from torch.distributed._tensor import DTensor, distribute_tensor
+
+
+def _fsdp2() -> tuple[Any, Any]:
+    """(MixedPrecisionPolicy, fully_shard), imported on first use: the import takes about a second, which every
+    process start (each CLI, each worker) would pay for an engine few runs use."""
+    try:  # torch >= 2.6; 2.4 and 2.5 have FSDP2 under its first name
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # pragma: no cover
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    return MixedPrecisionPolicy, fully_shard
+
+
+def _dtensor_module() -> Any:
+    """torch's DTensor module once anything has imported it (FSDP2 has, when a tensor is sharded), else None."""
+    return sys.modules.get("torch.distributed.tensor") or sys.modules.get("torch.distributed._tensor")
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a DTensor (an FSDP2 shard), without importing DTensor where no tensor can be one."""
+    module = _dtensor_module()
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 # Buffers (rotary tables) are the same on every rank: nothing to broadcast before each forward. torch 2.13
@@ -108,6 +122,7 @@ class Engine:
         elif kind == "fsdp":
             self.plain = _skeleton(model)
             frozen = {p for p in model.parameters() if not p.requires_grad}
+            MixedPrecisionPolicy, fully_shard = _fsdp2()
             policy = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
                                           reduce_dtype=torch.float32)
             for block in blocks_of(model):
@@ -155,7 +170,7 @@ def _skeleton(model: nn.Module) -> nn.Module:
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """A sharded tensor gathered whole on every rank (a collective); any other tensor itself."""
-    if not isinstance(tensor, DTensor):
+    if not is_sharded(tensor):
         return tensor
     whole = tensor.full_tensor()
     # the gather may still be in flight (an AsyncCollectiveTensor): wait for it here, also on the ranks that never
@@ -165,6 +180,6 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`full` cut into the shards `like` has, when `like` is sharded; `full` itself otherwise."""
-    if not isinstance(like, DTensor):
+    if not is_sharded(like):
         return full
-    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
+    return _dtensor_module().distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)

@@ -8,8 +8,8 @@ Under torchrun (`train.distributed`, `mllm_cl.parallel`) each of the W ranks tak
 micro-batches of every step: step s's global micro-batches are those a one-process run takes, rank r the
 r-th consecutive share of them. Token counts are summed over the ranks, so the step's gradient is the same
 token-weighted mean, and randomness inside a micro-batch (LoRA dropout) is keyed by the micro-batch's place
-in the epoch, not by the rank: 1 rank x 8 micro-batches and 2 ranks x 4 train the same model. Rank 0 writes
-the log and the checkpoints.
+in the epoch, not by the rank: one process without an engine, 1 rank x 8 micro-batches and 2 ranks x 4 train
+the same model. Rank 0 writes the log and the checkpoints.
 
 The loop knows nothing of continual learning: a CL method changes the loss through `loss_fn`, which the
 continual stage composes from the methods' hooks (`mllm_cl.methods.base.Method`), and acts before and after
@@ -215,8 +215,7 @@ class Trainer:
         first = self.index + self.rank * share  # this rank's part of the step's global micro-batches
         for i in range(first, first + share):
             last = i == first + share - 1
-            if self.engine.kind != "none":
-                torch.manual_seed(derive_seed(self.config.seed, "micro-batch", self.epoch, i))
+            torch.manual_seed(derive_seed(self.config.seed, "micro-batch", self.epoch, i))
             batch = _to_device(batches[i], self.device)
             with self.engine.sync(last):
                 loss, n_tokens = self.engine(batch)[:2]

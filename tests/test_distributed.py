@@ -136,13 +136,13 @@ def test_micro_batches_without_images_leave_no_param_behind(world: Path, init_mo
                               "fsdp-msgm+rehearsal", "fsdp-uir"])
 def test_continual_run_with_cl_methods_on_two_ranks_equals_one_rank(world: Path, init_model: Path, tmp_path: Path,
                                                                     methods: list[str], engine: str) -> None:
-    """Same global batch: 1 rank x 4 micro-batches against 2 ranks x 2. LoRA's dropout (in mSGM) is keyed by the
-    micro-batch, UIR's inquiries are shared out like the task's batches, EWC's Fisher is summed over the ranks.
-    Between them the cases run every method of both papers' grids (naive is every run's base; LLaVA-c is LoRA,
-    UIR and SAC)."""
+    """Same global batch: one process without an engine, 4 micro-batches, against 2 ranks x 2. LoRA's dropout
+    (in mSGM) is keyed by the micro-batch, UIR's inquiries are shared out like the task's batches, EWC's Fisher is
+    summed over the ranks. Between them the cases run every method of both papers' grids (naive is every run's
+    base; LLaVA-c is LoRA, UIR and SAC)."""
     options = {"lora": {"rank": 4}, "rehearsal": {"share": 0.2}} if "msgm" in methods else \
         {"lora": {"rank": 4}} if "llava_c" in methods else {}
-    torchrun(1, "continual", continual_config(world, init_model, tmp_path / "ranks1", methods, options))
+    run_stage(continual_config(world, init_model, tmp_path / "ranks1", methods, options, engine="none"))
     torchrun(2, "continual", continual_config(world, init_model, tmp_path / "ranks2", methods, options, engine))
     for task in ("task_1_color", "task_2_count"):
         assert_same_weights(tmp_path / f"ranks1/{task}/model", tmp_path / f"ranks2/{task}/model")
