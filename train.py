@@ -19,14 +19,24 @@ import torch.distributed as dist
 
 from mllm_cl import distributed
 from mllm_cl.config import STAGES, ExperimentConfig, StageConfig, apply_overrides, load_json
+from mllm_cl.config_help import settings_help
 from mllm_cl.errors import rank_prefix, run_cli
 from mllm_cl.experiment import run_experiment
 from mllm_cl.stages import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=[*STAGES, "experiment"])
+    if argv is None:
+        argv = sys.argv[1:]
+    stage = next((a for a in argv if not a.startswith("-")), None)
+    epilog = None
+    if stage in (*STAGES, "experiment"):
+        epilog = (settings_help(ExperimentConfig) if stage == "experiment"
+                  else settings_help(StageConfig, skip=("stage",)))
+    parser = argparse.ArgumentParser(description=__doc__, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=[*STAGES, "experiment"],
+                        help="the stage to run; `train.py STAGE --help` lists its settings")
     parser.add_argument("--config", help="JSON file with the stage's or experiment's settings")
     parser.add_argument("overrides", nargs="*", help="key=value settings applied after the config file")
     args = parser.parse_intermixed_args(argv)

@@ -257,22 +257,22 @@ DISTRIBUTED_ENGINES = ("auto", "none", "ddp", "fsdp")  # TrainConfig.distributed
 @dataclass
 class TrainConfig:
     steps: int = 0  # optimizer steps; 0: `epochs` passes over the data
-    epochs: int = 1
+    epochs: int = 1  # passes over the data, when steps is 0
     global_batch_size: int = 8  # samples per optimizer step
     micro_batch_size: int = 8  # samples per forward; gradient accumulation = global / micro
     lrs: dict[str, float] = field(default_factory=lambda: {"": 1e-3})  # param-name prefix -> learning rate
     weight_decay: float = 0.0  # never on biases and norms
     decay_embeddings: bool = True  # False: no weight decay on nn.Embedding weights either
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's beta1, beta2
+    warmup_ratio: float = 0.03  # share of the steps with a linear warmup, then a cosine decay
+    min_lr_ratio: float = 0.0  # the cosine ends at lr x min_lr_ratio
     max_grad_norm: float = 1.0  # 0: no clipping
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
     activation_checkpointing: bool = False  # on every block of each nn.ModuleList named `blocks`
     compile: str = ""  # a torch.compile backend ("inductor") for the LLM's blocks while training; "": eager
-    log_every: int = 10
+    log_every: int = 10  # steps between progress lines (and log.jsonl records)
     save_every: int = 0  # steps between checkpoints; 0: only at the end
-    seed: int = 0
+    seed: int = 0  # model init, data order, dropout (each stage and task derives its own from it)
     device: str = "auto"  # "auto": cuda if available
     resume: bool = False  # continue from out_dir/checkpoint if there is one
     # under torchrun: "ddp" (DistributedDataParallel), "fsdp" (FSDP2's fully_shard), "none" (one process only);
@@ -341,8 +341,8 @@ class EvalSpec:
     nl_files: list[str] = field(default_factory=list)  # NL request files (JSONL, docs/CONTRACTS.md)
     nl_limit: int = 0  # first N documents of each NL file (0: all)
     vl_limit: int = 0  # first N test samples of each VL task (0: all)
-    batch_size: int = 32
-    max_new_tokens: int = 8
+    batch_size: int = 32  # evaluation batch
+    max_new_tokens: int = 8  # VL answers are generated greedily up to this many tokens
     # VL tests outside the task sequence, measured after every task (paper 2's general VL benchmarks)
     general_vl: list[TaskSpec] = field(default_factory=list)
 
@@ -356,23 +356,24 @@ class EvalSpec:
 
 @dataclass
 class StageConfig:
-    stage: str = "finetune"
-    out_dir: str = "runs/stage"
+    stage: str = "finetune"  # one of STAGES (train.py's STAGE argument sets it)
+    out_dir: str = "runs/stage"  # model/, log.jsonl, stage_config.json, the trainer checkpoint
     llm: str = "tiny"  # a preset name (built from scratch) or an HF LLM folder
     vision: str = "clip-tiny"  # a preset name (built from scratch) or an HF CLIP folder
-    projector: str = "mlp2x_gelu"
+    projector: str = "mlp2x_gelu"  # "linear" or mlp<N>x_gelu (LLaVA-1.5: mlp2x_gelu)
     init: str = ""  # a multimodal folder to start from (finetune, continual)
     tokenizer: str = ""  # tokenizer folder or tokenizer.json, when the LLM is built from a preset
     template: str = ""  # chat template; "": the one `init` was trained with (LLaVA-1.5: vicuna_v1), else pythia
     train_file: str = ""  # text corpus (pretrain-text) or LLaVA JSON/JSONL (the other stages)
-    image_folder: str = ""
-    max_len: int = 512
-    skip_bad: bool = False
+    image_folder: str = ""  # the folder the samples' "image" paths are relative to
+    max_len: int = 512  # tokens per sample, image tokens included; longer samples are cut
+    skip_bad: bool = False  # skip (and count) malformed samples instead of stopping at the first
     tasks: list[TaskSpec] = field(default_factory=list)  # continual
     inquiries: str = ""  # text-only inquiries for UIR (LLaVA JSON without images)
-    initial_eval: str = ""  # continual: cache file of init's scores before any task (default <out_dir>/initial_eval.json)
+    initial_eval: str = ""  # continual: init's scores before any task, cached (default <out_dir>/initial_eval.json)
+    # continual: the CL methods, composed (mllm_cl/methods)
     methods: list[str] = field(default_factory=lambda: ["naive"])
-    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> its constructor's options
     eval: EvalSpec = field(default_factory=EvalSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -405,17 +406,17 @@ def _train(**kw: Any) -> Any:
 
 @dataclass
 class ExperimentConfig:
-    name: str = "demo"
-    out_dir: str = "runs/demo"
+    name: str = "demo"  # names the experiment in reports, and its folder when another runs it `then`
+    out_dir: str = "runs/demo"  # every stage's folder, a folder per method run, results.json, REPORT.md
     world: str = "data/synthetic"  # the synthetic world's folder (images, tasks, NL files, tokenizer)
     world_size: str = "demo"  # generated with this size when `world` holds no world.json ("" : never generate)
-    world_seed: int = 0
+    world_seed: int = 0  # the synthetic world's generator seed
     llm: str = "tiny"  # a preset (pre-trained here on the world's text) or an HF LLM folder
     vision: str = "clip-tiny"  # a preset (pre-trained here on the world's captions) or an HF CLIP folder
     tokenizer: str = ""  # default: the world's tokenizer.json when `llm` is a preset, else the LLM folder's
-    projector: str = "mlp2x_gelu"
-    template: str = "pythia"
-    max_len: int = 256
+    projector: str = "mlp2x_gelu"  # "linear" or mlp<N>x_gelu
+    template: str = "pythia"  # chat template: pythia, vicuna_v1 or chatml
+    max_len: int = 256  # tokens per sample, image tokens included
     text_corpus: str = ""  # default: <world>/text/train.txt
     align_file: str = ""  # default: <world>/align.json
     inquiries: str = ""  # default: <world>/inquiries.json
@@ -428,10 +429,10 @@ class ExperimentConfig:
     # paper 2's Figure 4 (protocol paper2): curve name -> method run whose model after the first task is
     # consolidated at every alpha of alpha_curve_alphas, e.g. {"vanilla": "lora", "uir": "lora+uir"}
     alpha_curves: dict[str, str] = field(default_factory=dict)
-    alpha_curve_alphas: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
-    # paper 2's Table 4 and Figure 1: the ablation's runs in order, and the run whose methods also learn every task
-    # at once (their training sets mixed, as many steps as the whole sequence): the multitask reference point
-    ablation: list[str] = field(default_factory=list)
+    alpha_curve_alphas: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])  # curves' x
+    ablation: list[str] = field(default_factory=list)  # paper 2's Table 4: the ablation's method runs, in order
+    # paper 2's Figure 1: the method run whose methods also learn every task at once (their training sets mixed, as
+    # many steps as the whole sequence): the multitask reference point
     joint_run: str = ""
     tasks: list[TaskSpec] = field(default_factory=list)  # default: the world's tasks (see world_tasks)
     world_tasks: list[str] = field(default_factory=list)  # which of the world's tasks, in order (default: all)
@@ -449,7 +450,7 @@ class ExperimentConfig:
     # run name -> method -> options that differ for that run (paper 2's LoRA in a grid beside paper 1's)
     run_method_options: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     seeds: int = 1  # N > 1: the whole experiment once per seed 0..N-1 (seed_<s>/), then mean and sd per method
-    device: str = "auto"
+    device: str = "auto"  # every stage's train.device ("auto": cuda if available)
     workers: int = 1  # method runs (and the joint run) at a time, each in its own process: see mllm_cl.workers
     # Experiment config files run after this one, each into out_dir/<its name>, with this one's model (llm, vision,
     # projector, tokenizer, template, max_len), seeds, device and workers: a shared stage whose settings equal this

@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import json
 import re
+import textwrap
 from functools import cache
 from typing import Any
 
@@ -62,20 +63,22 @@ def settings(config: Any, prefix: str = "", first: dict[type, str] | None = None
         if kind in first:
             changed = {k: v for k, v in dataclasses.asdict(value).items() if v != getattr(kind(), k)}
             rows.append((f"{key}.*", _shown(changed) if changed else "",
-                         f"{text + '; ' if text else ''}a {kind.__name__}, with the settings of {first[kind]}.*"))
+                         f"{text + '; ' if text else ''}a {kind.__name__}: the keys of {first[kind]}.*; the defaults "
+                         f"after '=' are those that differ from a {kind.__name__}'s"))
             continue
         first[kind] = key
-        rows.append((f"{key}.*", "", text or f"a {kind.__name__}:"))
+        rows.append((f"{key}.*", "", text or f"the {kind.__name__} settings below"))
         rows.extend(settings(value, key + ".", first))
     return rows
 
 
-def settings_help(cls: type) -> str:
-    """The settings of `cls` as an aligned text table for argparse's epilog."""
-    rows = settings(cls())
-    width = max(len(key) for key, _, _ in rows)
-    lines = [f"settings (key=value; the default after '='; nested keys with dots, lists as [a,b]):"]
+def settings_help(cls: type, skip: tuple[str, ...] = ()) -> str:
+    """The settings of `cls` (but those in `skip`) as text for argparse's epilog: each key with its default, then
+    its help, indented and wrapped."""
+    rows = [row for row in settings(cls()) if row[0] not in skip]
+    lines = ["settings (key=value after the config file; the default after '='; nested keys with dots, lists "
+             "as [a,b]):"]
     for key, default, text in rows:
-        head = f"  {key:<{width}}" + (f" = {default}" if default else "")
-        lines.append(f"{head}\n      {text}" if text else head)
+        lines.append(f"  {key}" + (f" = {default}" if default else ""))
+        lines.extend(textwrap.wrap(text, width=100, initial_indent=" " * 6, subsequent_indent=" " * 6))
     return "\n".join(lines)
