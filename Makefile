@@ -7,7 +7,7 @@ MODEL ?=
 VISION ?=
 EXPERIMENT_OVERRIDES = $(if $(MODEL),llm=$(MODEL) template=$(or $(TEMPLATE),pythia)) $(if $(VISION),vision=$(VISION))
 
-.PHONY: setup test demo paper2 data experiment bench clean
+.PHONY: setup test smoke demo paper2 data experiment bench clean
 
 setup: $(ENV_STAMP)
 
@@ -19,6 +19,10 @@ $(ENV_STAMP): requirements.txt requirements-dev.txt
 
 test: $(ENV_STAMP)
 	$(PYTHON) -m pytest tests
+
+# The smallest end to end (a tiny world, every stage, three method runs side by side), about a minute.
+smoke: $(ENV_STAMP)
+	$(PYTHON) train.py experiment --config configs/experiments/smoke.json workers=2
 
 # The papers' experiment on the synthetic world: nothing downloaded, a few minutes on 2 CPU cores.
 # SEEDS=3: the whole grid once per seed (about 3x the time), reported as mean and sd per method.
@@ -43,4 +47,4 @@ bench: $(ENV_STAMP)
 	$(PYTHON) bench/consolidate_speed.py
 
 clean:
-	rm -rf runs data/synthetic data/synthetic.partial data/synthetic-experiment data/synthetic-experiment.partial .pytest_cache
+	rm -rf runs data/smoke data/synthetic data/synthetic.partial data/synthetic-experiment data/synthetic-experiment.partial .pytest_cache

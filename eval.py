@@ -3,6 +3,7 @@
     python eval.py MODEL_DIR --suite nl|vl|all [--tasks a,b] [--limit N] [--json OUT.json] [--batch-size B]
                    [--device auto|cpu|cuda] [--dtype float32|bfloat16] [--nl-dir DIR] [--vl-dir DIR]
     python eval.py --report RUN_DIR [RUN_DIR ...] [--out DIR]
+    python eval.py --summary RUN_DIR          (an experiment's SUMMARY.md: the README's tables)
 
 MODEL_DIR is a Hugging Face-layout LLM folder (ours or one written by transformers) or a LLaVA folder of
 this project (config.json "model_type": "mllm_cl_llava"; the NL suite then scores its LLM alone).
@@ -27,6 +28,7 @@ from mllm_cl.experiment import summarise_run
 from mllm_cl.llava import UNRECORDED_TEMPLATE, is_llava_folder, load_llava, tokenizer_folder
 from mllm_cl.model_folder import atomic_write_text, check_not_an_input, check_writable
 from mllm_cl.report import write_report
+from mllm_cl.summary import write_summary
 from mllm_cl.tokenizer import load_tokenizer
 from mllm_cl.weights import load_llm
 
@@ -56,9 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", nargs="+", type=Path, metavar="RUN_DIR", help="write the report of run folders")
     parser.add_argument("--out", type=Path, help="with --report: where REPORT.md and the plots go (default: the "
                                                  "first RUN_DIR)")
+    parser.add_argument("--summary", type=Path, metavar="RUN_DIR",
+                        help="rewrite an experiment's SUMMARY.md from its results.json (and its `then` experiments')")
     args = parser.parse_args(argv)
-    if (args.model_dir is None) == (args.report is None):
-        parser.error("give either MODEL_DIR or --report RUN_DIR [RUN_DIR ...]")
+    if sum(x is not None for x in (args.model_dir, args.report, args.summary)) != 1:
+        parser.error("give one of MODEL_DIR, --report RUN_DIR [RUN_DIR ...] or --summary RUN_DIR")
     if args.limit is not None and args.limit < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         parser.error("--limit, --batch-size and --max-new-tokens must be at least 1")
     return args
@@ -146,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         if args.report is not None:
             print(f"wrote {write_report(report_sources(args.report), args.out or args.report[0])}")
+            return
+        if args.summary is not None:
+            print(f"wrote {write_summary(args.summary)}")
             return
         if args.json is not None:
             check_not_an_input(args.json, {"the model folder": args.model_dir, "--vision": args.vision}, "--json")

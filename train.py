@@ -1,10 +1,11 @@
 """Train: one LLaVA stage, a continual task sequence, or a whole experiment.
 
-    python train.py pretrain-text   --config my_stage.json  train.steps=500
+    python train.py pretrain-text   --config configs/stages/pretrain-text.json  train.steps=500
     python train.py align           llm=runs/x/text/model vision=runs/x/vision/model train_file=... tokenizer=...
-    python train.py continual       --config my_continual.json  methods=[msgm,rehearsal]
+    python train.py continual       --config configs/stages/my_tasks.json  methods=[msgm,rehearsal]
     python train.py experiment      --config configs/experiments/demo.json
-    torchrun --nproc_per_node 4 train.py finetune --config my_stage.json       (DDP; train.distributed=fsdp: FSDP2)
+    python train.py finetune        --config configs/stages/finetune.json --dry-run   (the settings, not run)
+    torchrun --nproc_per_node 4 train.py finetune --config configs/stages/finetune.json  (DDP; FSDP2: train.distributed=fsdp)
 
 A config is a JSON file of the stage's (or experiment's) dataclass; `key=value` overrides follow it
 (nested keys with dots, lists as [a,b]). `train.resume=true` continues an interrupted run.
@@ -13,12 +14,13 @@ A config is a JSON file of the stage's (or experiment's) dataclass; `key=value` 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch.distributed as dist
 
 from mllm_cl import distributed
-from mllm_cl.config import STAGES, ExperimentConfig, StageConfig, apply_overrides, load_json
+from mllm_cl.config import STAGES, ExperimentConfig, StageConfig, apply_overrides, load_json, to_dict
 from mllm_cl.config_help import settings_help
 from mllm_cl.errors import rank_prefix, run_cli
 from mllm_cl.experiment import run_experiment
@@ -39,17 +41,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="the stage to run; `train.py STAGE --help` lists its settings")
     parser.add_argument("--config", help="JSON file with the stage's or experiment's settings")
     parser.add_argument("overrides", nargs="*", help="key=value settings applied after the config file")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the settings the run would use (config file + overrides, as JSON) and stop")
     args = parser.parse_intermixed_args(argv)
 
     def run() -> None:
         if args.stage == "experiment":
             config = load_json(ExperimentConfig, args.config) if args.config else ExperimentConfig()
             config = apply_overrides(config, args.overrides)
-            distributed.setup(config.device)
-            run_experiment(config)
         else:
             config = load_json(StageConfig, args.config) if args.config else StageConfig()
             config = apply_overrides(config, [f"stage={args.stage}", *args.overrides])
+        if args.dry_run:
+            print(json.dumps(to_dict(config), indent=2))
+            return
+        if args.stage == "experiment":
+            distributed.setup(config.device)
+            run_experiment(config)
+        else:
             distributed.setup(config.train.device)
             print(f"{args.stage}: wrote {run_stage(config)}")
 

@@ -42,6 +42,7 @@ from mllm_cl.methods import build_methods, expand_methods
 from mllm_cl.model_folder import atomic_write_text
 from mllm_cl.report import overlapped_part, time_rows, write_report
 from mllm_cl.stages import SETTINGS_FILE, changed_settings, run_stage
+from mllm_cl.summary import write_summary
 from mllm_cl.synthetic import WORLD_SIZES, WORLD_VERSION, build_world
 from mllm_cl.workers import Job, run_jobs
 
@@ -144,11 +145,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def publish(results: dict[str, Any], out: Path, curves: dict[str, Any] | None) -> None:
-    """out/results.json and out/REPORT.md (with its plots), written by rank 0."""
+    """out/results.json, out/REPORT.md (with its plots) and out/SUMMARY.md, written by rank 0."""
     def write() -> None:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
         write_report(results, out, alpha_curves=curves)
+        write_summary(out)
 
     distributed.on_main(write)
 
@@ -185,7 +187,8 @@ def follow_up(cfg: ExperimentConfig, path: str) -> ExperimentConfig:
 
 
 SEED_FIELDS = ("nl_delta", "vl_hmean", "nl_base", "general_vl_base")  # summarised over seeds, where a run has them
-SEED_CURVES = ("nl_after_task", "vl_after_task", "general_after_task", "general_vl_after_task")  # per task
+SEED_CURVES = ("nl_after_task", "nl_delta_after_task", "vl_after_task", "general_after_task",
+               "general_vl_after_task")  # per task
 
 
 def run_seeds(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -531,8 +531,8 @@ def _then_section(then: dict[str, Any] | None, out: Path) -> list[str]:
         return []
     lines = ["## Experiments run after this one", ""]
     for name, follower in then.items():
-        folder = Path(follower["out_dir"])
-        link = folder.relative_to(out).as_posix() if out in folder.parents else folder.as_posix()
+        folder, here = Path(follower["out_dir"]).resolve(), out.resolve()
+        link = folder.relative_to(here).as_posix() if here in folder.parents else folder.as_posix()
         lines.append(f"* [{name}]({link}/REPORT.md) ({follower['config']}): {follower['seconds']:.0f}s")
     return lines + [""]
 

@@ -423,7 +423,7 @@ def build_world(out: str | Path, seed: int = 0, size: str = "demo", image_size: 
     return manifest
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/synthetic", help="folder to write the world into")
     parser.add_argument("--seed", type=int, default=0)
@@ -432,7 +432,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size (the LLM's vocab_size)")
     parser.add_argument("--train-per-task", type=int, default=None, help="override the size's train samples per task")
     parser.add_argument("--test-per-task", type=int, default=None, help="override the size's test samples per task")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         manifest = build_world(args.out, args.seed, args.size, args.image_size, args.vocab_size,
