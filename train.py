@@ -5,7 +5,8 @@
     python train.py continual       --config configs/stages/my_tasks.json  methods=[msgm,rehearsal]
     python train.py experiment      --config configs/experiments/demo.json
     python train.py finetune        --config configs/stages/finetune.json --dry-run   (the settings, not run)
-    torchrun --nproc_per_node 4 train.py finetune --config configs/stages/finetune.json  (DDP; FSDP2: train.distributed=fsdp)
+    torchrun --nproc_per_node 4 train.py finetune --config configs/stages/finetune.json                 (DDP)
+    torchrun --nproc_per_node 4 train.py finetune --config configs/stages/finetune.json train.distributed=fsdp  (FSDP2)
 
 A config is a JSON file of the stage's (or experiment's) dataclass; `key=value` overrides follow it
 (nested keys with dots, lists as [a,b]). `train.resume=true` continues an interrupted run.
