@@ -169,13 +169,13 @@ class Trainer:
         cfg, accumulation = self.config, self.config.accumulation
         batches, n_batches = self._epoch_batches(self.epoch)
         start_time, start_step = time.perf_counter(), self.step
-        interval = {"loss": 0.0, "tokens": 0.0, "time": start_time, "grad_norm": 0.0, "steps": 0}
+        interval = _new_interval(start_time)
         while self.step < self.total_steps:
             if self.index + accumulation > n_batches:
                 self.epoch, self.index = self.epoch + 1, 0
                 batches, n_batches = self._epoch_batches(self.epoch)
             set_lr(self.optimizer, self.step, self.total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
-            loss_sum, n_step, reference = self._accumulate(batches)
+            loss_sum, n_step, reference, seen = self._accumulate(batches)
             # the loss is read at the step's host sync for the gradient norm; a non-finite one skips the step.
             # The engine's reduction averaged the ranks' grads: x world makes it their sum.
             result = self.precision.step(self.optimizer, cfg.max_grad_norm,
@@ -192,17 +192,18 @@ class Trainer:
             self.tokens += int(n_step)
             interval["loss"] += result.loss
             interval["tokens"] += n_step
+            interval["input_tokens"] += seen
             interval["grad_norm"] += result.grad_norm if result.taken else 0.0
             interval["steps"] += 1
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 self._log(interval, result.scale, start_time, start_step)
-                interval = {"loss": 0.0, "tokens": 0.0, "time": time.perf_counter(), "grad_norm": 0.0, "steps": 0}
+                interval = _new_interval(time.perf_counter())
             if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps:
                 self.save()
 
-    def _accumulate(self, batches: Sequence[Any]) -> tuple[torch.Tensor, float, float]:
-        """Forward + backward over one step's micro-batches; returns (sum of n_i loss_i as a 0-dim tensor, N, R),
-        summed over the ranks.
+    def _accumulate(self, batches: Sequence[Any]) -> tuple[torch.Tensor, float, float, float]:
+        """Forward + backward over one step's micro-batches; returns (sum of n_i loss_i as a 0-dim tensor, N, R,
+        the input tokens the model read: `input_tokens`), summed over the ranks.
 
         Micro-batch i is back-propagated with weight n_i / R, R = (tokens of the first one) x
         accumulation, a guess of the step's total N fixed before any backward; `precision.step`
@@ -210,13 +211,14 @@ class Trainer:
         With several ranks R is the same on each: their first micro-batches' tokens, summed, x their count.
         """
         loss_sum = torch.zeros((), device=self.device)
-        n_step = reference = 0.0
+        n_step = reference = seen = 0.0
         share = self.config.accumulation // self.world
         first = self.index + self.rank * share  # this rank's part of the step's global micro-batches
         for i in range(first, first + share):
             last = i == first + share - 1
             torch.manual_seed(derive_seed(self.config.seed, "micro-batch", self.epoch, i))
             batch = _to_device(batches[i], self.device)
+            seen += input_tokens(batch)
             with self.engine.sync(last):
                 loss, n_tokens = self.engine(batch)[:2]
                 n = float(n_tokens)
@@ -233,14 +235,15 @@ class Trainer:
             loss_sum += loss.detach().float() * n
             n_step += n
         if self.world > 1:
-            totals = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(n_step, device=self.device)]))
-            loss_sum, n_step = totals[0], float(totals[1])
+            counts = torch.tensor([n_step, seen], device=self.device)
+            totals = distributed.all_reduce_sum(torch.cat([loss_sum.reshape(1), counts]))
+            loss_sum, n_step, seen = totals[0], float(totals[1]), float(totals[2])
         if n_step == 0:
             last = self.index + self.config.accumulation - 1
             raise ValueError(f"step {self.step + 1}: micro-batches {self.index}..{last} "
                              f"of epoch {self.epoch} have no supervised token (n_tokens = 0 in each): refusing "
                              "to train on nothing; check the labels/loss mask of these samples")
-        return loss_sum, n_step, reference
+        return loss_sum, n_step, reference, seen
 
     # ---------------------------------------------------------------- progress
 
@@ -261,6 +264,8 @@ class Trainer:
             "loss": interval["loss"] / interval["tokens"], "lr": next(iter(lrs.values())), "lrs": lrs,
             "grad_norm": interval["grad_norm"] / interval["steps"], "tokens": self.tokens,
             "tokens_per_s": interval["tokens"] / max(now - interval["time"], 1e-9),
+            "input_tokens_per_s": (interval["input_tokens"] / max(now - interval["time"], 1e-9)
+                                   if interval["input_tokens"] else None),
             "elapsed_s": elapsed, "eta_s": seconds_per_step * (self.total_steps - self.step),
             "gpu_mem_gib": (torch.cuda.max_memory_allocated(self.device) / 2 ** 30
                             if self.device.type == "cuda" else None),
@@ -273,8 +278,10 @@ class Trainer:
             return
         with open(self.out_dir / LOG_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
+        speed = (f"{record['input_tokens_per_s']:,.0f} tok/s ({record['tokens_per_s']:,.0f} supervised)"
+                 if record["input_tokens_per_s"] else f"{record['tokens_per_s']:,.0f} tok/s")
         line = (f"step {self.step}/{self.total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                f"{record['tokens_per_s']:,.0f} tok/s | eta {_duration(record['eta_s'])}")
+                f"{speed} | eta {_duration(record['eta_s'])}")
         if record["gpu_mem_gib"] is not None:
             line += f" | mem {record['gpu_mem_gib']:.1f} GiB"
         if self.precision.dynamic:
@@ -376,6 +383,20 @@ def _checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
         raise ValueError("activation_checkpointing=True, but the model has no nn.ModuleList named 'blocks' to "
                          "checkpoint; set activation_checkpointing=False")
     return blocks
+
+
+def _new_interval(start: float) -> dict[str, float]:
+    """What the progress log sums between two of its lines."""
+    return {"loss": 0.0, "tokens": 0.0, "input_tokens": 0.0, "time": start, "grad_norm": 0.0, "steps": 0}
+
+
+def input_tokens(batch: Any) -> int:
+    """The token positions a batch feeds the model (image placeholders included, padding not): what "tok/s"
+    counts. 0 for a batch without `input_ids`."""
+    if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), torch.Tensor):
+        return 0
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if isinstance(mask, torch.Tensor) else batch["input_ids"].numel()
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

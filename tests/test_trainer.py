@@ -11,7 +11,7 @@ from torch import nn
 from mllm_cl.optim import lr_at
 from mllm_cl.run_state import load_checkpoint
 from mllm_cl.config import TrainConfig
-from mllm_cl.trainer import NonFiniteLossError, Trainer
+from mllm_cl.trainer import NonFiniteLossError, Trainer, input_tokens
 
 
 class Block(nn.Module):
@@ -196,10 +196,11 @@ def test_log_has_the_documented_fields(tmp_path: Path, capsys) -> None:
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 5]
     fields = {"step", "total_steps", "epoch", "loss", "lr", "lrs", "grad_norm", "tokens", "tokens_per_s",
-              "elapsed_s", "eta_s", "gpu_mem_gib", "loss_scale", "skipped_steps"}
+              "input_tokens_per_s", "elapsed_s", "eta_s", "gpu_mem_gib", "loss_scale", "skipped_steps"}
     for r in records:
         assert set(r) == fields
         assert r["total_steps"] == 5 and r["loss"] > 0 and r["tokens_per_s"] > 0 and r["gpu_mem_gib"] is None
+        assert r["input_tokens_per_s"] is None  # these batches have no input_ids
         assert r["lrs"]["head."] == pytest.approx(lr_at(r["step"] - 1, 5, 3e-2, 0.2))
         assert r["lr"] == r["lrs"]["head."] and r["skipped_steps"] == 0 and r["loss_scale"] == 1.0
     epoch_1 = batches_fn(4)(1)
@@ -207,6 +208,28 @@ def test_log_has_the_documented_fields(tmp_path: Path, capsys) -> None:
     assert records[-1]["tokens"] == _dataset()["mask"].sum() + epoch_1[0]["mask"].sum() + epoch_1[1]["mask"].sum()
     out = capsys.readouterr().out
     assert "step 2/5 | loss " in out and "tok/s | eta " in out
+
+
+def test_tok_per_s_counts_the_tokens_the_model_reads(tmp_path: Path, capsys) -> None:
+    """A LLaVA batch supervises a few answer tokens but feeds the model every unpadded position: the progress line
+    reports both, and their ratio is that of the counts."""
+    data = _dataset(16)
+    mask = torch.ones(16, 12, dtype=torch.long)
+    mask[::2, 9:] = 0  # every other sample padded after 9 positions
+    data |= {"input_ids": torch.zeros(16, 12, dtype=torch.long), "attention_mask": mask}
+
+    def batches(epoch: int) -> list[dict[str, torch.Tensor]]:
+        return [{k: v[i:i + 4] for k, v in data.items()} for i in range(0, 16, 4)]
+
+    trainer = Trainer(TinyModel(), loss_fn, batches, _config(steps=2, log_every=1), tmp_path)
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    for step, r in enumerate(records):
+        rows = slice(8 * step, 8 * step + 8)
+        expected = float(mask[rows].sum()) / float(data["mask"][rows].sum())
+        assert r["input_tokens_per_s"] / r["tokens_per_s"] == pytest.approx(expected, rel=1e-9)
+    assert "tok/s (" in capsys.readouterr().out
+    assert input_tokens({"input_ids": torch.zeros(2, 5)}) == 10 and input_tokens([torch.zeros(3)]) == 0
 
 
 def test_no_supervised_tokens_or_no_batches_is_an_error(tmp_path: Path) -> None:
