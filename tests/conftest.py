@@ -1,5 +1,6 @@
-"""Shared test set-up: fixed seeds, and the repository root on the import path."""
+"""Shared test set-up: fixed seeds, one CPU thread, and the repository root on the import path."""
 
+import os
 import random
 import sys
 from pathlib import Path
@@ -19,13 +20,19 @@ def _fixed_seeds() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool overhead (much of the run time on a shared CPU)."""
-    threads = torch.get_num_threads()
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids thread-pool overhead (much of the run time, and 3x on a busy CPU),
+    here and in the processes the tests start (OMP_NUM_THREADS); torchrun's ranks have one each as well."""
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(threads)
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
 
 
 @pytest.fixture(scope="module")

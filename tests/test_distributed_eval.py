@@ -105,7 +105,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def test_every_rank_ends_with_the_one_process_scores(world: Path, one_thread: None) -> None:
+def test_every_rank_ends_with_the_one_process_scores(world: Path) -> None:
     alone = evaluate_all(world)
     for case, batches in zip([*NL_CASES, *(("vl", b) for b in VL_CASES)], NL_BATCHES + VL_BATCHES):
         assert alone[case]["batches"] == batches, case

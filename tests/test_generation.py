@@ -7,8 +7,6 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaFo
 from mllm_cl.generation import generate, sample_next
 from mllm_cl.weights import load_llm
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 VOCAB = 101
 
 

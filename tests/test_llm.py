@@ -8,8 +8,6 @@ from mllm_cl.config import LLMConfig
 from mllm_cl.llm import LanguageModel, count_parameters
 from mllm_cl.weights import load_llm
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 VOCAB = 97
 
 

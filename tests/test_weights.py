@@ -11,8 +11,6 @@ from mllm_cl.config import LLMConfig
 from mllm_cl.llm import LanguageModel
 from mllm_cl.weights import CheckpointMismatchError, load_llm, save_llm
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 VOCAB = 89
 
 
