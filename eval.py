@@ -26,7 +26,7 @@ from mllm_cl.evaluation import (NL_DIRS, NL_PATTERN, VL_DIRS, VL_PATTERN, EvalDa
                                 evaluate_nl_suite, evaluate_vl_suite, find_tasks)
 from mllm_cl.experiment import summarise_run
 from mllm_cl.llava import UNRECORDED_TEMPLATE, is_llava_folder, load_llava, tokenizer_folder
-from mllm_cl.model_folder import atomic_write_text, check_not_an_input, check_writable
+from mllm_cl.model_folder import atomic_write_text, check_not_an_input, check_replaceable, check_writable
 from mllm_cl.report import write_report
 from mllm_cl.summary import write_summary
 from mllm_cl.tokenizer import load_tokenizer
@@ -144,6 +144,11 @@ def report_sources(paths: list[Path]) -> list[Path] | dict[str, Any]:
     return {"methods": methods}
 
 
+def is_scores_file(value: object) -> bool:
+    """What --json writes: {task: {"acc": ..., "n": ..., ...}}."""
+    return isinstance(value, dict) and all(isinstance(m, dict) and {"acc", "n"} <= set(m) for m in value.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
@@ -155,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {write_summary(args.summary)}")
             return
         if args.json is not None:
-            check_not_an_input(args.json, {"the model folder": args.model_dir, "--vision": args.vision}, "--json")
+            inputs = {"the model folder": args.model_dir, "--vision": args.vision}
+            inputs |= {f"the task folder {d}": d for d in [args.nl_dir, args.vl_dir, *NL_DIRS, *VL_DIRS] if d}
+            check_not_an_input(args.json, inputs, "--json")
+            check_replaceable(args.json, is_scores_file, "--json", "a scores file eval.py wrote")
             check_writable(args.json)  # before the evaluation, not after it
         metrics = evaluate(args)
         if args.json is not None:

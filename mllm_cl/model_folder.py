@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,21 @@ def check_not_an_input(output: str | Path, inputs: dict[str, str | Path | None],
         if target == source or source in target.parents:
             raise ModelFolderError(f"{what} {output} would write over {name} {source if target == source else target}"
                                    f" (an input of this run): choose a path outside it")
+
+
+def check_replaceable(output: str | Path, ours: Callable[[Any], bool], what: str, kind: str) -> None:
+    """A ModelFolderError when the file `output` exists and is not a `kind` this command writes (`ours` judges its
+    JSON): scores never replace a benchmark, an image, or another run's results."""
+    path = Path(output)
+    if not path.exists():
+        return
+    if path.is_file():
+        try:
+            if ours(json.loads(path.read_bytes())):
+                return
+        except (ValueError, UnicodeDecodeError, RecursionError):  # not JSON: not ours either
+            pass
+    raise ModelFolderError(f"{what} {output} exists and is not {kind}: refusing to replace it; choose a new path")
 
 
 def check_writable(path: str | Path) -> Path:

@@ -36,7 +36,8 @@ from mllm_cl.json_files import read_json
 from mllm_cl.llava import LlavaModel, save_llava, tokenizer_folder
 from mllm_cl.llm import LanguageModel
 from mllm_cl.losses import LossResult, forward_loss
-from mllm_cl.model_folder import ModelFolderError, atomic_write_text, check_not_an_input, remove_stale_staging
+from mllm_cl.model_folder import (ModelFolderError, atomic_write_text, check_not_an_input, check_replaceable,
+                                  remove_stale_staging)
 from mllm_cl.projector import build_projector
 from mllm_cl.run_lock import out_dir_lock
 from mllm_cl.run_state import find_checkpoint
@@ -92,9 +93,14 @@ def claim_out_dir(cfg: StageConfig) -> Path:
         outputs += [out / "results.json"] + ([] if cfg.initial_eval else [out / "initial_eval.json"])
         if cfg.initial_eval:
             inputs = {name: getattr(cfg, name) for name in ("init", "llm", "vision", "tokenizer", "inquiries")}
-            inputs |= {f"task {t.name}'s {split}": getattr(t, split) for t in cfg.tasks for split in ("train", "test")}
+            for t in [*cfg.tasks, *cfg.eval.general_vl]:
+                inputs |= {f"{t.name}'s {field}": getattr(t, field) for field in ("train", "test", "image_folder")}
+            inputs |= {f"the NL file {path}": path for path in cfg.eval.nl_files}
             try:
                 check_not_an_input(cfg.initial_eval, inputs, "initial_eval")
+                if Path(cfg.initial_eval).name != "initial_eval.json":  # a damaged cache of that name is made again
+                    check_replaceable(cfg.initial_eval, lambda value: isinstance(value, dict) and "setup" in value,
+                                      "initial_eval", "a cache of initial scores (initial_eval.json)")
             except ModelFolderError as e:
                 raise StageError(str(e)) from None
     for name in ("init", "llm", "vision", "tokenizer", "train_file"):

@@ -312,9 +312,9 @@ def test_resuming_with_another_train_file_is_refused(world: Path, tmp_path: Path
 # ---------------------------------------------------------------- a continual run's scores (issue 30)
 
 def continual_stage(tmp_path: Path, **fields: object) -> StageConfig:
-    fields = {"train": TrainConfig(device="cpu"), **fields}
-    return StageConfig(stage="continual", init=str(tmp_path / "old"), out_dir=str(tmp_path / "out"),
-                       tasks=[TaskSpec(name="t", train="a.json", test="b.json")], **fields)
+    fields = {"train": TrainConfig(device="cpu"), "tasks": [TaskSpec(name="t", train="a.json", test="b.json")],
+              **fields}
+    return StageConfig(stage="continual", init=str(tmp_path / "old"), out_dir=str(tmp_path / "out"), **fields)
 
 
 def test_initial_eval_over_the_starting_model_is_refused(tmp_path: Path) -> None:
@@ -337,6 +337,57 @@ def test_a_finished_experiments_scores_are_not_replaced_by_a_continual_run(tmp_p
         with pytest.raises(StageError, match="holds (results|initial_eval).json from something other than a run"):
             run_stage(continual_stage(tmp_path, train=TrainConfig(device="cpu", resume=resume)))
         assert digest(experiment) == before
+
+
+@pytest.mark.parametrize("target", ["benchmark", "results", "task eval"])
+def test_eval_json_over_a_benchmark_or_another_runs_file_is_refused(tmp_path: Path, capsys, target: str) -> None:
+    nl = tmp_path / "nl"
+    nl.mkdir()
+    (nl / "facts.jsonl").write_text('{"id": "0", "kind": "last_word", "context": "a", "target": " b"}\n')
+    run = tmp_path / "run"
+    (run / "task_1_color").mkdir(parents=True)
+    (run / "results.json").write_text('{"methods": ["naive"], "after_task": []}\n')
+    (run / "task_1_color" / "eval.json").write_text('{"nl": {"facts": {"acc": 1.0, "n": 1}}, "vl": {}}\n')
+    path = {"benchmark": nl / "facts.jsonl", "results": run / "results.json",
+            "task eval": run / "task_1_color" / "eval.json"}[target]
+    before = digest(tmp_path)
+    code = eval_cli.main([str(tmp_path / "no_model_here"), "--suite", "nl", "--nl-dir", str(nl), "--json", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("eval.py: error: --json ")
+    assert ("would write over the task folder" if target == "benchmark" else
+            "exists and is not a scores file eval.py wrote") in err
+    assert digest(tmp_path) == before
+
+
+def test_eval_json_may_replace_its_own_scores(tmp_path: Path, capsys) -> None:
+    scores = tmp_path / "scores.json"
+    scores.write_text('{"facts": {"acc": 0.5, "n": 2}}\n')
+    assert eval_cli.is_scores_file(json.loads(scores.read_text())) and not eval_cli.is_scores_file([1])
+    assert eval_cli.main([str(tmp_path / "no_model_here"), "--suite", "nl", "--json", str(scores)]) == 2
+    err = capsys.readouterr().err
+    assert "no_model_here" in err and "--json" not in err  # past the check: the missing model is what stops it
+
+
+@pytest.mark.parametrize("target", ["NL file", "general test", "task image", "another run's results"])
+def test_initial_eval_over_a_benchmark_an_image_or_another_runs_results_is_refused(tmp_path: Path,
+                                                                                   target: str) -> None:
+    images, other = tmp_path / "images", tmp_path / "other"
+    images.mkdir()
+    other.mkdir()
+    files = {"NL file": tmp_path / "facts.jsonl", "general test": tmp_path / "general.json",
+             "task image": images / "000000.png", "another run's results": other / "results.json"}
+    for path in files.values():
+        path.write_bytes(b'{"methods": {}}\n')
+    fields = dict(tasks=[TaskSpec(name="t", train="a.json", test="b.json", image_folder=str(images))],
+                  eval=EvalSpec(nl_files=[str(files["NL file"])],
+                                general_vl=[TaskSpec(name="general", train="", test=str(files["general test"]))]))
+    before = digest(tmp_path)
+    message = {"NL file": "would write over the NL file", "general test": "would write over general's test",
+               "task image": "would write over t's image_folder",
+               "another run's results": "exists and is not a cache of initial scores"}[target]
+    with pytest.raises(StageError, match=message):
+        run_stage(continual_stage(tmp_path, initial_eval=str(files[target]), **fields))
+    assert digest(tmp_path) == before and not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- JSON files of every kind of wrong (issue 30)
