@@ -1,6 +1,6 @@
-"""Seeded random mutations of three valid inputs (a LLaVA JSON file, a model folder's config.json, an NL
-benchmark JSONL file): every case must end in a correct run or a clear error (`UserError`), never a traceback
-from deep inside Python, torch or a parser."""
+"""Seeded random mutations of valid inputs (a LLaVA JSON file, a model folder's config.json, an NL benchmark JSONL
+file, a safetensors index, a tokenizer_config.json) and images of every PIL mode: every case must end in a correct
+run or a clear error (`UserError`), never a traceback from deep inside Python, torch or a parser."""
 
 import copy
 import json

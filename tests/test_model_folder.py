@@ -107,3 +107,25 @@ def test_stale_staging_folders_are_removed(tmp_path) -> None:
     (tmp_path / ".model.abc123.tmp").mkdir()
     assert [p.name for p in remove_stale_staging(tmp_path / "checkpoint")] == [".checkpoint.abc123.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.abc123.tmp"]
+
+
+def test_a_full_disk_while_writing_a_model_keeps_the_previous_one_and_says_so(tmp_path, monkeypatch) -> None:
+    from safetensors import SafetensorError
+
+    import mllm_cl.model_folder as model_folder
+
+    folder = write_model_folder(tmp_path / "m", {"a": torch.ones(3)}, {"model_type": "x"})
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
+
+    monkeypatch.setattr(model_folder, "save_file", full_disk)
+    with pytest.raises(ModelFolderError, match=rf"cannot write {folder}: .*No space left on device.*; the previous "
+                                               rf"{folder} is kept as it was"):
+        write_model_folder(folder, {"a": torch.zeros(3)}, {"model_type": "y"})
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    with pytest.raises(ModelFolderError, match="no partial copy is left"):
+        write_model_folder(tmp_path / "new", {"a": torch.zeros(3)}, {"model_type": "y"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging folder, no half model

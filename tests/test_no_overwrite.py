@@ -4,6 +4,8 @@ loss and silent-run cases): each case checks the message names the problem and t
 import hashlib
 import json
 import os
+import re
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -15,11 +17,14 @@ from test_consolidate_cli import refused, tiny_pair
 import consolidate
 import eval as eval_cli
 import train
-from mllm_cl.config import ConfigError, EvalSpec, StageConfig, StageError, TaskSpec, TrainConfig
+from mllm_cl.config import ConfigError, EvalSpec, StageConfig, StageError, TaskSpec, TrainConfig, to_dict
 from mllm_cl.data import DataError
 from mllm_cl.device import resolve_device
 from mllm_cl.stages import run_stage
 from mllm_cl.synthetic import build_world
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def digest(path: Path) -> dict[str, str]:
@@ -452,9 +457,13 @@ def test_resuming_on_training_data_changed_since_is_refused(world: Path, tmp_pat
     (tmp_path / "run" / "model").rename(tmp_path / "run" / "kept")  # as if killed after the first checkpoint
     before = digest(tmp_path / "run")
     corpus.write_text("".join(reversed(lines)))  # the same lines, another order: another run
-    with pytest.raises(StageError, match=rf"the training data changed since the run in .*run began: {corpus} "
-                                         r"\(sha256 differs\); resuming would continue on other data"):
-        run_stage(on_corpus(steps=2, save_every=1, resume=True))
+    config = tmp_path / "resume.json"  # the refusal as a user meets it: train.py in a process of its own
+    config.write_text(json.dumps(to_dict(on_corpus(steps=2, save_every=1, resume=True))))
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "pretrain-text", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert re.match(rf"train.py pretrain-text: error: the training data changed since the run in .*run began: "
+                    rf"{corpus} \(sha256 differs\); resuming would continue on other data", done.stderr)
     assert digest(tmp_path / "run") == before
     corpus.write_text("".join(lines))  # restored: the run continues
     run_stage(on_corpus(steps=2, save_every=1, resume=True))
