@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             return
         if args.json is not None:
             inputs = {"the model folder": args.model_dir, "--vision": args.vision}
-            inputs |= {f"the task folder {d}": d for d in [args.nl_dir, args.vl_dir, *NL_DIRS, *VL_DIRS] if d}
+            inputs |= {"--nl-dir": args.nl_dir, "--vl-dir": args.vl_dir}
+            inputs |= {f"the default task folder {d}": d for d in [*NL_DIRS, *VL_DIRS]}
             check_not_an_input(args.json, inputs, "--json")
             check_replaceable(args.json, is_scores_file, "--json", "a scores file eval.py wrote")
             check_writable(args.json)  # before the evaluation, not after it

@@ -118,9 +118,12 @@ def check_not_an_input(output: str | Path, inputs: dict[str, str | Path | None],
         if not source or not Path(source).exists():  # a preset's name, an unused option
             continue
         source = Path(source).resolve()
-        if target == source or source in target.parents:
-            raise ModelFolderError(f"{what} {output} would write over {name} {source if target == source else target}"
-                                   f" (an input of this run): choose a path outside it")
+        if target == source:
+            raise ModelFolderError(f"{what} {output} would write over {name} (an input of this run): choose another "
+                                   "path")
+        if source in target.parents:
+            raise ModelFolderError(f"{what} {output} would write inside {name} {source} (an input of this run): "
+                                   "choose a path outside it")
 
 
 def check_replaceable(output: str | Path, ours: Callable[[Any], bool], what: str, kind: str) -> None:

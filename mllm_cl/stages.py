@@ -93,9 +93,10 @@ def claim_out_dir(cfg: StageConfig) -> Path:
         outputs += [out / "results.json"] + ([] if cfg.initial_eval else [out / "initial_eval.json"])
         if cfg.initial_eval:
             inputs = {name: getattr(cfg, name) for name in ("init", "llm", "vision", "tokenizer", "inquiries")}
-            for t in [*cfg.tasks, *cfg.eval.general_vl]:
-                inputs |= {f"{t.name}'s {field}": getattr(t, field) for field in ("train", "test", "image_folder")}
             inputs |= {f"the NL file {path}": path for path in cfg.eval.nl_files}
+            tests = [*cfg.tasks, *cfg.eval.general_vl]
+            inputs |= {f"{t.name}'s {split} file": getattr(t, split) for t in tests for split in ("train", "test")}
+            inputs |= {f"{t.name}'s image folder": t.image_folder for t in tests}
             try:
                 check_not_an_input(cfg.initial_eval, inputs, "initial_eval")
                 if Path(cfg.initial_eval).name != "initial_eval.json":  # a damaged cache of that name is made again

@@ -92,7 +92,7 @@ def test_eval_json_into_the_model_folder_is_refused(tmp_path: Path, capsys, insi
     before = digest(tmp_path / "old")
     code = eval_cli.main([str(tmp_path / "old"), "--suite", "nl", "--json", str(tmp_path / "old" / inside)])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("eval.py: error: --json ") and "would write over the model folder" in err
+    assert code == 2 and err.startswith("eval.py: error: --json ") and "would write inside the model folder" in err
     assert digest(tmp_path / "old") == before  # config.json and the weights untouched, nothing added
 
 
@@ -325,7 +325,7 @@ def continual_stage(tmp_path: Path, **fields: object) -> StageConfig:
 def test_initial_eval_over_the_starting_model_is_refused(tmp_path: Path) -> None:
     tiny_pair(tmp_path)
     before = digest(tmp_path / "old")
-    with pytest.raises(StageError, match=r"initial_eval .*old/config.json would write over init .*old"):
+    with pytest.raises(StageError, match=r"initial_eval .*old/config.json would write inside init .*old"):
         run_stage(continual_stage(tmp_path, initial_eval=str(tmp_path / "old" / "config.json")))
     assert digest(tmp_path / "old") == before
     assert not (tmp_path / "out").exists()
@@ -359,7 +359,7 @@ def test_eval_json_over_a_benchmark_or_another_runs_file_is_refused(tmp_path: Pa
     code = eval_cli.main([str(tmp_path / "no_model_here"), "--suite", "nl", "--nl-dir", str(nl), "--json", str(path)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("eval.py: error: --json ")
-    assert ("would write over the task folder" if target == "benchmark" else
+    assert ("would write inside --nl-dir" if target == "benchmark" else
             "exists and is not a scores file eval.py wrote") in err
     assert digest(tmp_path) == before
 
@@ -387,8 +387,8 @@ def test_initial_eval_over_a_benchmark_an_image_or_another_runs_results_is_refus
                   eval=EvalSpec(nl_files=[str(files["NL file"])],
                                 general_vl=[TaskSpec(name="general", train="", test=str(files["general test"]))]))
     before = digest(tmp_path)
-    message = {"NL file": "would write over the NL file", "general test": "would write over general's test",
-               "task image": "would write over t's image_folder",
+    message = {"NL file": "would write over the NL file", "general test": "would write over general's test file",
+               "task image": "would write inside t's image folder",
                "another run's results": "exists and is not a cache of initial scores"}[target]
     with pytest.raises(StageError, match=message):
         run_stage(continual_stage(tmp_path, initial_eval=str(files[target]), **fields))
