@@ -79,7 +79,7 @@ def test_smoke_experiment_end_to_end(tmp_path: Path) -> None:
 def test_seeds_run_the_grid_per_seed_and_report_mean_and_sd(tmp_path: Path) -> None:
     cfg = load_json(ExperimentConfig, ROOT / "configs/experiments/smoke.json")
     cfg = replace(cfg, out_dir=str(tmp_path / "seeds"), world=str(tmp_path / "world"), seeds=2,
-                  methods={"naive": ["naive"]}, run_train={})
+                  world_tasks=["color", "count"], methods={"naive": ["naive"]}, run_train={})
     results = run_experiment(cfg)
     naive = results["methods"]["naive"]
     first, second = naive["nl_delta_per_seed"]
@@ -209,7 +209,7 @@ def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_pat
 def test_then_runs_another_experiment_on_the_shared_stages(tmp_path: Path) -> None:
     base = json.loads((ROOT / "configs/experiments/smoke.json").read_text())
     base.update(world=str(tmp_path / "world"), world_tasks=["color", "size"], run_train={},
-                methods={"naive": ["naive"]}, method_options={})
+                methods={"naive": ["naive"]}, method_options={}, eval={**base["eval"], "nl_limit": 4, "vl_limit": 4})
     follower = {**base, "name": "p2", "out_dir": "ignored", "protocol": "paper2", "methods": {"lora": ["lora"]},
                 "method_options": {"lora": {"rank": 4}}, "then": [], "joint_run": "lora",
                 "alpha_curves": {"vanilla": "lora", "again": "lora"}, "alpha_curve_alphas": [0.0, 1.0]}
