@@ -70,7 +70,8 @@ def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_pat
     assert "alpha curves" in results["timing"]["shared"]
     # The joint run: the LoRA run's methods on both tasks' samples at once, as many steps as the sequence.
     joint = results["joint"]
-    assert joint["run"] == "lora" and joint["steps"] == 2 * cfg.task_train.steps and set(joint["vl"]) == {"color", "size"}
+    assert joint["run"] == "lora" and joint["steps"] == 2 * cfg.task_train.steps
+    assert set(joint["vl"]) == {"color", "size"}
     mixed = json.loads((run / "joint" / "train.json").read_text())
     assert len(mixed) == sum(len(json.loads(Path(t).read_text())) for t in
                              (tmp_path / "world/tasks/color/train.json", tmp_path / "world/tasks/size/train.json"))

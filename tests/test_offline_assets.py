@@ -67,7 +67,8 @@ def test_multiple_choice_grouping(fetch) -> None:
          "requests": [[q0["query"], " x"], [q0["query"], " y"], [q0["query"], " z"]]},
         {"id": "Q1", "kind": "multiple_choice", "gold": 0, "requests": [[q1["query"], " u"], [q1["query"], " v"]]}]
     wino = {"sentence": "A beat B so _ won.", "option1": "A", "option2": "B", "answer": "2", "index": 7}
-    rows = [request(7, 0, wino, "A beat B so A", " won.", 1, None), request(7, 1, wino, "A beat B so B", " won.", 1, None)]
+    rows = [request(7, 0, wino, "A beat B so A", " won.", 1, None),
+            request(7, 1, wino, "A beat B so B", " won.", 1, None)]
     (doc,) = fetch.multiple_choice_docs(rows, {"task_config": {}}, "t")
     assert doc["id"] == "7" and doc["gold"] == 1 and doc["requests"][1] == ["A beat B so B", " won."]
     with pytest.raises(fetch.FetchError, match="t: document 7 has gold 0 but label 1"):
