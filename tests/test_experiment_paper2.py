@@ -95,7 +95,8 @@ def test_then_runs_another_experiment_on_the_shared_stages(tmp_path: Path) -> No
                 "alpha_curves": {"vanilla": "lora", "again": "lora"}, "alpha_curve_alphas": [0.0, 1.0]}
     (tmp_path / "p2.json").write_text(json.dumps(follower))
     other = {**follower, "name": "p2other", "align": {**base["align"], "lrs": {"": 5e-3}},  # its own alignment
-             "joint_run": "", "alpha_curves": {}}
+             "protocol": "paper1", "methods": {"naive": ["naive"]}, "method_options": {}, "joint_run": "",
+             "alpha_curves": {}}
     (tmp_path / "p2other.json").write_text(json.dumps(other))
     cfg = replace(from_dict(ExperimentConfig, base), out_dir=str(tmp_path / "run"), seeds=2, workers=2,
                   then=[str(tmp_path / "p2.json"), str(tmp_path / "p2other.json")])
