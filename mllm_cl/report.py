@@ -310,7 +310,8 @@ def line_figure(series: dict[str, list[float]], x_labels: list[str], title: str,
 
 # ---------------------------------------------------------------- the report
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: a header row, its rule, and one row per list of cells."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
@@ -348,7 +349,7 @@ def _seeds_section(methods: dict[str, dict[str, Any]]) -> list[str]:
         rows.append(row)
     headers = ["method", "NL Delta", "VL hmean"] + (["final general"] if general else []) + \
         ([f"{task} right after learning" for task in names] if learned else [])
-    return ["## Over seeds (mean +/- sd)", "", _table(headers, rows), ""]
+    return ["## Over seeds (mean +/- sd)", "", markdown_table(headers, rows), ""]
 
 
 def _nlu_nlg_section(methods: dict[str, dict[str, Any]]) -> list[str]:
@@ -358,7 +359,7 @@ def _nlu_nlg_section(methods: dict[str, dict[str, Any]]) -> list[str]:
             for name, m in methods.items() if m.get("nlu_after_task") and m.get("nlg_after_task")]
     if not rows:
         return []
-    return ["## NLU and NLG (paper 1)", "", _table(["method", "NLU base", "NLU after each task", "NLG base",
+    return ["## NLU and NLG (paper 1)", "", markdown_table(["method", "NLU base", "NLU after each task", "NLG base",
                                                      "NLG after each task"], rows), ""]
 
 
@@ -373,7 +374,7 @@ def _learned_section(methods: dict[str, dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     names = next((m["task_names"] for m in methods.values() if "task_names" in m), [])
-    return ["## VL accuracy right after learning each task [95% CI]", "", _table(["method", *names], rows), ""]
+    return ["## VL accuracy right after learning each task [95% CI]", "", markdown_table(["method", *names], rows), ""]
 
 
 def _paper1_table3(methods: dict[str, dict[str, Any]]) -> list[str]:
@@ -392,7 +393,8 @@ def _paper1_table3(methods: dict[str, dict[str, Any]]) -> list[str]:
         return []
     first = next(m["task_names"][0] for m in methods.values() if m.get("task_names"))
     return [f"## After one VL task ({first}), paper 1's Table 3 layout", "",
-            _table(["method", "VL acc [95% CI]", "NLU omega", "NLG omega", "NL omega", "NL Delta [95% CI]"], rows), ""]
+            markdown_table(["method", "VL acc [95% CI]", "NLU omega", "NLG omega", "NL omega", "NL Delta [95% CI]"],
+                           rows), ""]
 
 
 def _paper1_table4(methods: dict[str, dict[str, Any]]) -> list[str]:
@@ -408,7 +410,7 @@ def _paper1_table4(methods: dict[str, dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     return ["## Along the sequence, paper 1's Table 4 layout (VL avg acc so far / NL Delta [95% CI])", "",
-            _table(["method"] + [f"after {t}" for t in names], rows), ""]
+            markdown_table(["method"] + [f"after {t}" for t in names], rows), ""]
 
 
 def _general_section(methods: dict[str, dict[str, Any]]) -> list[str]:
@@ -421,7 +423,7 @@ def _general_section(methods: dict[str, dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     return ["## General VL (paper 2: the held-out instruction mix)", "",
-            _table(["method", "before the tasks", "after each task [95% CI]"], rows), ""]
+            markdown_table(["method", "before the tasks", "after each task [95% CI]"], rows), ""]
 
 
 def _ablation_section(methods: dict[str, dict[str, Any]], ablation: list[str], joint: dict[str, Any] | None) -> list[str]:
@@ -440,7 +442,7 @@ def _ablation_section(methods: dict[str, dict[str, Any]], ablation: list[str], j
     if not rows:
         return []
     return ["## Ablation and the joint reference (paper 2's Table 4 layout, after the last task)", "",
-            _table(["run", "general score"] + [f"{t} acc" for t in names], rows), ""]
+            markdown_table(["run", "general score"] + [f"{t} acc" for t in names], rows), ""]
 
 
 def _alpha_label(alpha: float | None) -> str:
@@ -485,7 +487,7 @@ def _alpha_curves_section(curves: dict[str, Any] | None, out: Path) -> list[str]
           f"{_cell(curves['base_general'])}", "",
           f"general = harmonic mean of NL omega and general-VL accuracy. alpha_G: {curves['rules']['alpha_G']}; "
           f"alpha_T: {curves['rules']['alpha_T']}. A curve whose alpha_T <= alpha_G has a stable region.{over}", "",
-          _table(headers, rows), ""]
+          markdown_table(headers, rows), ""]
     md += ["Against ModelMix, a rule widens the stable region when it raises alpha_G more than alpha_T (the width "
            "alpha_G - alpha_T grows); raising both by as much is ModelMix at a smaller alpha.", ""]
     for model in sorted({run.split("/")[0] for run in runs}):
@@ -522,7 +524,7 @@ def _timing_section(timing: dict[str, Any] | None) -> list[str]:
     overlapped = overlapped_part(timing)
     note = [f"The method runs overlapped ({overlapped}): their rows add up to more than that part's wall "
             "clock.", ""] if overlapped else []
-    return ["## Where the time went", "", _table(["part", "seconds", "share"], rows), ""] + note
+    return ["## Where the time went", "", markdown_table(["part", "seconds", "share"], rows), ""] + note
 
 
 def _then_section(then: dict[str, Any] | None, out: Path) -> list[str]:
@@ -558,7 +560,7 @@ def write_report(run_dirs_or_results: dict | str | Path | Sequence[str | Path], 
                      _cell(average_accuracy(matrix) if matrix is not None else None),
                      _cell(backward_transfer(matrix) if matrix is not None and len(matrix) > 1 else None),
                      _cell(float(np.mean(forgetting(matrix))) if matrix is not None and len(matrix) > 1 else None)])
-    md += ["## Summary", "", _table(["method", "NL Delta [95% CI]", "VL hmean", "final avg acc", "BWT",
+    md += ["## Summary", "", markdown_table(["method", "NL Delta [95% CI]", "VL hmean", "final avg acc", "BWT",
                                      "mean forgetting"], rows), "",
            "NL Delta's interval is a paired bootstrap over the benchmarks' documents; accuracies below carry their "
            "95% Wilson interval.", ""]
@@ -580,7 +582,7 @@ def write_report(run_dirs_or_results: dict | str | Path | Sequence[str | Path], 
             md += [f"## {title}", "", f"![{title}]({field}.png)", ""]
             points = max(len(v) for v in series.values())
             headers = ["method"] + (names if len(names) == points else [str(i + 1) for i in range(points)])
-            md += [_table(headers, [[name] + [_cell(v) for v in values] + ["-"] * (points - len(values))
+            md += [markdown_table(headers, [[name] + [_cell(v) for v in values] + ["-"] * (points - len(values))
                                     for name, values in series.items()]), ""]
 
     for name, m in methods.items():
@@ -593,7 +595,7 @@ def write_report(run_dirs_or_results: dict | str | Path | Sequence[str | Path], 
                       for k in range(len(names))]
         if len(names) > 1:
             table_rows.append(["forgetting"] + [_cell(f) for f in forgetting(matrix)] + ["-"])
-        md += [f"## Accuracy matrix: {name}", "", _table(["after task \\ task"] + names, table_rows), "",
+        md += [f"## Accuracy matrix: {name}", "", markdown_table(["after task \\ task"] + names, table_rows), "",
                f"![accuracy matrix of {name}]({file})", ""]
     if isinstance(run_dirs_or_results, dict) and run_dirs_or_results.get("ablation"):
         md += _ablation_section(methods, run_dirs_or_results["ablation"], run_dirs_or_results.get("joint"))

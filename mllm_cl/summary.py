@@ -25,6 +25,7 @@ import numpy as np
 from mllm_cl.errors import UserError
 from mllm_cl.json_files import read_json
 from mllm_cl.model_folder import atomic_write_text
+from mllm_cl.report import markdown_table
 
 SUMMARY_FILE = "SUMMARY.md"
 
@@ -62,9 +63,9 @@ def _field(m: dict[str, Any], field: str) -> str:
     return _spread(m.get(field), m.get(f"{field}_sd"))
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+def _last(m: dict[str, Any], field: str) -> str:
+    """A per-task curve's value after the last task (with its sd over seeds)."""
+    return _spread(m[field][-1], (m.get(f"{field}_sd") or [None])[-1])
 
 
 def _seeds_line(results: dict[str, Any]) -> str:
@@ -90,13 +91,13 @@ def paper1_table(results: dict[str, Any]) -> str:
         row = [name, _per_task(m, "nl_delta_after_task")]
         if per_seed:
             row.append(", ".join(_number(v) for v in m["nl_delta_per_seed"]))
-        row += [_learned(m), _spread(m["vl_after_task"][-1], (m.get("vl_after_task_sd") or [None])[-1])]
+        row += [_learned(m), _last(m, "vl_after_task")]
         rows.append(row)
     headers = ["method", f"NL Delta after {tasks}"] + (["final NL Delta per seed"] if per_seed else []) + \
         [f"VL acc right after learning {tasks}", "VL avg acc at the end"]
     base = next(iter(methods.values()))
     return (f"Start (the aligned model): NL omega {_field(base, 'nl_base')}. Accuracies in percent; "
-            f"{_seeds_line(results)}.\n\n" + _table(headers, rows))
+            f"{_seeds_line(results)}.\n\n" + markdown_table(headers, rows))
 
 
 def _joint_row(joint: dict[str, Any], names: list[str]) -> list[str]:
@@ -119,10 +120,8 @@ def paper2_table(results: dict[str, Any]) -> str:
     tasks = " / ".join(names)
     rows = []
     for name, m in methods.items():
-        sd = m.get("general_vl_after_task_sd"), m.get("general_after_task_sd")
-        rows.append([name, _per_task(m, "nl_delta_after_task"),
-                     _spread(m["general_vl_after_task"][-1], sd[0][-1] if sd[0] else None),
-                     _spread(m["general_after_task"][-1], sd[1][-1] if sd[1] else None), _learned(m), _final(m)])
+        rows.append([name, _per_task(m, "nl_delta_after_task"), _last(m, "general_vl_after_task"),
+                     _last(m, "general_after_task"), _learned(m), _final(m)])
     if results.get("joint"):
         rows.append(_joint_row(results["joint"], names))
     headers = ["run", f"NL Delta after {tasks}", "general VL at the end", "general score at the end",
@@ -130,7 +129,7 @@ def paper2_table(results: dict[str, Any]) -> str:
     base = next(iter(methods.values()))
     return (f"Start (the instruction-tuned model): NL omega {_field(base, 'nl_base')}, general VL "
             f"{_field(base, 'general_vl_base')}. Accuracies in percent; {_seeds_line(results)}.\n\n"
-            + _table(headers, rows))
+            + markdown_table(headers, rows))
 
 
 def summary_sections(results: dict[str, Any], followers: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
