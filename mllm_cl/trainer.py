@@ -217,8 +217,8 @@ class Trainer:
         for i in range(first, first + share):
             last = i == first + share - 1
             torch.manual_seed(derive_seed(self.config.seed, "micro-batch", self.epoch, i))
+            seen += input_tokens(batches[i])  # before the copy to the device: no host sync per micro-batch
             batch = _to_device(batches[i], self.device)
-            seen += input_tokens(batch)
             with self.engine.sync(last):
                 loss, n_tokens = self.engine(batch)[:2]
                 n = float(n_tokens)
