@@ -14,12 +14,16 @@ and two regions summarise each curve:
     alpha_T = the smallest alpha whose task accuracy is >= 90% of the unconsolidated model's (alpha = 1)
 
 A consolidation that widens the general-stable region (larger alpha_G at the same alpha_T) keeps more of the
-old skills for the same gain, which is what the paper claims for SAC over ModelMix.
+old skills for the same gain, which is what the paper claims for SAC over ModelMix. Over seeds, each rule's
+width alpha_G - alpha_T is compared with ModelMix's on the same seed (`width_vs_modelmix`).
+
+Each trained model's update is also summarised by its spectrum per matrix type (`mllm_cl.update_spectrum`):
+how many singular values carry 90% of its nuclear norm, which is what SAC has to work with.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +31,14 @@ import numpy as np
 import torch
 
 from mllm_cl import metrics
+from mllm_cl.metrics import region_width
 from mllm_cl.config import StageConfig
 from mllm_cl.consolidation import modelmix
 from mllm_cl.continual import evaluate_model, load_init
 from mllm_cl.evaluation_vl import VLEvalCache
 from mllm_cl.llava import load_llava
-from mllm_cl.spectral import decompose_updates, sac_from_spectra
+from mllm_cl.spectral import UpdateSpectrum, decompose_updates, sac_from_spectra
+from mllm_cl.update_spectrum import NUCLEAR_SHARE, spectrum_stats, update_matrices
 from mllm_cl.workers import Job, run_jobs
 
 ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -40,10 +46,12 @@ CONSOLIDATIONS = ("modelmix", "sac-top", "sac-nuclear")
 GENERAL_KEEP, TASK_REACH = 0.95, 0.90  # the region rules above
 
 
-def consolidated(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor],
-                 alphas: tuple[float, ...]) -> Iterator[tuple[str, float, dict[str, torch.Tensor]]]:
-    """(consolidation, alpha, weights) for every consolidation and alpha; the SVDs are computed once."""
-    spectra = decompose_updates(old, new)
+def consolidated(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], alphas: tuple[float, ...],
+                 spectra: Mapping[str, UpdateSpectrum] | None = None
+                 ) -> Iterator[tuple[str, float, dict[str, torch.Tensor]]]:
+    """(consolidation, alpha, weights) for every consolidation and alpha; the SVDs are computed once (or given:
+    `decompose_updates(old, new)`)."""
+    spectra = decompose_updates(old, new) if spectra is None else spectra
     for alpha in alphas:
         yield "modelmix", alpha, modelmix(old, new, alpha)
         for rule in ("top", "nuclear"):
@@ -97,15 +105,19 @@ def alpha_curves(cfg: StageConfig, trained: dict[str, str | Path], alphas: tuple
     curves = {run: curve for name in trained for run, curve in parts[name]["runs"].items()}
     return {"task": cfg.tasks[0].name, "base_general": base_general,
             "rules": {"alpha_G": f"the largest alpha up to which general >= {GENERAL_KEEP:.0%} of base_general",
-                      "alpha_T": f"the smallest alpha whose task accuracy >= {TASK_REACH:.0%} of alpha 1's"},
+                      "alpha_T": f"the smallest alpha whose task accuracy >= {TASK_REACH:.0%} of alpha 1's",
+                      "k": f"the fewest singular values of a matrix's update (new - old) that carry >= "
+                           f"{NUCLEAR_SHARE:.0%} of its nuclear norm (0 for an update of zero)"},
             "runs": curves,
-            "regions": {run: regions(c["alpha"], c["general"], c["task"], base_general) for run, c in curves.items()}}
+            "regions": {run: regions(c["alpha"], c["general"], c["task"], base_general) for run, c in curves.items()},
+            "spectra": {name: parts[name]["spectrum"] for name in trained}}
 
 
 def model_curves(cfg: StageConfig, name: str, folder: str | Path, alphas: tuple[float, ...],
                  device: torch.device | None = None) -> dict[str, Any]:
-    """{"base_general", "runs": {"<name>/<consolidation>": curve}} for one trained model: every consolidation of
-    its update at every alpha, evaluated (general, its parts, and the task)."""
+    """{"base_general", "runs": {"<name>/<consolidation>": curve}, "spectrum"} for one trained model: every
+    consolidation of its update at every alpha, evaluated (general, its parts, and the task), and the update's
+    spectrum per matrix type (`mllm_cl.update_spectrum.spectrum_stats`) from the same SVDs."""
     model, tokenizer, cfg = load_init(cfg, device)
     keys = [k for k in model.state_dict() if not k.startswith("vision.")]
     old = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items() if k in keys}
@@ -116,7 +128,8 @@ def model_curves(cfg: StageConfig, name: str, folder: str | Path, alphas: tuple[
     task = cfg.tasks[0].name
     ends: dict[float, dict] = {0.0: base_scores}  # alpha 0 and 1 are the same model for every consolidation
     curves: dict[str, dict[str, list[float]]] = {}
-    for consolidation, alpha, weights in consolidated(old, new, alphas):
+    spectra = decompose_updates(old, new)
+    for consolidation, alpha, weights in consolidated(old, new, alphas, spectra):
         if alpha in ends:
             scores = ends[alpha]
         else:
@@ -132,12 +145,15 @@ def model_curves(cfg: StageConfig, name: str, folder: str | Path, alphas: tuple[
             curve[key].append(value)
         print(f"alpha curves: {name}/{consolidation} alpha {alpha:.1f}: general {general:.1f} "
               f"(NL {nl:.1f}, general VL {vl:.1f}), {task} {curve['task'][-1]:.1f}", flush=True)
-    return {"base_general": general_score(base_scores)[0], "runs": curves}
+    return {"base_general": general_score(base_scores)[0], "runs": curves,
+            "spectrum": spectrum_stats(spectra, update_matrices(old))}
 
 
 def curves_over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """The alpha curves of several seeds as one: each curve's mean (and sample sd) per alpha, the regions of the
-    mean curves, and each seed's own regions (`regions_per_seed`), which say how stable a region's edge is."""
+    mean curves, each seed's own regions (`regions_per_seed`), which say how stable a region's edge is, each
+    rule's region width against ModelMix's paired by seed (`width_vs_modelmix`), and each model's update
+    spectrum per seed (`spectra_per_seed`, when every seed has one)."""
     first = per_seed[0]
     curves: dict[str, dict[str, list[float]]] = {}
     for run, curve in first["runs"].items():
@@ -148,7 +164,37 @@ def curves_over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
             mean[f"{field}_sd"] = values.std(axis=0, ddof=min(1, len(per_seed) - 1)).tolist()
         curves[run] = mean
     base = float(np.mean([seed["base_general"] for seed in per_seed]))
-    return {"task": first["task"], "base_general": base, "rules": first["rules"], "runs": curves,
-            "seeds": len(per_seed),
-            "regions": {run: regions(c["alpha"], c["general"], c["task"], base) for run, c in curves.items()},
-            "regions_per_seed": {run: [seed["regions"][run] for seed in per_seed] for run in curves}}
+    out = {"task": first["task"], "base_general": base, "rules": first["rules"], "runs": curves,
+           "seeds": len(per_seed),
+           "regions": {run: regions(c["alpha"], c["general"], c["task"], base) for run, c in curves.items()},
+           "regions_per_seed": {run: [seed["regions"][run] for seed in per_seed] for run in curves}}
+    out["width_vs_modelmix"] = width_vs_modelmix(out["regions_per_seed"])
+    if all("spectra" in seed for seed in per_seed):  # alpha_curves.json files written before the spectra had none
+        out["spectra_per_seed"] = {name: [seed["spectra"][name] for seed in per_seed] for name in first["spectra"]}
+    return out
+
+
+def paired_summary(differences: list[float | None]) -> dict[str, Any]:
+    """{"per_seed", "mean", "sd", "n"}: the differences as given, and the mean and sample sd of the defined ones
+    (mean None when none is defined, sd None for fewer than two)."""
+    defined = [d for d in differences if d is not None]
+    return {"per_seed": differences, "mean": float(np.mean(defined)) if defined else None,
+            "sd": float(np.std(defined, ddof=1)) if len(defined) > 1 else None, "n": len(defined)}
+
+
+def width_vs_modelmix(regions_per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{run prefix: {rule: paired_summary}} of width(rule) - width(modelmix) on the same seed, for the SAC rules,
+    a region's width being alpha_G - alpha_T (`region_width`; the difference None where either is undefined).
+    Positive: the rule widens the general-stable region against ModelMix on that seed."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for prefix in sorted({run.split("/")[0] for run in regions_per_seed}):
+        base = regions_per_seed.get(f"{prefix}/modelmix")
+        if base is None:
+            continue
+        for rule in CONSOLIDATIONS[1:]:
+            if f"{prefix}/{rule}" not in regions_per_seed:
+                continue
+            widths = [(region_width(r), region_width(b)) for r, b in zip(regions_per_seed[f"{prefix}/{rule}"], base)]
+            out.setdefault(prefix, {})[rule] = paired_summary(
+                [None if w is None or v is None else round(w - v, 9) + 0.0 for w, v in widths])  # no float noise, no -0
+    return out

@@ -129,3 +129,9 @@ def bootstrap_delta_interval(base: Mapping[str, Sequence[int]], now: Mapping[str
     deltas = omega(omega_base) - omega(omega_now)
     low, high = np.percentile(deltas, [50 * (1 - level), 50 * (1 + level)])
     return float(low), float(high)
+
+
+def region_width(region: dict[str, float | None]) -> float | None:
+    """The width alpha_G - alpha_T of an alpha curve's regions (paper 2, LLaVA-c, Figure 4); None when either
+    edge is undefined."""
+    return None if region["alpha_G"] is None or region["alpha_T"] is None else region["alpha_G"] - region["alpha_T"]

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from mllm_cl.errors import UserError
-from mllm_cl.metrics import accuracy_matrix, average_accuracy, backward_transfer, forgetting
+from mllm_cl.metrics import accuracy_matrix, average_accuracy, backward_transfer, forgetting, region_width
 
 FIGURE_SIZE = (800, 520)  # every PNG, in pixels
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -274,12 +274,40 @@ def bar_figure(values: dict[str, float], title: str, ylabel: str) -> Image.Image
     return image
 
 
-def line_figure(series: dict[str, list[float]], x_labels: list[str], title: str, ylabel: str) -> Image.Image:
-    """One line per method over the tasks, with a legend."""
+BAND_OPACITY = 60  # of 255: how strongly a mean +/- sd band tints the plot
+
+
+def sd_band(mean: list[float], sd: list[float] | None, low: float = 0.0,
+            high: float = 100.0) -> tuple[list[float], list[float]] | None:
+    """(mean - sd, mean + sd) per point, clipped to [low, high] (a score's range, 0..100%); None without sds (a
+    single seed's curve has no band). A non-finite mean or sd gives a band of width 0 at that point."""
+    if sd is None:
+        return None
+    pairs = [(m, d if math.isfinite(d) else 0.0) for m, d in zip(mean, sd)]
+    return ([min(high, max(low, m - d)) for m, d in pairs], [min(high, max(low, m + d)) for m, d in pairs])
+
+
+def _draw_band(image: Image.Image, xy_low: list[tuple[float, float]], xy_high: list[tuple[float, float]],
+               colour: str) -> None:
+    """Tint the area between two lines of points (left to right) with `colour` at BAND_OPACITY."""
+    if len(xy_low) < 2:
+        return
+    mask = Image.new("L", image.size, 0)
+    ImageDraw.Draw(mask).polygon(xy_high + xy_low[::-1], fill=BAND_OPACITY)
+    image.paste(colour, mask=mask)
+
+
+def line_figure(series: dict[str, list[float]], x_labels: list[str], title: str, ylabel: str,
+                xlabel: str = "after task",
+                bands: dict[str, tuple[list[float], list[float]]] | None = None) -> Image.Image:
+    """One line per method over the x labels (by default the tasks), with a legend; `bands` (name -> (low, high)
+    per point, e.g. `sd_band`) tint the area around a line in its colour."""
+    bands = bands or {}
     image, draw = _figure(title)
     font, label_font = _font(14), _font(16)
     box = (100, 60, FIGURE_SIZE[0] - 190, FIGURE_SIZE[1] - 80)
-    finite = [v for values in series.values() for v in values if math.isfinite(v)] or [0.0]
+    finite = [v for values in (*series.values(), *(v for band in bands.values() for v in band)) for v in values
+              if math.isfinite(v)] or [0.0]
     ticks = _ticks(min(finite) - 1, max(finite) + 1)
     y_of = _value_axis(draw, box, ticks, font)
     points = max(len(v) for v in series.values())
@@ -292,6 +320,11 @@ def line_figure(series: dict[str, list[float]], x_labels: list[str], title: str,
         draw.text((x_of(i), box[3] + 8), _fit(draw, label, font, int(x_of(1) - x_of(0)) - 4 if points > 1 else 200),
                   fill="black", font=font, anchor="ma")
     draw.line([(box[0], box[3]), (box[2], box[3])], fill="black")
+    for n, name in enumerate(series):  # under every line
+        if name in bands:
+            shown = [i for i, v in enumerate(series[name]) if math.isfinite(v)]
+            _draw_band(image, *([(x_of(i), y_of(edge[i])) for i in shown] for edge in bands[name]),
+                       PALETTE[n % len(PALETTE)])
     for n, (name, values) in enumerate(series.items()):
         colour = PALETTE[n % len(PALETTE)]
         xy = [(x_of(i), y_of(v)) for i, v in enumerate(values) if math.isfinite(v)]
@@ -303,7 +336,7 @@ def line_figure(series: dict[str, list[float]], x_labels: list[str], title: str,
         draw.line([(box[2] + 20, legend_y), (box[2] + 50, legend_y)], fill=colour, width=3)
         draw.text((box[2] + 58, legend_y), _fit(draw, name, font, FIGURE_SIZE[0] - box[2] - 64), fill="black",
                   font=font, anchor="lm")
-    draw.text(((box[0] + box[2]) // 2, box[3] + 36), "after task", fill="black", font=label_font, anchor="ma")
+    draw.text(((box[0] + box[2]) // 2, box[3] + 36), xlabel, fill="black", font=label_font, anchor="ma")
     _vertical_label(image, ylabel, 30, (box[1] + box[3]) // 2, label_font)
     return image
 
@@ -451,10 +484,7 @@ def _alpha_label(alpha: float | None) -> str:
 
 def _region_change(base: dict[str, float | None], rule: dict[str, float | None]) -> str:
     """How a consolidation's regions differ from ModelMix's: alpha_G, alpha_T and the width alpha_G - alpha_T."""
-    def width(r: dict[str, float | None]) -> float | None:
-        return None if r["alpha_G"] is None or r["alpha_T"] is None else r["alpha_G"] - r["alpha_T"]
-
-    before, after = width(base), width(rule)
+    before, after = region_width(base), region_width(rule)
     verdict = ("widens the region" if after > before + 1e-9 else "narrows it" if after < before - 1e-9
                else "the same width") if before is not None and after is not None else "no width to compare"
     return (f"alpha_G {_alpha_label(base['alpha_G'])} -> {_alpha_label(rule['alpha_G'])}, alpha_T "
@@ -468,10 +498,13 @@ def _alpha_curves_section(curves: dict[str, Any] | None, out: Path) -> list[str]
         return []
     runs = curves["runs"]
     labels = [f"{a:.1f}" for a in next(iter(runs.values()))["alpha"]]
+    several = curves.get("seeds", 1) > 1  # a single seed's sds are 0: no band
     for field, title, ylabel in (("general", "General score vs alpha", "general (%)"),
                                  ("task", f"Task accuracy ({curves['task']}) vs alpha", "task acc (%)")):
-        line_figure({run: c[field] for run, c in runs.items()}, labels, title, ylabel).save(
-            out / f"alpha_{field}.png")
+        bands = {run: sd_band(c[field], c[f"{field}_sd"]) for run, c in runs.items() if several and f"{field}_sd" in c}
+        band_note = " (mean +/- sd over seeds)" if bands else ""
+        line_figure({run: c[field] for run, c in runs.items()}, labels, title + band_note, ylabel, xlabel="alpha",
+                    bands=bands).save(out / f"alpha_{field}.png")
     per_seed = curves.get("regions_per_seed")  # curves averaged over seeds: each seed's regions too
 
     def seeds(run: str, key: str) -> list[str]:
@@ -498,7 +531,47 @@ def _alpha_curves_section(curves: dict[str, Any] | None, out: Path) -> list[str]
                     for rule in ("sac-top", "sac-nuclear") if rule in found]
         md += [f"* {model}: " + "; ".join(verdicts) + "."]
     md += ["", "![general vs alpha](alpha_general.png) ![task vs alpha](alpha_task.png)", ""]
-    return md
+    return md + _width_vs_modelmix_table(curves.get("width_vs_modelmix")) + _update_spectrum_table(curves)
+
+
+def _signed(value: float | None) -> str:
+    return "none" if value is None else f"{value:+.2f}"
+
+
+def _width_vs_modelmix_table(paired: dict[str, dict[str, dict[str, Any]]] | None) -> list[str]:
+    """Each SAC rule's region width minus ModelMix's on the same seed (`alpha_curves.width_vs_modelmix`)."""
+    if not paired:
+        return []
+    rows = [[run, rule, ", ".join(_signed(d) for d in p["per_seed"]), f"{_signed(p['mean'])} +/- {_cell(p['sd'])}",
+             str(p["n"])] for run, rules in paired.items() for rule, p in rules.items()]
+    return ["### Region width against ModelMix, paired by seed", "",
+            "Per seed, width(rule) - width(ModelMix), a width being alpha_G - alpha_T: a positive difference means "
+            "the rule widens the general-stable region against ModelMix on that seed (none: a width undefined).", "",
+            markdown_table(["run", "rule", "difference per seed", "mean +/- sd", "n"], rows), ""]
+
+
+def _update_spectrum_table(curves: dict[str, Any]) -> list[str]:
+    """Per trained model and matrix type, how many singular values carry the update (`mllm_cl.update_spectrum`):
+    k averaged over the type's matrices and over the seeds (`spectra_per_seed`, or the one run's `spectra`)."""
+    per_seed = curves.get("spectra_per_seed") or {model: [s] for model, s in (curves.get("spectra") or {}).items()}
+    if not per_seed:
+        return []
+    rows = []
+    for model, seeds in sorted(per_seed.items()):
+        for kind, first in seeds[0].items():
+            stats = [seed[kind] for seed in seeds if kind in seed]
+            rows.append([model, kind, " x ".join(map(str, first["shape"])), str(first["matrices"]),
+                         _cell(float(np.mean([s["k_mean"] for s in stats]))),
+                         f"{min(s['k_min'] for s in stats)}-{max(s['k_max'] for s in stats)}",
+                         _cell(float(np.mean([s["rank_mean"] for s in stats])))])
+    count = len(next(iter(per_seed.values())))
+    over = f" and {count} seeds" if count > 1 else ""
+    rule = curves["rules"].get("k", "the fewest singular values carrying most of the update's nuclear norm")
+    return ["### The update's spectrum (what SAC reshapes)", "",
+            f"k: {rule}; mean over a type's matrices (every layer){over}, with its range; numerical rank: the "
+            "singular values above round-off.", "",
+            markdown_table(["model", "matrix type", "shape", "matrices", "k (mean)", "k range", "rank (mean)"], rows),
+            ""]
 
 
 def time_rows(timing: dict[str, Any]) -> list[tuple[str, float]]:

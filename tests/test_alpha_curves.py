@@ -1,10 +1,18 @@
 """Paper 2's alpha curves: the consolidations along alpha, the general score and the two regions."""
 
+import json
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from mllm_cl.alpha_curves import consolidated, curves_over_seeds, general_score, regions
-from mllm_cl.report import write_report
+from mllm_cl import alpha_curves as alpha_curves_module
+from mllm_cl.alpha_curves import (CONSOLIDATIONS, consolidated, curves_over_seeds, general_score, regions,
+                                  width_vs_modelmix)
+from mllm_cl.report import FIGURE_SIZE, line_figure, sd_band, write_report
+from mllm_cl.spectral import decompose_updates
 
 
 def test_regions_follow_their_rules_on_hand_made_curves() -> None:
@@ -76,3 +84,101 @@ def test_the_report_says_whether_a_rule_widens_the_region_or_only_shifts_it(tmp_
     report = write_report({"methods": {"lora": {"nl_delta": 1.0}}}, tmp_path, alpha_curves=curves).read_text()
     assert ("* vanilla: sac-top: alpha_G 0.1 -> 0.3, alpha_T 0.7 -> 0.7: widens the region; sac-nuclear: alpha_G "
             "0.1 -> 0.2, alpha_T 0.7 -> 0.9: narrows it.") in report
+
+
+def seed_with(widths: dict[str, tuple[float | None, float | None]], spectrum_k: float) -> dict:
+    """One seed's alpha_curves.json with the given (alpha_G, alpha_T) per vanilla run and one spectrum entry."""
+    curve = {"alpha": [0.0, 1.0], "general": [30.0, 0.0], "task": [0.0, 70.0], "nl": [30.0, 0.0],
+             "general_vl": [30.0, 0.0]}
+    kind = {"matrices": 4, "shape": [384, 128], "k_mean": spectrum_k, "k_min": 1, "k_max": 5, "rank_mean": 8.0}
+    return {"task": "color", "base_general": 30.0, "rules": {"alpha_G": "g", "alpha_T": "t", "k": "the fewest"},
+            "runs": {f"vanilla/{name}": curve for name in widths},
+            "regions": {f"vanilla/{name}": {"alpha_G": g, "alpha_T": t} for name, (g, t) in widths.items()},
+            "spectra": {"vanilla": {"llm.blocks.*.attn.qkv.weight": kind}}}
+
+
+def test_region_widths_are_paired_by_seed_against_modelmix(tmp_path) -> None:
+    seeds = [seed_with({"modelmix": (0.2, 0.6), "sac-top": (0.4, 0.6), "sac-nuclear": (0.2, 0.7)}, 2.0),
+             seed_with({"modelmix": (0.1, 0.6), "sac-top": (0.4, 0.5), "sac-nuclear": (None, 0.7)}, 3.0),
+             seed_with({"modelmix": (0.3, 0.6), "sac-top": (0.3, 0.6), "sac-nuclear": (0.3, 0.8)}, 4.0)]
+    mean = curves_over_seeds(seeds)
+    # widths: modelmix -0.4, -0.5, -0.3; sac-top -0.2, -0.1, -0.3; sac-nuclear -0.5, none, -0.5
+    top, nuclear = mean["width_vs_modelmix"]["vanilla"]["sac-top"], mean["width_vs_modelmix"]["vanilla"]["sac-nuclear"]
+    assert top["per_seed"] == pytest.approx([0.2, 0.4, 0.0]) and top["n"] == 3
+    assert top["mean"] == pytest.approx(0.2) and top["sd"] == pytest.approx(0.2)
+    assert nuclear["per_seed"][1] is None and nuclear["per_seed"][0] == pytest.approx(-0.1)
+    assert nuclear["mean"] == pytest.approx(-0.15) and nuclear["sd"] == pytest.approx(0.05 * 2 ** 0.5)
+    assert nuclear["n"] == 2
+    assert width_vs_modelmix({"a/modelmix": [{"alpha_G": 0.5, "alpha_T": 0.1}],
+                              "a/sac-top": [{"alpha_G": 0.6, "alpha_T": 0.1}]}) == \
+        {"a": {"sac-top": {"per_seed": [pytest.approx(0.1)], "mean": pytest.approx(0.1), "sd": None, "n": 1}}}
+    assert width_vs_modelmix({"b/sac-top": [{"alpha_G": 0.6, "alpha_T": 0.1}]}) == {}  # no ModelMix to pair with
+    assert mean["spectra_per_seed"]["vanilla"][2]["llm.blocks.*.attn.qkv.weight"]["k_mean"] == 4.0
+    json.dumps(mean)  # alpha_curves.json stays plain JSON
+    report = write_report({"methods": {"lora": {"nl_delta": 1.0}}}, tmp_path, alpha_curves=mean).read_text()
+    assert "a positive difference means the rule widens the general-stable region against ModelMix" in report
+    assert "| vanilla | sac-top | +0.20, +0.40, +0.00 | +0.20 +/- 0.20 | 3 |" in report
+    assert "| vanilla | sac-nuclear | -0.10, none, -0.20 | -0.15 +/- 0.07 | 2 |" in report
+    assert "| vanilla | llm.blocks.*.attn.qkv.weight | 384 x 128 | 4 | 3.00 | 1-5 | 8.00 |" in report
+    assert "k: the fewest; mean over a type's matrices (every layer) and 3 seeds" in report
+
+
+def test_old_seed_files_without_spectra_still_combine() -> None:
+    seeds = [seed_with({"modelmix": (0.2, 0.6)}, 2.0), seed_with({"modelmix": (0.2, 0.6)}, 2.0)]
+    del seeds[1]["spectra"]
+    mean = curves_over_seeds(seeds)
+    assert "spectra_per_seed" not in mean and mean["width_vs_modelmix"] == {}
+
+
+def test_sd_band_is_mean_plus_minus_sd_clipped_to_the_score_range() -> None:
+    low, high = sd_band([50.0, 5.0, 98.0, 40.0], [10.0, 8.0, 4.0, 0.0])
+    assert low == [40.0, 0.0, 94.0, 40.0] and high == [60.0, 13.0, 100.0, 40.0]
+    assert sd_band([50.0], [float("nan")]) == ([50.0], [50.0])
+    assert sd_band([50.0, 60.0], None) is None  # one seed: no band
+    assert sd_band([0.5], [1.0], low=0.0, high=1.0) == ([0.0], [1.0])
+
+
+def test_alpha_plots_tint_a_band_under_each_mean_curve(tmp_path) -> None:
+    tint = (202, 223, 237)  # PALETTE[0] over white at BAND_OPACITY
+
+    def tinted(image) -> int:
+        pixels = np.asarray(image).reshape(-1, 3).astype(int)
+        return int((np.abs(pixels - tint).max(axis=1) <= 2).sum())
+
+    series, labels = {"vanilla/modelmix": [50.0, 40.0, 30.0]}, ["0.0", "0.5", "1.0"]
+    plain = line_figure(series, labels, "t", "y", xlabel="alpha")
+    banded = line_figure(series, labels, "t", "y", xlabel="alpha",
+                         bands={"vanilla/modelmix": sd_band(series["vanilla/modelmix"], [10.0, 10.0, 10.0])})
+    assert tinted(plain) == 0 and tinted(banded) > 10_000  # 20 points of a ~40-point axis, across the plot
+    under_axis = (slice(FIGURE_SIZE[1] - 50, FIGURE_SIZE[1]), slice(0, FIGURE_SIZE[0]))
+    default = line_figure(series, labels, "t", "y")
+    assert not np.array_equal(np.asarray(plain)[under_axis], np.asarray(default)[under_axis])  # "alpha" there
+    seeds = [seed_with({"modelmix": (0.2, 0.6)}, 2.0), seed_with({"modelmix": (0.2, 0.6)}, 2.0)]
+    seeds[1]["runs"] = {"vanilla/modelmix": {**seeds[0]["runs"]["vanilla/modelmix"], "general": [20.0, 10.0]}}
+    write_report({"methods": {"lora": {"nl_delta": 1.0}}}, tmp_path, alpha_curves=curves_over_seeds(seeds))
+    with Image.open(tmp_path / "alpha_general.png") as general, Image.open(tmp_path / "alpha_task.png") as task:
+        assert tinted(general) > 1000 and tinted(task) == 0  # the task curves agree over the seeds: sd 0
+
+
+def test_given_spectra_serve_the_consolidations_and_every_models_spectrum_is_kept(monkeypatch, tmp_path) -> None:
+    generator = torch.Generator().manual_seed(1)
+    old = {"w": torch.randn(6, 4, generator=generator, dtype=torch.float64)}
+    new = {"w": old["w"] + 0.1 * torch.randn(6, 4, generator=generator, dtype=torch.float64)}
+    given = list(consolidated(old, new, (0.5,), decompose_updates(old, new, device="cpu")))
+    for (c, a, weights), (c2, a2, again) in zip(given, consolidated(old, new, (0.5,))):
+        assert (c, a) == (c2, a2)
+        torch.testing.assert_close(weights["w"], again["w"])
+
+    def fake_model_curves(cfg, name, folder, alphas, device) -> dict:
+        curve = {"alpha": list(alphas), "general": [30.0, 0.0], "task": [0.0, 60.0], "nl": [30.0, 0.0],
+                 "general_vl": [30.0, 0.0]}
+        return {"base_general": 30.0, "runs": {f"{name}/{c}": curve for c in CONSOLIDATIONS},
+                "spectrum": {"llm.blocks.*.mlp.fc.weight": {"k_mean": float(len(name))}}}
+
+    monkeypatch.setattr(alpha_curves_module, "model_curves", fake_model_curves)
+    cfg = SimpleNamespace(tasks=[SimpleNamespace(name="color")], eval=SimpleNamespace(general_vl=["x"]),
+                          out_dir=str(tmp_path))
+    curves = alpha_curves_module.alpha_curves(cfg, {"vanilla": "a", "uir": "b"}, (0.0, 1.0))
+    assert curves["spectra"] == {"vanilla": {"llm.blocks.*.mlp.fc.weight": {"k_mean": 7.0}},
+                                 "uir": {"llm.blocks.*.mlp.fc.weight": {"k_mean": 3.0}}}
+    assert "90%" in curves["rules"]["k"]
