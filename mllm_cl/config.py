@@ -425,7 +425,7 @@ class ExperimentConfig:
     # beside NL after every task.
     protocol: str = "paper1"
     general_file: str = ""  # default: <world>/general/train.json
-    general_test: str = ""  # default: <world>/general/test.json
+    general_test: str = ""  # default: one test per skill of the mix, <world>/general/<skill>/test.json
     # paper 2's Figure 4 (protocol paper2): curve name -> method run whose model after the first task is
     # consolidated at every alpha of alpha_curve_alphas, e.g. {"vanilla": "lora", "uir": "lora+uir"}
     alpha_curves: dict[str, str] = field(default_factory=dict)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import weakref
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,13 @@ def read_vl_test_set(path: str | Path, image_folder: str | Path | None, limit: i
     if not examples:
         raise EvalDataError(f"VL test file {path} holds no entries")
     return examples
+
+
+def majority_share(examples: list[VLExample]) -> float:
+    """The share of the test's most common gold answer (after normalisation), in percent: the accuracy of always
+    giving that answer, which is the chance level a test's accuracy is read against."""
+    counts = Counter(normalize_answer(example.answer) for example in examples)
+    return 100.0 * max(counts.values()) / len(examples)
 
 
 class VLEvalCache:

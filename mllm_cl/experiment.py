@@ -38,6 +38,7 @@ from mllm_cl.config import (LLM_PRESETS, VISION_PRESETS, ExperimentConfig, Stage
                             TrainConfig, from_dict, load_json, to_dict)
 from mllm_cl.continual import evaluate_model, load_init
 from mllm_cl.device import resolve_device
+from mllm_cl.evaluation_vl import majority_share, read_vl_test_set
 from mllm_cl.methods import build_methods, expand_methods
 from mllm_cl.model_folder import atomic_write_text
 from mllm_cl.report import overlapped_part, time_rows, write_report
@@ -126,6 +127,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         with clock.part("alpha curves"):
             curves = run_alpha_curves(cfg, out, start)
     results = summarise(cfg, runs, wall_seconds=clock.seconds())
+    if cfg.protocol == "paper2":
+        results["base"] = base_record(cfg, next(iter(runs.values()))["initial"])
     if joint is not None:
         results["joint"] = joint
     if cfg.ablation:
@@ -237,6 +240,8 @@ def over_seeds(name: str, folders: dict[int, Path], out: Path, then: dict[str, A
                "date": datetime.now(timezone.utc).isoformat(), "methods": methods}
     if "ablation" in runs_of[0]:
         results["ablation"] = runs_of[0]["ablation"]
+    if "base" in runs_of[0]:
+        results["base"] = base_over_seeds([r["base"] for r in runs_of])
     if "joint" in runs_of[0]:
         joints = [r["joint"] for r in runs_of]
         results["joint"] = {"run": joints[0]["run"], "per_seed": joints,
@@ -349,12 +354,13 @@ def with_world_defaults(cfg: ExperimentConfig, world: Path) -> ExperimentConfig:
                           for t in cfg.world_tasks or manifest["tasks"]]
     nl_files = cfg.nl_files or [str(p) for p in sorted((world / "nl").glob("*.jsonl"))]
     tokenizer = cfg.tokenizer or (str(world / "tokenizer.json") if cfg.llm in LLM_PRESETS else "")
-    general_test = cfg.general_test or str(world / "general/test.json")
-    general_vl = cfg.eval.general_vl or ([TaskSpec(name="general", test=general_test, image_folder=str(world))]
-                                         if cfg.protocol == "paper2" else [])
+    general_vl = cfg.eval.general_vl
+    if not general_vl and cfg.protocol == "paper2":  # one test per skill of the mix, or the one test given
+        general_vl = ([TaskSpec(name="general", test=cfg.general_test, image_folder=str(world))] if cfg.general_test
+                      else [TaskSpec(name=f"general_{skill}", test=str(world / f"general/{skill}/test.json"),
+                                     image_folder=str(world)) for skill in manifest["general_skills"]])
     return replace(cfg, tasks=tasks, eval=replace(cfg.eval, nl_files=nl_files, general_vl=general_vl),
                    tokenizer=tokenizer, general_file=cfg.general_file or str(world / "general/train.json"),
-                   general_test=general_test,
                    text_corpus=cfg.text_corpus or str(world / "text/train.txt"),
                    align_file=cfg.align_file or str(world / "align.json"),
                    inquiries=cfg.inquiries or str(world / "inquiries.json"))
@@ -492,6 +498,41 @@ def summarise(cfg: ExperimentConfig, runs: dict[str, dict], wall_seconds: float)
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "tasks": task_names,
             "nl_files": cfg.eval.nl_files,
             "methods": {run_name: summarise_run(run, task_names) for run_name, run in runs.items()}}
+
+
+def base_record(cfg: ExperimentConfig, initial: dict[str, Any]) -> dict[str, Any]:
+    """Paper 2's starting point, the instruction-tuned model, from a method run's initial evaluation (every run
+    starts from it): NL omega, the pooled general-VL accuracy, each general-VL skill, and each continual task's
+    zero-shot accuracy (paper 2's Table 8, first row), in percent. A test's chance is the share of its most common
+    answer (`majority_share`) over the questions scored; `ci` is the 95% Wilson interval."""
+    def measured(test: TaskSpec, scores: dict[str, Any]) -> dict[str, Any]:
+        n = int(scores["n"])
+        examples = read_vl_test_set(test.test, test.image_folder or None, n)
+        return {"acc": 100.0 * scores["acc"], "chance": majority_share(examples), "n": n, "ci": wilson(scores)}
+
+    return {"nl_omega": metrics.nl_omega(nl_accuracies(initial)), "general_vl": general_vl_accuracy(initial),
+            "general_vl_by_skill": {test.name.removeprefix("general_"): measured(test, initial["general_vl"][test.name])
+                                    for test in cfg.eval.general_vl},
+            "zero_shot": {test.name: measured(test, initial["vl"][test.name]) for test in cfg.tasks}}
+
+
+def base_over_seeds(bases: list[dict[str, Any]]) -> dict[str, Any]:
+    """`base_record` over seeds: each figure's mean, sample sd (`_sd`) and values (`_per_seed`); a test's chance
+    and n as one seed's (every seed scores the same questions), its interval Wilson's over all seeds' answers."""
+    def spread(values: list[float], key: str) -> dict[str, Any]:
+        return {key: float(np.mean(values)), f"{key}_sd": float(np.std(values, ddof=1)), f"{key}_per_seed": values}
+
+    out = {**spread([b["nl_omega"] for b in bases], "nl_omega"),
+           **spread([b["general_vl"] for b in bases], "general_vl")}
+    for group in ("general_vl_by_skill", "zero_shot"):
+        out[group] = {}
+        for name, first in bases[0][group].items():
+            accs = [b[group][name]["acc"] for b in bases]
+            n = sum(b[group][name]["n"] for b in bases)
+            correct = sum(round(b[group][name]["acc"] * b[group][name]["n"] / 100.0) for b in bases)
+            out[group][name] = {**spread(accs, "acc"), "chance": first["chance"], "n": first["n"],
+                                "ci": list(metrics.wilson_interval(correct, n))}
+    return out
 
 
 def summarise_run(run: dict[str, Any], task_names: list[str]) -> dict[str, Any]:

@@ -459,6 +459,42 @@ def _general_section(methods: dict[str, dict[str, Any]]) -> list[str]:
             markdown_table(["method", "before the tasks", "after each task [95% CI]"], rows), ""]
 
 
+GENERAL_MARGIN = 30.0  # points above chance a general skill must reach to be there to keep
+ZERO_SHOT_MARGIN = 15.0  # points above chance a continual task may start at and still count as new
+
+
+def _base_section(base: dict[str, Any] | None) -> list[str]:
+    """Paper 2's starting point (experiment.base_record, or its mean over seeds): is there general skill to keep
+    (each general-VL skill at least GENERAL_MARGIN points above chance), and are the tasks new to it (zero-shot
+    at most ZERO_SHOT_MARGIN above chance, paper 2's Table 8 first row)."""
+    if not base:
+        return []
+
+    def acc(m: dict[str, Any]) -> str:
+        seeds = ", ".join(_cell(v) for v in m.get("acc_per_seed", []))
+        spread = f" +/- {_cell(m['acc_sd'])} ({seeds})" if "acc_sd" in m else ""
+        return f"{_cell(m['acc'])}{spread} [{_cell(m['ci'][0])}, {_cell(m['ci'][1])}]"
+
+    def figure(key: str) -> str:
+        return _cell(base[key]) + (f" +/- {_cell(base[key + '_sd'])}" if f"{key}_sd" in base else "")
+
+    def row(label: str, m: dict[str, Any], bar: str, limit: float, meets: bool) -> list[str]:
+        return [label, acc(m), _cell(m["chance"]), str(m["n"]), f"{bar} {_cell(limit)}", "yes" if meets else "no"]
+
+    rows = [row(f"general VL: {name}", m, ">=", m["chance"] + GENERAL_MARGIN, m["acc"] >= m["chance"] + GENERAL_MARGIN)
+            for name, m in base["general_vl_by_skill"].items()]
+    rows += [row(f"zero-shot: {name}", m, "<=", m["chance"] + ZERO_SHOT_MARGIN,
+                 m["acc"] <= m["chance"] + ZERO_SHOT_MARGIN) for name, m in base["zero_shot"].items()]
+    seeds = (" (mean +/- sd over seeds, each seed's value, and the 95% Wilson interval of all seeds' answers)"
+             if "nl_omega_sd" in base else " [95% Wilson interval]")
+    return ["## The starting point: the instruction-tuned model (paper 2)", "",
+            f"NL omega {figure('nl_omega')}, general VL {figure('general_vl')} (pooled over its skills). Accuracy "
+            f"in percent{seeds}; chance is the share of a test's most common answer. A general skill is there to keep "
+            f"when it is at least {GENERAL_MARGIN:.0f} points above chance; a continual task is new when its "
+            f"zero-shot accuracy is at most {ZERO_SHOT_MARGIN:.0f} above.", "",
+            markdown_table(["test", "accuracy", "chance", "n", "bar", "meets it"], rows), ""]
+
+
 def _ablation_section(methods: dict[str, dict[str, Any]], ablation: list[str], joint: dict[str, Any] | None) -> list[str]:
     """Paper 2's Table 4 layout: the ablation's runs and the joint multitask run, final general score and every
     task's final accuracy."""
@@ -638,6 +674,8 @@ def write_report(run_dirs_or_results: dict | str | Path | Sequence[str | Path], 
            "NL Delta's interval is a paired bootstrap over the benchmarks' documents; accuracies below carry their "
            "95% Wilson interval.", ""]
     md += _seeds_section(methods) + _nlu_nlg_section(methods) + _learned_section(methods)
+    if isinstance(run_dirs_or_results, dict):
+        md += _base_section(run_dirs_or_results.get("base"))
     md += _paper1_table3(methods) + _paper1_table4(methods) + _general_section(methods)
 
     for field, title, ylabel in (("nl_delta", "NL forgetting (Delta) per method", "NL Delta (points)"),

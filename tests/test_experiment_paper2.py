@@ -29,7 +29,8 @@ def test_the_paper2_grid_runs_after_paper1_on_its_stages(parent: str, rank: int,
     for run_name, methods in cfg.methods.items():
         built = build_methods(methods, run_options(cfg, run_name))
         lora = [m for m in built if m.name == "lora"]
-        assert lora and (lora[0].rank, lora[0].rslora) == (rank, False), run_name  # every run fine-tunes with LoRA
+        wanted = 32 if run_name == "lora_r32" else rank  # the demo's rank experiment: d/4 of the tiny LLM's 128
+        assert lora and (lora[0].rank, lora[0].rslora) == (wanted, False), run_name  # every run fine-tunes with LoRA
     assert set(cfg.ablation) <= set(cfg.methods) and set(cfg.alpha_curves.values()) <= set(cfg.methods)
     own = replace(first, llm="path/to/pythia-160m", template="pythia", workers=3)  # `make experiment MODEL=...`
     assert (follow_up(own, path).llm, follow_up(own, path).template, follow_up(own, path).workers) == \
@@ -48,7 +49,9 @@ def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_pat
     assert results["protocol"] == "paper2" and (run / "finetune" / "model" / "config.json").is_file()
     stage = json.loads((run / "methods" / "llava_c" / "stage_config.json").read_text())
     assert Path(stage["init"]) == run / "finetune" / "model"  # the tasks start from the instruction-tuned model
-    assert stage["eval"]["general_vl"][0]["test"].endswith("general/test.json")
+    world = json.loads((tmp_path / "world" / "world.json").read_text())
+    assert [t["name"] for t in stage["eval"]["general_vl"]] == [f"general_{s}" for s in world["general_skills"]]
+    assert stage["eval"]["general_vl"][0]["test"].endswith(f"general/{world['general_skills'][0]}/test.json")
     finetune = json.loads((run / "finetune" / "stage_config.json").read_text())
     assert finetune["train_file"].endswith("general/train.json") and Path(finetune["init"]) == run / "align" / "model"
     llava_c = results["methods"]["llava_c"]
@@ -57,6 +60,22 @@ def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_pat
                for v, (lo, hi) in zip(llava_c["general_vl_after_task"], llava_c["general_vl_ci_after_task"]))
     assert "finetune" in results["timing"]["shared"]
     assert "## General VL (paper 2" in (run / "REPORT.md").read_text()
+    # The starting point: general skill per skill and each task's zero-shot accuracy, chance the majority answer.
+    base = json.loads((run / "results.json").read_text())["base"]
+    assert set(base) == {"nl_omega", "general_vl", "general_vl_by_skill", "zero_shot"}
+    assert base["nl_omega"] == pytest.approx(llava_c["nl_base"])
+    assert base["general_vl"] == pytest.approx(llava_c["general_vl_base"])
+    tests = {**{("general_vl_by_skill", s): tmp_path / f"world/general/{s}/test.json" for s in world["general_skills"]},
+             **{("zero_shot", t): tmp_path / f"world/tasks/{t}/test.json" for t in ("color", "size")}}
+    assert {(group, name) for group in ("general_vl_by_skill", "zero_shot") for name in base[group]} == set(tests)
+    for (group, name), path in tests.items():
+        m = base[group][name]
+        assert set(m) == {"acc", "chance", "n", "ci"} and 0.0 <= m["acc"] <= 100.0
+        answers = [r["conversations"][-1]["value"] for r in json.loads(path.read_text())][:m["n"]]
+        assert m["n"] == len(answers) and m["chance"] == pytest.approx(100.0 * max(map(answers.count, answers)) /
+                                                                        len(answers))
+        assert m["ci"][0] <= m["acc"] <= m["ci"][1]
+    assert "## The starting point: the instruction-tuned model" in (run / "REPORT.md").read_text()
     # The alpha curves: alpha 0 is the instruction-tuned model itself, alpha 1 the LoRA run's model after task 1.
     curves = json.loads((run / "alpha_curves.json").read_text())
     assert curves["task"] == "color" and set(curves["runs"]) == {f"vanilla/{c}" for c in CONSOLIDATIONS}
@@ -119,6 +138,13 @@ def test_then_runs_another_experiment_on_the_shared_stages(tmp_path: Path) -> No
     assert len(lora["nl_delta_per_seed"]) == 2 and len(lora["general_after_task_sd"]) == 2
     assert "final general" in (tmp_path / "run" / "p2" / "REPORT.md").read_text()
     assert len(summary["joint"]["per_seed"]) == 2 and set(summary["joint"]["vl"]) == {"color", "size"}
+    base = summary["base"]  # the starting point over seeds: mean, sd and each seed's value
+    seeds_base = [json.loads((tmp_path / "run" / f"seed_{s}" / "p2" / "results.json").read_text())["base"]
+                  for s in (0, 1)]
+    assert base["zero_shot"]["color"]["acc_per_seed"] == [b["zero_shot"]["color"]["acc"] for b in seeds_base]
+    assert base["nl_omega"] == pytest.approx((seeds_base[0]["nl_omega"] + seeds_base[1]["nl_omega"]) / 2)
+    assert base["zero_shot"]["color"]["n"] == 4 and "acc_sd" in base["general_vl_by_skill"]["describe"]
+    assert "## The starting point" in (tmp_path / "run" / "p2" / "REPORT.md").read_text()
     curves = json.loads((tmp_path / "run" / "p2" / "alpha_curves.json").read_text())
     assert curves["seeds"] == 2 and len(curves["regions_per_seed"]["vanilla/modelmix"]) == 2
     assert "alpha curves: vanilla/sac-top" in (seed / "p2" / "alpha_curves" / "vanilla.log").read_text()

@@ -15,7 +15,7 @@ from mllm_cl.conversation import TEMPLATES
 from mllm_cl.synthetic import IMAGE_PREFIX, TASKS, build_world
 from mllm_cl.synthetic.images import radius
 from mllm_cl.synthetic.text import FACT_TEMPLATES
-from mllm_cl.synthetic.world import apart
+from mllm_cl.synthetic.world import GENERAL_VL, apart
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +202,62 @@ def test_the_text_world_states_ages_in_digits(world: Path) -> None:
     train = (world / "text/train.txt").read_text(encoding="utf-8")
     assert {e["age"] for e in entities} <= set("123456") and len({e["age"] for e in entities}) > 1
     assert all(any(template.format(**e) in train for template in FACT_TEMPLATES["age"]) for e in entities)
+
+
+def corpus_words(world: Path) -> set[str]:
+    return set(re.findall(r"[\w']+", (world / "text/train.txt").read_text(encoding="utf-8").lower()))
+
+
+def test_every_answer_word_of_the_general_mix_and_the_continual_tasks_is_in_the_corpus(world: Path) -> None:
+    # An answer the LLM never read is not learned in a few steps (docs/world.md): every word the general mix
+    # answers with, and every answer of a task an experiment config runs, must be in its language pre-training.
+    words = corpus_words(world)
+    for record in read_json(world / "general/train.json"):
+        answer = record["conversations"][-1]["value"]
+        assert set(re.findall(r"[\w']+", answer.lower())) <= words, (record["id"], answer)
+    configs = Path(__file__).resolve().parents[1] / "configs/experiments"
+    used = {task for path in configs.glob("*.json") for task in read_json(path).get("world_tasks", [])}
+    assert used >= {"color", "big_color", "size"}
+    for task in used:
+        for answer in TASKS[task][0]:
+            assert set(answer.lower().split()) <= words, (task, answer)
+
+
+def test_the_general_mix_has_a_balanced_test_per_skill_on_new_pictures(world: Path) -> None:
+    manifest = read_json(world / "world.json")
+    skills = manifest["general_skills"]
+    assert skills == list(GENERAL_VL) and len(skills) >= 2
+    train = read_json(world / "general/train.json")
+    train_pixels = {Image.open(world / r["image"]).tobytes() for r in train if "image" in r}
+    parts = Counter(r["id"].rsplit("-", 1)[0] for r in train)
+    assert set(parts) == {f"general-{s}" for s in skills} | {"general-text", "general-document"}
+    assert max(parts.values()) - min(parts.values()) <= len(parts)  # equal parts
+    for skill in skills:
+        test = read_json(world / f"general/{skill}/test.json")
+        summary = manifest["summary"]["general"]["skills"][skill]
+        assert len(test) == manifest["sizes"]["general_test"] == summary["count"]
+        counts = Counter(r["conversations"][-1]["value"] for r in test)
+        assert set(counts) <= set(GENERAL_VL[skill][0]) and max(counts.values()) - min(counts.values()) <= 1
+        assert not {Image.open(world / r["image"]).tobytes() for r in test} & train_pixels
+    # the text part answers with the corpus's own sentences and documents, never a last-word benchmark's story
+    stories = [d["context"] for d in read_jsonl(world / "nl/last_word.jsonl")]
+    for record in train:
+        if "image" not in record:
+            answer = record["conversations"][-1]["value"]
+            assert answer.endswith(".") and not any(story in answer for story in stories), record["id"]
+
+
+def test_the_general_mix_asks_in_formats_no_continual_task_uses() -> None:
+    # Two-word answers, never one colour or size word: the tasks' format stays new to the instruction-tuned model.
+    task_answers = {answer for classes, _ in TASKS.values() for answer in classes}
+    rng = random.Random(0)
+    for skill, (classes, make) in GENERAL_VL.items():
+        assert not set(classes) & task_answers and all(len(c.split()) == 2 for c in classes), skill
+        for answer in classes[:6]:
+            scene, question = make(answer, rng)
+            shapes = sorted(scene, key=lambda s: -radius(s.size))
+            if skill == "describe":
+                assert [f"{s.size} {s.colour}" for s in shapes] == [answer]
+            else:
+                assert [s.colour for s in shapes] == answer.split() and [s.size for s in shapes] == ["big", "small"]
+                assert apart(*shapes)

@@ -213,6 +213,18 @@ def make_text_qa(entities: list[Entity], n: int, rng: random.Random) -> list[tup
     return [rng.choice(pool) for _ in range(n)]
 
 
+def make_text_conversations(entities: list[Entity], n: int, rng: random.Random) -> list[tuple[str, str]]:
+    """`n` (question, answer) pairs about the creatures' facts, each answered with a sentence of the corpus that
+    states the fact (a FACT_TEMPLATES wording), drawn uniformly over creature, attribute and wordings."""
+    pairs = []
+    for _ in range(n):
+        facts = rng.choice(entities).facts()
+        attribute = rng.choice(list(QUESTION_TEMPLATES))
+        pairs.append((rng.choice(QUESTION_TEMPLATES[attribute]).format(**facts),
+                      rng.choice(FACT_TEMPLATES[attribute]).format(**facts)))
+    return pairs
+
+
 def make_text_questions(entities: list[Entity], n: int, rng: random.Random) -> list[str]:
     """`n` questions about the creatures' facts, without their answers."""
     return [question for question, _ in make_text_qa(entities, n, rng)]

@@ -29,17 +29,17 @@ from mllm_cl.synthetic import text
 from mllm_cl.synthetic.images import COLOURS, SHAPES, SIZES, Shape, Word, radius, render
 
 # How much of everything each size makes. `demo` is what `make demo` runs on.
-WORLD_VERSION = 6  # bumped whenever the same seed and size would draw a different world
+WORLD_VERSION = 7  # bumped whenever the same seed and size would draw a different world
 WORLD_SIZES: dict[str, dict[str, int]] = {
     "smoke": dict(entities=8, documents=300, heldout=40, facts_mc=40, last_word=40, train=40, test=20,
-                  align=40, inquiries=30, general=60),
+                  align=40, inquiries=30, general=60, general_test=10),
     "small": dict(entities=20, documents=2000, heldout=150, facts_mc=120, last_word=100, train=500, test=100,
-                  align=600, inquiries=200, general=900),
+                  align=600, inquiries=200, general=900, general_test=100),
     "demo": dict(entities=40, documents=6000, heldout=300, facts_mc=240, last_word=200, train=1500, test=200,
-                 align=2000, inquiries=500, general=1500),
+                 align=2000, inquiries=500, general=1500, general_test=100),
     # `make experiment`: tasks of a size one epoch at paper 1's schedule can learn (the demo's, 4x the training data)
     "experiment": dict(entities=40, documents=6000, heldout=300, facts_mc=240, last_word=200, train=6000, test=500,
-                       align=4000, inquiries=2000, general=12000),
+                       align=4000, inquiries=2000, general=12000, general_test=250),
 }
 READ_WORDS = ("sun", "cat", "box", "map", "cup", "pen", "hat", "key")
 COUNTS = ("1", "2", "3", "4", "5")
@@ -174,43 +174,60 @@ TASKS: dict[str, tuple[tuple[str, ...], Callable[[str, random.Random], tuple[Sce
 
 
 # ----------------------------------------------------------------------------- the general instruction mix
-# The world's "LLaVA-665k" (paper 2's continual fine-tuning starts from a model instruction-tuned on it): VL
-# questions on attributes and in wordings that no continual task uses, and text questions about the text world
-# with their answers. Its VL part, held out, is the general-VL test.
+# The world's "LLaVA-665k" (paper 2's continual fine-tuning starts from a model instruction-tuned on it). Its VL
+# part asks for what the tower's tokens carry (colour and size, docs/world.md) in formats no continual task
+# uses: two-word answers, never a single colour or size word, so the tasks stay unseen (their zero-shot accuracy
+# from the tuned model is near chance). Its text part holds language as LLaVA-1.5's text-only conversations do:
+# questions about the creatures answered with a sentence of the corpus, and "tell me about ..." answered with a
+# document. The VL part, held out per skill, is the general-VL test.
 
-def shape_question(answer: str, rng: random.Random) -> tuple[Scene, str]:
-    """Which shape? One shape of any colour and size, answered by its name."""
-    return [random_shape(rng, kind=answer)], rng.choice(("Name the shape in this picture.",
-                                                         "Tell me which shape this is."))
+def describe_question(answer: str, rng: random.Random) -> tuple[Scene, str]:
+    """Size and colour of one shape, in two words ("small red")."""
+    size, colour = answer.split()
+    return [random_shape(rng, colour=colour, size=size)], rng.choice((
+        "Describe the shape in two words: its size, then its colour.", "Give the size and the colour of the shape."))
 
 
-def word_question(answer: str, rng: random.Random) -> tuple[Scene, str]:
-    """Which word? The read task's pictures, asked in another wording."""
-    return read_task(answer, rng)[0], rng.choice(("Read the word in the picture aloud.", "Which word can you see?"))
+def pair_question(answer: str, rng: random.Random) -> tuple[Scene, str]:
+    """The colours of a big and a small shape, the big one's first ("red blue")."""
+    big_colour, small_colour = answer.split()
+    big = random_shape(rng, colour=big_colour, size="big")
+    small = random_shape(rng, colour=small_colour, size="small")
+    while not apart(big, small):
+        small = random_shape(rng, kind=small.kind, colour=small_colour, size="small")
+    scene: Scene = [big, small]
+    rng.shuffle(scene)
+    return scene, rng.choice(("Name the colours of the two shapes, the big one first.",
+                              "Which colours do the two shapes have? Start with the bigger one."))
 
 
 GENERAL_VL: dict[str, tuple[tuple[str, ...], Callable[[str, random.Random], tuple[Scene, str]]]] = {
-    "shape": (SHAPES, shape_question),
-    "word": (READ_WORDS, word_question),
+    "describe": (tuple(f"{size} {colour}" for size in SIZES for colour in COLOURS), describe_question),
+    "pair": (tuple(f"{a} {b}" for a in COLOURS for b in COLOURS if a != b), pair_question),
 }
 
 
-def make_general_mix(entities: list[text.Entity], n_train: int, n_test: int, images: ImageFolder,
-                     seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, test): train mixes the GENERAL_VL questions and text questions with answers in equal parts;
-    test holds only VL questions (the general-VL benchmark), on pictures drawn for it alone."""
+def make_general_mix(entities: list[text.Entity], n_train: int, n_test: int, images: ImageFolder, seed: int,
+                     forbidden_stories: set[tuple[str, str, str]]) -> tuple[list[dict], dict[str, list[dict]]]:
+    """(train, {skill: test}): train mixes each GENERAL_VL skill, text questions answered with a sentence and
+    documents about a creature in equal parts (the documents tell none of the last-word benchmark's stories);
+    each skill's test, n_test questions on pictures drawn for it alone, is its general-VL benchmark."""
     rng = random.Random(f"{seed}:general")
+    part = n_train // (len(GENERAL_VL) + 2)
     train: list[dict] = []
-    parts = len(GENERAL_VL) + 1
     for name, (classes, make) in GENERAL_VL.items():
-        train += draw_split(classes, make, n_train // parts, rng, images, f"general-{name}")
-    for i, (question, answer) in enumerate(text.make_text_qa(entities, n_train - len(train), rng)):
+        train += draw_split(classes, make, part, rng, images, f"general-{name}")
+    for i, (question, answer) in enumerate(text.make_text_conversations(entities, part, rng)):
         train.append(llava_record(f"general-text-{i:05d}", None, question, answer))
+    for i in range(n_train - len(train)):
+        entity = rng.choice(entities)
+        question = rng.choice((f"Tell me about {entity.name}.", f"What do you know about {entity.name}?"))
+        train.append(llava_record(f"general-document-{i:05d}", None, question,
+                                  text.make_document(entity, entities, rng, forbidden_stories)))
     rng.shuffle(train)
-    test = []
-    for name, (classes, make) in GENERAL_VL.items():
-        test += draw_split(classes, make, n_test // len(GENERAL_VL), rng, images, f"general-{name}-test")
-    return train, test
+    tests = {name: draw_split(classes, make, n_test, rng, images, f"general-{name}-test")
+             for name, (classes, make) in GENERAL_VL.items()}
+    return train, tests
 
 
 # ----------------------------------------------------------------------------- captions for alignment
@@ -363,9 +380,11 @@ def build_world(out: str | Path, seed: int = 0, size: str = "demo", image_size: 
         for split, records in tasks[task].items():
             write_json(root, f"tasks/{task}/{split}.json", records)
 
-    general_train, general_test = make_general_mix(entities, sizes["general"], sizes["test"], images, seed)
+    general_train, general_tests = make_general_mix(entities, sizes["general"], sizes["general_test"], images, seed,
+                                                    set(keys))
     write_json(root, "general/train.json", general_train)
-    write_json(root, "general/test.json", general_test)
+    for skill, records in general_tests.items():
+        write_json(root, f"general/{skill}/test.json", records)
 
     # Text-only inquiries for UIR: the tasks' questions about imagined pictures, no answers.
     rng = random.Random(f"{seed}:inquiries")
@@ -403,7 +422,7 @@ def build_world(out: str | Path, seed: int = 0, size: str = "demo", image_size: 
     manifest = {
         "name": "synthetic-world", "version": WORLD_VERSION, "seed": seed, "size": size, "sizes": sizes,
         "image_size": image_size,
-        "vocab_size": tokenizer.get_vocab_size(), "tasks": list(TASKS),
+        "vocab_size": tokenizer.get_vocab_size(), "tasks": list(TASKS), "general_skills": list(GENERAL_VL),
         "files": {f: hashlib.sha256((root / f).read_bytes()).hexdigest() for f in files},
         "images": {"folder": "images", "count": len(images.seen), "sha256": image_digest.hexdigest()},
         "summary": {
@@ -411,7 +430,8 @@ def build_world(out: str | Path, seed: int = 0, size: str = "demo", image_size: 
             "train_tokens": sum(len(e.ids) for e in tokenizer.encode_batch(train_docs)),
             "facts_mc": {"count": len(facts_mc), "gold": dict(sorted(Counter(d["gold"] for d in facts_mc).items()))},
             "last_word": {"count": len(last_word)}, "align": len(align), "inquiries": len(inquiries),
-            "general": {"train": len(general_train), "test": len(general_test)},
+            "general": {"train": len(general_train), "skills": {skill: {"count": len(rs), "answers": answer_counts(rs)}
+                                                                for skill, rs in general_tests.items()}},
             "text_inquiries": sizes["inquiries"],
             "tasks": {t: {s: {"count": len(rs), "answers": answer_counts(rs)} for s, rs in splits.items()}
                       for t, splits in tasks.items()},
