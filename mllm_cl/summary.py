@@ -128,8 +128,20 @@ def paper2_table(results: dict[str, Any]) -> str:
                f"acc right after learning {tasks}", f"acc at the end, {tasks}"]
     base = next(iter(methods.values()))
     return (f"Start (the instruction-tuned model): NL omega {_field(base, 'nl_base')}, general VL "
-            f"{_field(base, 'general_vl_base')}. Accuracies in percent; {_seeds_line(results)}.\n\n"
-            + markdown_table(headers, rows))
+            f"{_field(base, 'general_vl_base')}{_start_detail(results.get('base'))}. Accuracies in percent; "
+            f"{_seeds_line(results)}.\n\n" + markdown_table(headers, rows))
+
+
+def _start_detail(base: dict[str, Any] | None) -> str:
+    """Each general-VL skill and each task's zero-shot accuracy of the starting point, with its chance."""
+    if not base:
+        return ""
+
+    def tests(group: str) -> str:
+        return ", ".join(f"{name} {_field(m, 'acc')} (chance {_number(m['chance'])})"
+                         for name, m in base[group].items())
+
+    return f" ({tests('general_vl_by_skill')}); zero-shot {tests('zero_shot')}"
 
 
 def summary_sections(results: dict[str, Any], followers: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:

@@ -76,3 +76,23 @@ def test_intervals_and_the_nlu_nlg_split_are_reported(tmp_path) -> None:
     assert "| naive | 95.00 | 54.60 | 86.50 | 3.50 |" in report and "| naive | 70.00 [61.2, 77.5] |" in report
     with pytest.raises(ReportInputError, match=r"nl_delta_ci: expected an interval \[low, high\]"):
         write_report({"methods": {"naive": {**method, "nl_delta_ci": [1.0]}}}, tmp_path)
+
+
+def test_the_starting_point_is_read_against_chance(tmp_path) -> None:
+    # A general skill counts when >= chance + 30, a task is new when its zero-shot accuracy is <= chance + 15.
+    base = {"nl_omega": 90.0, "general_vl": 60.0,
+            "general_vl_by_skill": {"describe": {"acc": 88.0, "chance": 9.0, "n": 100, "ci": [80.2, 93.0]},
+                                    "pair": {"acc": 33.0, "chance": 4.0, "n": 100, "ci": [24.6, 42.7]}},
+            "zero_shot": {"color": {"acc": 31.5, "chance": 17.0, "n": 200, "ci": [25.5, 38.2]},
+                          "size": {"acc": 65.0, "chance": 50.0, "n": 200, "ci": [58.2, 71.3]}}}
+    text = write_report({**RESULTS, "base": base}, tmp_path).read_text()
+    assert "NL omega 90.00, general VL 60.00" in text
+    assert "| general VL: describe | 88.00 [80.20, 93.00] | 9.00 | 100 | >= 39.00 | yes |" in text
+    assert "| general VL: pair | 33.00 [24.60, 42.70] | 4.00 | 100 | >= 34.00 | no |" in text
+    assert "| zero-shot: color | 31.50 [25.50, 38.20] | 17.00 | 200 | <= 32.00 | yes |" in text
+    assert "| zero-shot: size | 65.00 [58.20, 71.30] | 50.00 | 200 | <= 65.00 | yes |" in text
+    over = {**base, "nl_omega_sd": 1.0, "general_vl_sd": 2.0,
+            "zero_shot": {"size": {**base["zero_shot"]["size"], "acc_sd": 1.5, "acc_per_seed": [64.0, 66.0]}},
+            "general_vl_by_skill": {}}
+    text = write_report({**RESULTS, "base": over}, tmp_path).read_text()
+    assert "NL omega 90.00 +/- 1.00" in text and "| zero-shot: size | 65.00 +/- 1.50 (64.00, 66.00) [58.20" in text

@@ -9,6 +9,7 @@ import pytest
 import eval as eval_cli
 from mllm_cl.errors import UserError
 from mllm_cl.experiment import over_seeds, publish
+from mllm_cl.metrics import wilson_interval
 from mllm_cl.summary import (paper1_table, paper2_table, quote, read_run, summary_markdown, summary_sections,
                              write_summary)
 
@@ -55,6 +56,10 @@ def _run(general: bool, shift: float) -> dict:
     if general:
         results["joint"] = {"run": "lora", "vl": {"a": 70.0 + shift, "b": 80.0}, "nl": 50.0,
                             "general": 30.0 + shift, "general_vl": 20.0}
+        results["base"] = {"nl_omega": 80.0 + shift, "general_vl": 40.0,
+                           "general_vl_by_skill": {"describe": {"acc": 60.0 + shift, "chance": 8.0, "n": 100,
+                                                                "ci": [50.0, 69.0]}},
+                           "zero_shot": {"a": {"acc": shift, "chance": 50.0, "n": 10, "ci": [0.0, 28.0]}}}
     return results
 
 
@@ -99,6 +104,11 @@ def test_paper2_table_has_the_general_score_and_the_joint_run(tmp_path: Path) ->
     joint = _row(sections["p2"], "joint (lora, all tasks at once)")
     assert joint[3] == f"32.0 +/- {statistics.stdev([30.0, 34.0]):.1f}"
     assert joint[5] == f"72.0 +/- {statistics.stdev([70.0, 74.0]):.1f} / 80.0 +/- 0.0"
+    sd = f"{statistics.stdev([0.0, 4.0]):.1f}"  # the starting point's skills and zero-shot row, over seeds
+    assert f"general VL 40.0 +/- 0.0 (describe 62.0 +/- {sd} (chance 8.0)); zero-shot a 2.0 +/- {sd} (chance 50.0)" \
+        in sections["p2"]
+    # Wilson's interval over both seeds' answers: 0 and 4% of 10 questions are 0 right answers of 20
+    assert results["base"]["zero_shot"]["a"]["ci"] == pytest.approx(list(wilson_interval(0, 20)))
 
 
 def test_one_seed_reads_plain_numbers() -> None:
