@@ -205,6 +205,16 @@ def initial_evaluation(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig
 
 
 @torch.no_grad()
+def evaluate_nl(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig) -> dict[str, dict]:
+    """NL skill of the LLM alone on every NL file of the evaluation: {task: metrics, with each document's
+    outcome under "correct" (for intervals)}."""
+    nl_files = {Path(path).stem: Path(path) for path in cfg.eval.nl_files}
+    nl_results = evaluate_nl_suite(model.llm, tokenizer, nl_files, max_seq_len=model.llm.config.max_seq_len,
+                                   batch_size=cfg.eval.batch_size, limit=cfg.eval.nl_limit or None)
+    return {r.task: {**r.metrics, "correct": r.correct} for r in nl_results}
+
+
+@torch.no_grad()
 def evaluate_model(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig,
                    cache: VLEvalCache | None = None) -> dict[str, dict[str, dict]]:
     """NL skill of the LLM alone on every NL file, VL accuracy on every task's test split (and on the general VL
@@ -212,10 +222,7 @@ def evaluate_model(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig,
     sharing its tower) saves reading the test files and encoding their images again."""
     was_training = model.training
     model.eval()
-    nl_files = {Path(path).stem: Path(path) for path in cfg.eval.nl_files}
-    nl_results = evaluate_nl_suite(model.llm, tokenizer, nl_files, max_seq_len=model.llm.config.max_seq_len,
-                                   batch_size=cfg.eval.batch_size, limit=cfg.eval.nl_limit or None)
-    nl = {r.task: {**r.metrics, "correct": r.correct} for r in nl_results}  # per document, for intervals
+    nl = evaluate_nl(model, tokenizer, cfg)
 
     def vl_scores(tests: list) -> dict[str, dict]:
         scores = {}

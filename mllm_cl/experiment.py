@@ -36,7 +36,7 @@ from mllm_cl.alpha_curves import (alpha_curves, curves_over_seeds, general_of, g
                                   general_vl_accuracy)
 from mllm_cl.config import (LLM_PRESETS, VISION_PRESETS, ExperimentConfig, StageConfig, StageError, TaskSpec,
                             TrainConfig, from_dict, load_json, to_dict)
-from mllm_cl.continual import evaluate_model, load_init
+from mllm_cl.continual import evaluate_model, evaluate_nl, load_init
 from mllm_cl.device import resolve_device
 from mllm_cl.evaluation_vl import majority_share, read_vl_test_set
 from mllm_cl.methods import build_methods, expand_methods
@@ -99,10 +99,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     with clock.part("align"):
         start = shared_stage(cfg, "align", out / "align", cfg.align, llm=str(llm), vision=str(vision),
                              tokenizer=cfg.tokenizer or str(llm), train_file=cfg.align_file, image_folder=str(world))
+    aligned = start
     if cfg.protocol == "paper2":  # LLaVA-c's start: an instruction-tuned model (its LLaVA-1.5)
         with clock.part("finetune"):
             start = shared_stage(cfg, "finetune", out / "finetune", cfg.finetune, init=str(start),
                                  train_file=cfg.general_file, image_folder=str(world))
+            aligned_omega = aligned_nl_omega(cfg, Path(aligned), out)
     jobs = [Job(f"method run {name!r}", method_run, (method_stage(cfg, out, name, start), name),
                 out / "methods" / name / "output.log") for name in cfg.methods]
     if cfg.joint_run:
@@ -128,7 +130,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
             curves = run_alpha_curves(cfg, out, start)
     results = summarise(cfg, runs, wall_seconds=clock.seconds())
     if cfg.protocol == "paper2":
-        results["base"] = base_record(cfg, next(iter(runs.values()))["initial"])
+        results["base"] = base_record(cfg, next(iter(runs.values()))["initial"]) | {"aligned_nl_omega": aligned_omega}
     if joint is not None:
         results["joint"] = joint
     if cfg.ablation:
@@ -500,6 +502,19 @@ def summarise(cfg: ExperimentConfig, runs: dict[str, dict], wall_seconds: float)
             "methods": {run_name: summarise_run(run, task_names) for run_name, run in runs.items()}}
 
 
+def aligned_nl_omega(cfg: ExperimentConfig, aligned: Path, out: Path) -> float:
+    """NL omega of the aligned model, the language that paper 2's instruction tuning should keep; cached in
+    out/aligned_nl.json."""
+    path = out / "aligned_nl.json"
+    if path.is_file():
+        return float(json.loads(path.read_text())["nl_omega"])
+    stage = base_stage(cfg, "continual", out, cfg.task_train, init=str(aligned))
+    model, tokenizer, stage = load_init(stage, resolve_device(cfg.device))
+    omega = metrics.nl_omega(nl_accuracies({"nl": evaluate_nl(model, tokenizer, stage)}))
+    distributed.on_main(lambda: atomic_write_text(path, json.dumps({"model": str(aligned), "nl_omega": omega}) + "\n"))
+    return omega
+
+
 def base_record(cfg: ExperimentConfig, initial: dict[str, Any]) -> dict[str, Any]:
     """Paper 2's starting point, the instruction-tuned model, from a method run's initial evaluation (every run
     starts from it): NL omega, the pooled general-VL accuracy, each general-VL skill, and each continual task's
@@ -522,8 +537,10 @@ def base_over_seeds(bases: list[dict[str, Any]]) -> dict[str, Any]:
     def spread(values: list[float], key: str) -> dict[str, Any]:
         return {key: float(np.mean(values)), f"{key}_sd": float(np.std(values, ddof=1)), f"{key}_per_seed": values}
 
-    out = {**spread([b["nl_omega"] for b in bases], "nl_omega"),
-           **spread([b["general_vl"] for b in bases], "general_vl")}
+    out: dict[str, Any] = {}
+    for key in ("nl_omega", "general_vl", "aligned_nl_omega"):
+        if all(key in b for b in bases):
+            out |= spread([b[key] for b in bases], key)
     for group in ("general_vl_by_skill", "zero_shot"):
         out[group] = {}
         for name, first in bases[0][group].items():

@@ -461,6 +461,7 @@ def _general_section(methods: dict[str, dict[str, Any]]) -> list[str]:
 
 GENERAL_MARGIN = 30.0  # points above chance a general skill must reach to be there to keep
 ZERO_SHOT_MARGIN = 15.0  # points above chance a continual task may start at and still count as new
+NL_COST_MARGIN = 10.0  # points of NL omega that instruction tuning may cost against the aligned model
 
 
 def _base_section(base: dict[str, Any] | None) -> list[str]:
@@ -487,11 +488,13 @@ def _base_section(base: dict[str, Any] | None) -> list[str]:
                  m["acc"] <= m["chance"] + ZERO_SHOT_MARGIN) for name, m in base["zero_shot"].items()]
     seeds = (" (mean +/- sd over seeds, each seed's value, and the 95% Wilson interval of all seeds' answers)"
              if "nl_omega_sd" in base else " [95% Wilson interval]")
+    aligned = (f" (the aligned model's: {figure('aligned_nl_omega')}; instruction tuning should cost at most "
+               f"{NL_COST_MARGIN:.0f} points)" if "aligned_nl_omega" in base else "")
     return ["## The starting point: the instruction-tuned model (paper 2)", "",
-            f"NL omega {figure('nl_omega')}, general VL {figure('general_vl')} (pooled over its skills). Accuracy "
-            f"in percent{seeds}; chance is the share of a test's most common answer. A general skill is there to keep "
-            f"when it is at least {GENERAL_MARGIN:.0f} points above chance; a continual task is new when its "
-            f"zero-shot accuracy is at most {ZERO_SHOT_MARGIN:.0f} above.", "",
+            f"NL omega {figure('nl_omega')}{aligned}, general VL {figure('general_vl')} (pooled over its skills). "
+            f"Accuracy in percent{seeds}; chance is the share of a test's most common answer. A general skill is "
+            f"there to keep when it is at least {GENERAL_MARGIN:.0f} points above chance; a continual task is new "
+            f"when its zero-shot accuracy is at most {ZERO_SHOT_MARGIN:.0f} above.", "",
             markdown_table(["test", "accuracy", "chance", "n", "bar", "meets it"], rows), ""]
 
 

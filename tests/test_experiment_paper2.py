@@ -62,7 +62,8 @@ def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_pat
     assert "## General VL (paper 2" in (run / "REPORT.md").read_text()
     # The starting point: general skill per skill and each task's zero-shot accuracy, chance the majority answer.
     base = json.loads((run / "results.json").read_text())["base"]
-    assert set(base) == {"nl_omega", "general_vl", "general_vl_by_skill", "zero_shot"}
+    assert set(base) == {"nl_omega", "general_vl", "general_vl_by_skill", "zero_shot", "aligned_nl_omega"}
+    assert 0.0 <= base["aligned_nl_omega"] <= 100.0 and (run / "aligned_nl.json").is_file()
     assert base["nl_omega"] == pytest.approx(llava_c["nl_base"])
     assert base["general_vl"] == pytest.approx(llava_c["general_vl_base"])
     tests = {**{("general_vl_by_skill", s): tmp_path / f"world/general/{s}/test.json" for s in world["general_skills"]},

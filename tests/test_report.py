@@ -91,8 +91,9 @@ def test_the_starting_point_is_read_against_chance(tmp_path) -> None:
     assert "| general VL: pair | 33.00 [24.60, 42.70] | 4.00 | 100 | >= 34.00 | no |" in text
     assert "| zero-shot: color | 31.50 [25.50, 38.20] | 17.00 | 200 | <= 32.00 | yes |" in text
     assert "| zero-shot: size | 65.00 [58.20, 71.30] | 50.00 | 200 | <= 65.00 | yes |" in text
-    over = {**base, "nl_omega_sd": 1.0, "general_vl_sd": 2.0,
+    over = {**base, "nl_omega_sd": 1.0, "general_vl_sd": 2.0, "aligned_nl_omega": 86.0, "aligned_nl_omega_sd": 0.5,
             "zero_shot": {"size": {**base["zero_shot"]["size"], "acc_sd": 1.5, "acc_per_seed": [64.0, 66.0]}},
             "general_vl_by_skill": {}}
     text = write_report({**RESULTS, "base": over}, tmp_path).read_text()
-    assert "NL omega 90.00 +/- 1.00" in text and "| zero-shot: size | 65.00 +/- 1.50 (64.00, 66.00) [58.20" in text
+    assert "NL omega 90.00 +/- 1.00 (the aligned model's: 86.00 +/- 0.50;" in text
+    assert "| zero-shot: size | 65.00 +/- 1.50 (64.00, 66.00) [58.20" in text
