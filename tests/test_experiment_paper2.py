@@ -160,3 +160,16 @@ def test_then_runs_another_experiment_on_the_shared_stages(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match="does not exist"):
         run_experiment(replace(cfg, out_dir=str(tmp_path / "x"), then=[str(tmp_path / "missing.json")]))
     assert not (tmp_path / "x").exists()  # refused before anything ran
+
+
+def test_the_demos_paper2_is_the_full_one_less_what_does_not_fit_in_its_time() -> None:
+    # make demo runs paper2-demo.json to stay within 15 minutes; everything else must stay paper2.json's.
+    full = json.loads((ROOT / "configs/experiments/paper2.json").read_text())
+    demo = json.loads((ROOT / "configs/experiments/paper2-demo.json").read_text())
+    dropped = {"lora+ewc", "lora+lwf"}
+    assert dropped <= set(full["methods"]) and not dropped & set(demo["methods"])
+    assert demo["methods"] == {k: v for k, v in full["methods"].items() if k not in dropped}
+    assert demo["alpha_curves"] == {k: v for k, v in full["alpha_curves"].items() if k != "uir"}
+    assert demo["method_options"] == {k: v for k, v in full["method_options"].items() if k != "ewc"}
+    rest = {"methods", "alpha_curves", "method_options"}
+    assert {k: v for k, v in demo.items() if k not in rest} == {k: v for k, v in full.items() if k not in rest}
