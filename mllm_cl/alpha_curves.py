@@ -44,6 +44,7 @@ from mllm_cl.workers import Job, run_jobs
 ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 CONSOLIDATIONS = ("modelmix", "sac-top", "sac-nuclear")
 GENERAL_KEEP, TASK_REACH = 0.95, 0.90  # the region rules above
+CURVE_FIELDS = ("alpha", "general", "task", "nl", "general_vl")  # a curve's lists, one value per alpha
 
 
 def consolidated(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], alphas: tuple[float, ...],
@@ -91,42 +92,77 @@ def regions(alphas: list[float], general: list[float], task: list[float], base_g
 def alpha_curves(cfg: StageConfig, trained: dict[str, str | Path], alphas: tuple[float, ...] = ALPHAS,
                  device: torch.device | None = None, workers: int = 1) -> dict[str, Any]:
     """The curves for every trained model (name -> folder) learned on `cfg.tasks[0]` from `cfg.init`; `cfg.eval`
-    names the NL files and the general-VL tests. With `workers` > 1 the models' curves are drawn side by side
-    (`mllm_cl.workers`), each job's output in <cfg.out_dir>/<name>.log. Returns the alpha_curves.json structure."""
+    names the NL files and the general-VL tests. With `workers` > 1 each model's alphas are shared among that
+    many jobs, run side by side (`mllm_cl.workers`). Returns the alpha_curves.json structure."""
+    jobs = curve_jobs(cfg, trained, alphas, device, pieces=workers)
+    owner = {job.name: name for name, pieces in jobs.items() for job in pieces}
+    parts: dict[str, list[dict[str, Any]]] = {name: [] for name in trained}
+    run_jobs([job for pieces in jobs.values() for job in pieces], workers,
+             lambda job, result, seconds: parts[owner[job.name]].append(result))
+    return combine_curves(cfg.tasks[0].name, parts)
+
+
+def curve_jobs(cfg: StageConfig, trained: dict[str, str | Path], alphas: tuple[float, ...] = ALPHAS,
+               device: torch.device | None = None, pieces: int = 1) -> dict[str, list[Job]]:
+    """The `model_curves` jobs of every trained model (name -> its jobs), to run wherever its model is ready:
+    `pieces` jobs per model, each with every `pieces`-th alpha (so that they cost about the same), each one's
+    output in <cfg.out_dir>/<name>.log (<name>.part<i>.log for several). `combine_curves` joins their results."""
     if len(cfg.tasks) != 1 or not cfg.eval.general_vl:
         raise ValueError("alpha curves need exactly one task and general-VL tests in the evaluation")
     if 1.0 not in alphas or 0.0 not in alphas:
         raise ValueError(f"alpha curves need alpha 0 and 1 among the alphas (the two ends), got {alphas}")
-    jobs = [Job(f"alpha curves of {name}", model_curves, (cfg, name, folder, alphas, device),
-                Path(cfg.out_dir) / f"{name}.log") for name, folder in trained.items()]
-    parts: dict[str, dict[str, Any]] = {}
-    run_jobs(jobs, workers, lambda job, result, seconds: parts.update({job.args[1]: result}))
-    base_general = parts[next(iter(trained))]["base_general"]  # every job scored the same base model
-    curves = {run: curve for name in trained for run, curve in parts[name]["runs"].items()}
-    return {"task": cfg.tasks[0].name, "base_general": base_general,
+    shares = [alphas[i::pieces] for i in range(min(pieces, len(alphas)))]
+    out = Path(cfg.out_dir)
+    return {name: [Job(f"alpha curves of {name}" + (f" ({i + 1}/{len(shares)})" if len(shares) > 1 else ""),
+                       model_curves, (cfg, name, folder, share, device),
+                       out / (f"{name}.part{i + 1}.log" if len(shares) > 1 else f"{name}.log"))
+                   for i, share in enumerate(shares)]
+            for name, folder in trained.items()}
+
+
+def combine_curves(task: str, parts: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The alpha_curves.json structure of the curves on `task` from each trained model's `model_curves` results
+    (name -> the results of its jobs, in any order; the names in the order the file lists them)."""
+    merged = {name: merge_pieces(pieces) for name, pieces in parts.items()}
+    base_general = next(iter(merged.values()))["base_general"]  # every model's alpha 0 is the same base model
+    curves = {run: curve for part in merged.values() for run, curve in part["runs"].items()}
+    return {"task": task, "base_general": base_general,
             "rules": {"alpha_G": f"the largest alpha up to which general >= {GENERAL_KEEP:.0%} of base_general",
                       "alpha_T": f"the smallest alpha whose task accuracy >= {TASK_REACH:.0%} of alpha 1's",
                       "k": f"the fewest singular values of a matrix's update (new - old) that carry >= "
                            f"{NUCLEAR_SHARE:.0%} of its nuclear norm (0 for an update of zero)"},
             "runs": curves,
             "regions": {run: regions(c["alpha"], c["general"], c["task"], base_general) for run, c in curves.items()},
-            "spectra": {name: parts[name]["spectrum"] for name in trained}}
+            "spectra": {name: part["spectrum"] for name, part in merged.items()}}
+
+
+def merge_pieces(pieces: list[dict[str, Any]]) -> dict[str, Any]:
+    """One model's `model_curves` result from those of its jobs, each over some of the alphas: every curve's
+    points in the order of alpha, the base's general score from the job that drew alpha 0."""
+    runs: dict[str, dict[str, list[float]]] = {}
+    for run in pieces[0]["runs"]:
+        points = sorted(point for piece in pieces for point in zip(*(piece["runs"][run][f] for f in CURVE_FIELDS)))
+        runs[run] = {field: [point[i] for point in points] for i, field in enumerate(CURVE_FIELDS)}
+    base = next(piece["base_general"] for piece in pieces if piece["base_general"] is not None)
+    return {"base_general": base, "runs": runs, "spectrum": pieces[0]["spectrum"]}
 
 
 def model_curves(cfg: StageConfig, name: str, folder: str | Path, alphas: tuple[float, ...],
                  device: torch.device | None = None) -> dict[str, Any]:
     """{"base_general", "runs": {"<name>/<consolidation>": curve}, "spectrum"} for one trained model: every
     consolidation of its update at every alpha, evaluated (general, its parts, and the task), and the update's
-    spectrum per matrix type (`mllm_cl.update_spectrum.spectrum_stats`) from the same SVDs."""
+    spectrum per matrix type (`mllm_cl.update_spectrum.spectrum_stats`) from the same SVDs. base_general is None
+    when the alphas leave out 0 (a job with a share of them: `curve_jobs`)."""
     model, tokenizer, cfg = load_init(cfg, device)
     keys = [k for k in model.state_dict() if not k.startswith("vision.")]
     old = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items() if k in keys}
     cache = VLEvalCache()  # the tower is not consolidated: its features of the test images serve every alpha
-    base_scores = evaluate_model(model, tokenizer, cfg, cache)
+    ends: dict[float, dict] = {}  # alpha 0 (the base) and 1 are the same model for every consolidation
+    if 0.0 in alphas:
+        ends[0.0] = evaluate_model(model, tokenizer, cfg, cache)
     trained_state = load_llava(folder).state_dict()
     new = {k: trained_state[k].detach().to("cpu", torch.float32) for k in keys}
     task = cfg.tasks[0].name
-    ends: dict[float, dict] = {0.0: base_scores}  # alpha 0 and 1 are the same model for every consolidation
     curves: dict[str, dict[str, list[float]]] = {}
     spectra = decompose_updates(old, new)
     for consolidation, alpha, weights in consolidated(old, new, alphas, spectra):
@@ -138,14 +174,12 @@ def model_curves(cfg: StageConfig, name: str, folder: str | Path, alphas: tuple[
             if alpha == 1.0:
                 ends[alpha] = scores
         general, nl, vl = general_score(scores)
-        curve = curves.setdefault(f"{name}/{consolidation}", {"alpha": [], "general": [], "task": [], "nl": [],
-                                                               "general_vl": []})
-        for key, value in (("alpha", alpha), ("general", general), ("task", 100.0 * scores["vl"][task]["acc"]),
-                           ("nl", nl), ("general_vl", vl)):
-            curve[key].append(value)
+        curve = curves.setdefault(f"{name}/{consolidation}", {field: [] for field in CURVE_FIELDS})
+        for field, value in zip(CURVE_FIELDS, (alpha, general, 100.0 * scores["vl"][task]["acc"], nl, vl)):
+            curve[field].append(value)
         print(f"alpha curves: {name}/{consolidation} alpha {alpha:.1f}: general {general:.1f} "
               f"(NL {nl:.1f}, general VL {vl:.1f}), {task} {curve['task'][-1]:.1f}", flush=True)
-    return {"base_general": general_score(base_scores)[0], "runs": curves,
+    return {"base_general": general_score(ends[0.0])[0] if 0.0 in ends else None, "runs": curves,
             "spectrum": spectrum_stats(spectra, update_matrices(old))}
 
 
@@ -158,7 +192,7 @@ def curves_over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     curves: dict[str, dict[str, list[float]]] = {}
     for run, curve in first["runs"].items():
         mean = {"alpha": curve["alpha"]}
-        for field in ("general", "task", "nl", "general_vl"):
+        for field in CURVE_FIELDS[1:]:
             values = np.array([seed["runs"][run][field] for seed in per_seed])  # (seeds, alphas)
             mean[field] = values.mean(axis=0).tolist()
             mean[f"{field}_sd"] = values.std(axis=0, ddof=min(1, len(per_seed) - 1)).tolist()

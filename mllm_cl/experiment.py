@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from mllm_cl import distributed, metrics
-from mllm_cl.alpha_curves import (alpha_curves, curves_over_seeds, general_of, general_score,
+from mllm_cl.alpha_curves import (combine_curves, curve_jobs, curves_over_seeds, general_of, general_score,
                                   general_vl_accuracy)
 from mllm_cl.config import (LLM_PRESETS, VISION_PRESETS, ExperimentConfig, StageConfig, StageError, TaskSpec,
                             TrainConfig, from_dict, load_json, to_dict)
@@ -105,17 +105,27 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
             start = shared_stage(cfg, "finetune", out / "finetune", cfg.finetune, init=str(start),
                                  train_file=cfg.general_file, image_folder=str(world))
             aligned_omega = aligned_nl_omega(cfg, Path(aligned), out)
-    jobs = [Job(f"method run {name!r}", method_run, (method_stage(cfg, out, name, start), name),
-                out / "methods" / name / "output.log") for name in cfg.methods]
+    methods = {name: Job(f"method run {name!r}", method_run, (method_stage(cfg, out, name, start), name),
+                         out / "methods" / name / "output.log") for name in cfg.methods}
+    curves = cached_alpha_curves(out) if cfg.alpha_curves else None
+    curve_of = {}  # job name -> the model whose alpha curves it draws
+    if cfg.alpha_curves and curves is None:
+        for name, pieces in alpha_curve_jobs(cfg, out, start).items():
+            methods[cfg.alpha_curves[name]].then += pieces  # started as soon as the run they read has ended
+            curve_of |= {job.name: name for job in pieces}
+    jobs = list(methods.values())
     if cfg.joint_run:
         jobs.append(Job("joint run", run_joint, (cfg, out, start), out / "joint" / "output.log"))
-    runs, joint = {}, None
+    runs, joint, curve_parts = {}, None, {name: [] for name in cfg.alpha_curves}
 
     def done(job: Job, result: Any, seconds: float) -> None:
         nonlocal joint
         if job.fn is run_joint:
             joint = result
             clock.add("joint", seconds)
+        elif job.name in curve_of:
+            curve_parts[curve_of[job.name]].append(result)
+            clock.add(f"alpha curves of {curve_of[job.name]}", seconds)
         else:
             name = job.args[1]
             runs[name] = json.loads((out / "methods" / name / "results.json").read_text())
@@ -124,10 +134,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     with clock.part(f"method runs, {cfg.workers} at a time") if cfg.workers > 1 else nullcontext():
         run_jobs(jobs, cfg.workers, done)
     runs = {name: runs[name] for name in cfg.methods}  # in the config's order, however they finished
-    curves = None
-    if cfg.alpha_curves:
-        with clock.part("alpha curves"):
-            curves = run_alpha_curves(cfg, out, start)
+    if curves is None and cfg.alpha_curves:
+        curves = save_alpha_curves(cfg, out, curve_parts)
     results = summarise(cfg, runs, wall_seconds=clock.seconds())
     if cfg.protocol == "paper2":
         results["base"] = base_record(cfg, next(iter(runs.values()))["initial"]) | {"aligned_nl_omega": aligned_omega}
@@ -476,19 +484,27 @@ def run_joint(cfg: ExperimentConfig, out: Path, start: Path) -> dict[str, Any]:
     return summary
 
 
-def run_alpha_curves(cfg: ExperimentConfig, out: Path, start: Path) -> dict[str, Any]:
-    """Paper 2's Figure 4 from the first task of the runs `alpha_curves` names (alpha_curves.json), cached: a
-    finished experiment run again reads it back."""
+def cached_alpha_curves(out: Path) -> dict[str, Any] | None:
+    """out/alpha_curves.json of a finished experiment run again, or None."""
     path = out / "alpha_curves.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def alpha_curve_jobs(cfg: ExperimentConfig, out: Path, start: Path) -> dict[str, list[Job]]:
+    """Paper 2's Figure 4 for each model that `alpha_curves` names: the first task's model of that run,
+    consolidated with the start at every alpha, in `workers` jobs that share the alphas
+    (`mllm_cl.alpha_curves.curve_jobs`)."""
     first = cfg.tasks[0]
     trained = {name: out / "methods" / run / f"task_1_{first.name}" / "model" for name, run in cfg.alpha_curves.items()}
     stage = base_stage(cfg, "continual", out / "alpha_curves", cfg.task_train, init=str(start), tasks=[first])
-    print(f"\n=== alpha curves: {sorted(trained)} on {first.name} ===", flush=True)
-    curves = alpha_curves(stage, trained, tuple(cfg.alpha_curve_alphas), device=resolve_device(cfg.device),
-                          workers=cfg.workers)
-    distributed.on_main(lambda: atomic_write_text(path, json.dumps(curves, indent=2) + "\n"))
+    return curve_jobs(stage, trained, tuple(cfg.alpha_curve_alphas), device=resolve_device(cfg.device),
+                      pieces=cfg.workers)
+
+
+def save_alpha_curves(cfg: ExperimentConfig, out: Path, parts: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """out/alpha_curves.json from the results of each model's jobs (`mllm_cl.alpha_curves.combine_curves`)."""
+    curves = combine_curves(cfg.tasks[0].name, parts)
+    distributed.on_main(lambda: atomic_write_text(out / "alpha_curves.json", json.dumps(curves, indent=2) + "\n"))
     return curves
 
 

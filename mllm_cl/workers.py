@@ -19,7 +19,7 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,26 +38,35 @@ class Job:
     fn: Callable[..., Any]  # a module-level function: it is sent to the worker by reference
     args: tuple[Any, ...]
     log: Path  # where a worker writes the job's output
+    then: list[Job] = field(default_factory=list)  # jobs that need this one's output: queued when it ends
 
 
 def run_jobs(jobs: list[Job], workers: int, done: Callable[[Job, Any, float], None]) -> None:
-    """Run every job, `workers` at a time; `done(job, result, seconds)` is called here as each one ends."""
+    """Run every job, `workers` at a time, and each job's `then` jobs once it has ended; `done(job, result,
+    seconds)` is called here as each one ends."""
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    if workers == 1 or len(jobs) <= 1:
-        for job in jobs:
+    if workers == 1 or len(jobs) + sum(len(job.then) for job in jobs) <= 1:
+        queue = list(jobs)
+        while queue:
+            job = queue.pop(0)
             start = time.time()
             result = job.fn(*job.args)
             done(job, result, time.time() - start)
+            queue += job.then
         return
     threads = max(1, torch.get_num_threads() // workers)  # this process's threads: the cores it may use
     with ProcessPoolExecutor(max_workers=workers, mp_context=_context()) as pool:
         print(f"{len(jobs)} jobs, {workers} at a time ({threads} thread(s) each); each one's output goes to its "
               f"log: {', '.join(str(job.log) for job in jobs)}", flush=True)
         running: dict[Future, Job] = {}
-        for job in jobs:
+
+        def submit(job: Job) -> None:
             job.log.parent.mkdir(parents=True, exist_ok=True)
             running[pool.submit(_in_worker, job.fn, job.args, job.log, threads)] = job
+
+        for job in jobs:
+            submit(job)
         try:
             while running:
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -68,6 +77,9 @@ def run_jobs(jobs: list[Job], workers: int, done: Callable[[Job, Any, float], No
                         raise JobError(f"{job.name} failed: {error} (its output: {job.log})")
                     print(f"finished {job.name} in {seconds:.0f}s", flush=True)
                     done(job, result, seconds)
+                    for follower in job.then:
+                        print(f"starting {follower.name} (its output: {follower.log})", flush=True)
+                        submit(follower)
         except BaseException:
             for future in running:
                 future.cancel()

@@ -182,3 +182,27 @@ def test_given_spectra_serve_the_consolidations_and_every_models_spectrum_is_kep
     assert curves["spectra"] == {"vanilla": {"llm.blocks.*.mlp.fc.weight": {"k_mean": 7.0}},
                                  "uir": {"llm.blocks.*.mlp.fc.weight": {"k_mean": 3.0}}}
     assert "90%" in curves["rules"]["k"]
+
+
+def test_a_models_curves_drawn_by_several_jobs_join_into_the_curves_one_job_draws(monkeypatch, tmp_path) -> None:
+    def fake_model_curves(cfg, name, folder, alphas, device) -> dict:
+        curve = {"alpha": list(alphas), "general": [40.0 - 30 * a for a in alphas], "task": [60.0 * a for a in alphas],
+                 "nl": [50.0 - a for a in alphas], "general_vl": [30.0 - a for a in alphas]}
+        return {"base_general": 40.0 if 0.0 in alphas else None, "runs": {f"{name}/{c}": curve for c in CONSOLIDATIONS},
+                "spectrum": {"w": {"k_mean": 2.0}}}
+
+    monkeypatch.setattr(alpha_curves_module, "model_curves", fake_model_curves)
+    cfg = SimpleNamespace(tasks=[SimpleNamespace(name="color")], eval=SimpleNamespace(general_vl=["x"]),
+                          out_dir=str(tmp_path))
+    alphas = tuple(round(0.1 * i, 1) for i in range(11))
+
+    def drawn(pieces: int) -> dict:
+        jobs = alpha_curves_module.curve_jobs(cfg, {"vanilla": "a"}, alphas, pieces=pieces)["vanilla"]
+        assert len(jobs) == pieces and sorted(a for job in jobs for a in job.args[3]) == list(alphas)
+        assert len({job.log for job in jobs}) == pieces  # each job its own log
+        results = [job.fn(*job.args) for job in reversed(jobs)]  # in any order
+        return alpha_curves_module.combine_curves("color", {"vanilla": results})
+
+    one = drawn(1)
+    assert one["runs"]["vanilla/modelmix"]["alpha"] == list(alphas) and one["base_general"] == 40.0
+    assert drawn(3) == one and drawn(2) == one

@@ -87,7 +87,7 @@ def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_pat
         assert set(curves["regions"][name]) == {"alpha_G", "alpha_T"}
     report = (run / "REPORT.md").read_text()
     assert "## Alpha curves (paper 2, Figure 4)" in report and (run / "alpha_general.png").is_file()
-    assert "alpha curves" in results["timing"]["shared"]
+    assert "alpha curves of vanilla" in results["timing"]["shared"]
     # The joint run: the LoRA run's methods on both tasks' samples at once, as many steps as the sequence.
     joint = results["joint"]
     assert joint["run"] == "lora" and joint["steps"] == 2 * cfg.task_train.steps
@@ -148,7 +148,8 @@ def test_then_runs_another_experiment_on_the_shared_stages(tmp_path: Path) -> No
     assert "## The starting point" in (tmp_path / "run" / "p2" / "REPORT.md").read_text()
     curves = json.loads((tmp_path / "run" / "p2" / "alpha_curves.json").read_text())
     assert curves["seeds"] == 2 and len(curves["regions_per_seed"]["vanilla/modelmix"]) == 2
-    assert "alpha curves: vanilla/sac-top" in (seed / "p2" / "alpha_curves" / "vanilla.log").read_text()
+    logs = seed / "p2" / "alpha_curves"  # two workers: each model's alphas shared by two jobs, one log each
+    assert "alpha curves: vanilla/sac-top alpha 1.0" in (logs / "vanilla.part2.log").read_text()
     drawn = json.loads((seed / "p2" / "alpha_curves.json").read_text())["runs"]  # one model, two workers
     assert all(drawn[f"again/{c}"] == drawn[f"vanilla/{c}"] for c in CONSOLIDATIONS)
     assert set(results["then"]) == {"p2", "p2other"}

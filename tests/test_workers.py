@@ -47,3 +47,23 @@ def test_a_failed_job_names_itself_its_error_and_its_log(tmp_path: Path) -> None
     assert "Traceback" in (tmp_path / "crash.log").read_text()  # the whole story is in the log
     with pytest.raises(ValueError, match="workers must be at least 1"):
         run_jobs([ok], 0, lambda *a: None)
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return text
+
+
+def read(path: Path) -> str:
+    return path.read_text()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_jobs_followers_start_once_it_has_ended_and_read_what_it_wrote(workers: int, tmp_path: Path) -> None:
+    ended = []
+    follower = Job("reader", read, (tmp_path / "made.txt",), tmp_path / "reader.log")
+    slow = Job("writer", write, (tmp_path / "made.txt", "made"), tmp_path / "writer.log", then=[follower])
+    others = [Job(f"job {i}", square, (i,), tmp_path / f"{i}.log") for i in range(2)]
+    run_jobs([slow] + others, workers, lambda job, result, seconds: ended.append((job.name, result)))
+    assert sorted(ended) == [("job 0", 0), ("job 1", 1), ("reader", "made"), ("writer", "made")]
+    assert [name for name, _ in ended].index("writer") < [name for name, _ in ended].index("reader")
