@@ -5,7 +5,10 @@
 MODEL_DIR is a LLaVA folder in any layout this project reads (ours, transformers', or the original LLaVA
 repository's with --vision naming its CLIP folder). OUT_DIR gets the weights, config.json, the tokenizer with
 an `<image>` token, the chat template the model was trained with (`--template`, default: the one its folder
-records, else pythia, as training and eval.py assume) and the image processor's settings. OUT_DIR must be new or empty.
+records, else pythia, as training and eval.py assume) and the image processor's settings; a MODEL_DIR in
+transformers' layout keeps its own chat template and processor settings unless --template is given. The chat
+template leaves out the leading token the tokenizer adds itself (LLaMA's <s>), so rendering it to text and then
+calling the processor, as llava-hf's model card does, gives our prompt's ids. OUT_DIR must be new or empty.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from pathlib import Path
 
 from mllm_cl.conversation import TEMPLATES
 from mllm_cl.errors import run_cli
-from mllm_cl.llava import load_llava, save_llava, tokenizer_folder
-from mllm_cl.model_folder import ModelFolderError
+from mllm_cl.llava import llava_layout, load_llava, save_llava, tokenizer_folder
+from mllm_cl.model_folder import ModelFolderError, read_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ModelFolderError(f"{out} exists and is not an empty folder: choose a new folder (nothing is "
                                    "replaced)")
         model = load_llava(args.model_dir, vision=args.vision)
+        from_hf = args.template is None and llava_layout(read_config(args.model_dir)) == "hf"
         folder = save_llava(model, out, tokenizer_from=tokenizer_folder(args.model_dir), layout="hf",
-                            template=args.template)
+                            template=args.template, keep_from=args.model_dir if from_hf else None)
         print(f"wrote {folder} (LlavaForConditionalGeneration layout)")
 
     return run_cli("export.py", run)

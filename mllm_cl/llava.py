@@ -106,20 +106,21 @@ LAYOUTS = ("ours", "hf")
 
 
 def save_llava(model: LlavaModel, folder: str | Path, tokenizer_from: str | Path | None = None,
-               layout: str = "ours", template: str | None = None) -> Path:
+               layout: str = "ours", template: str | None = None, keep_from: str | Path | None = None) -> Path:
     """Write the model in one of LAYOUTS, swapped in whole (a crash never leaves a mix of old and new parts).
 
     "ours": `config.json`, `projector.safetensors`, `llm/` (HF LLM, with the tokenizer) and `vision/` (HF CLIP).
     "hf": transformers' `LlavaForConditionalGeneration` layout with tokenizer, chat template and image processor
     settings (see `mllm_cl.llava_layouts`); it needs `tokenizer_from`. `template`: the chat template the model
-    was trained with (default: the one it was loaded with), recorded in the folder.
+    was trained with (default: the one it was loaded with), recorded in the folder. `keep_from` ("hf" only): the
+    transformers-layout folder the model came from, whose chat template and processor settings are kept.
     """
     template = template or model.template
     if layout == "hf":
         if tokenizer_from is None:
             raise ModelFolderError("the transformers layout needs the tokenizer (tokenizer_from)")
         return write_hf_llava(model.llm, model.vision, model.projector, folder, tokenizer_from,
-                              template or UNRECORDED_TEMPLATE)
+                              template or UNRECORDED_TEMPLATE, keep_from)
     if layout != "ours":
         raise ModelFolderError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     with staged_folder(folder) as staging:
@@ -134,16 +135,26 @@ def save_llava(model: LlavaModel, folder: str | Path, tokenizer_from: str | Path
     return Path(folder)
 
 
+def llava_layout(config: dict[str, Any]) -> str | None:
+    """The layout of the LLaVA folder whose config.json holds `config`: "ours", "hf" (transformers'), "original"
+    (the LLaVA repository's), or None when it is not a LLaVA folder. Every question about a folder's layout asks
+    this (the original's config may say "llava" like transformers', so its keys decide)."""
+    if config.get("model_type") == MODEL_TYPE:
+        return "ours"
+    if is_hf_llava(config):
+        return "hf"
+    return "original" if is_original_llava(config) else None
+
+
 def tokenizer_folder(folder: str | Path) -> Path:
     """Where a LLaVA folder keeps its tokenizer: `llm/` in our layout, the folder itself in the others."""
     folder = Path(folder)
-    return folder / "llm" if read_config(folder).get("model_type") == MODEL_TYPE else folder
+    return folder / "llm" if llava_layout(read_config(folder)) == "ours" else folder
 
 
 def is_llava_folder(folder: str | Path) -> bool:
     """Whether `folder` holds a LLaVA model in any layout `load_llava` reads."""
-    config = read_config(folder)
-    return config.get("model_type") == MODEL_TYPE or is_hf_llava(config) or is_original_llava(config)
+    return llava_layout(read_config(folder)) is not None
 
 
 def load_llava(folder: str | Path, device: torch.device | str | None = None,
@@ -153,11 +164,12 @@ def load_llava(folder: str | Path, device: torch.device | str | None = None,
     checkpoint was trained with, when the folder says so (LLaVA-1.5: vicuna_v1)."""
     folder = Path(folder)
     config = read_config(folder)
-    if is_hf_llava(config) or is_original_llava(config):
-        parts = (read_hf_llava(folder, device, dtype) if is_hf_llava(config)
+    layout = llava_layout(config)
+    if layout in ("hf", "original"):
+        parts = (read_hf_llava(folder, device, dtype) if layout == "hf"
                  else read_original_llava(folder, vision, device, dtype))
         return LlavaModel(parts.vision, parts.projector, parts.llm, parts.template)
-    if config.get("model_type") != MODEL_TYPE or "projector" not in config:
+    if layout != "ours" or "projector" not in config:
         raise ModelFolderError(f"{folder / CONFIG_FILE} is not a LLaVA folder (needs model_type {MODEL_TYPE!r} with "
                                "'projector', 'llava' (transformers) or the mm_* keys of the original LLaVA); an LLM "
                                "or CLIP folder loads with load_llm or load_vision_tower")

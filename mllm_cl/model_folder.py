@@ -67,7 +67,8 @@ def weight_files(folder: str | Path) -> list[Path]:
     else:
         found = sorted(p.name for p in folder.iterdir())
         pickles = [n for n in found if n.endswith((".bin", ".pt", ".pth"))]
-        hint = f" (found pickle files {pickles}, which are never loaded: convert them to safetensors)" if pickles else ""
+        hint = (f" (found pickle files {pickles}, which are never unpickled: `python convert.py {folder} OUT_DIR` "
+                "writes them as safetensors)") if pickles else ""
         raise ModelFolderError(f"{folder} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}; it holds {found}")
     missing = [str(f) for f in files if not f.is_file()]
     if missing:

@@ -13,8 +13,12 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from mllm_cl.errors import UserError
 from mllm_cl.json_files import read_json
+from mllm_cl.sentencepiece_model import (SentencePieceError, llama_tokenizer, read_sentencepiece_model,
+                                         recorded_special_ids)
 
 TOKENIZER_FILE = "tokenizer.json"
+SENTENCEPIECE_FILE = "tokenizer.model"  # read when a folder has no tokenizer.json (the original LLaMA/Vicuna/LLaVA)
+ADDED_TOKENS_FILE = "added_tokens.json"
 # Read in this order; the first file that names a token wins. Token strings are mapped to ids through the vocab.
 TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 ID_FILES = ("generation_config.json", "config.json")
@@ -69,19 +73,25 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load `path/tokenizer.json` (a model folder) or `path` itself (a tokenizer.json file), with its special ids."""
+    """Load a model folder's `tokenizer.json` (else its SentencePiece `tokenizer.model`), or `path` itself (either
+    file), with its special ids."""
     path = Path(path)
     file = path / TOKENIZER_FILE if path.is_dir() else path
+    if path.is_dir() and not file.is_file() and (path / SENTENCEPIECE_FILE).is_file():
+        file = path / SENTENCEPIECE_FILE
     folder = file.parent
     if not file.is_file():
-        hint = " (a folder with only tokenizer.model, a SentencePiece file, must be converted to tokenizer.json)" \
-            if (folder / "tokenizer.model").is_file() else ""
-        raise TokenizerError(f"{file} not found: a model folder needs the Hugging Face tokenizer.json{hint}")
-    try:
-        backend = BackendTokenizer.from_file(str(file))
-    except Exception as e:  # the Rust side raises a bare Exception on malformed files
-        raise TokenizerError(f"{file} is not a valid tokenizer.json: {e}") from None
-    special = {name: _special_id(name, folder, backend) for name in ("bos", "eos", "pad")}
+        raise TokenizerError(f"{file} not found: a model folder needs the Hugging Face tokenizer.json or the "
+                             f"SentencePiece {SENTENCEPIECE_FILE}")
+    recorded: dict[str, int | None] = {}
+    if file.suffix == ".model":
+        backend, recorded = _sentencepiece_backend(file)
+    else:
+        try:
+            backend = BackendTokenizer.from_file(str(file))
+        except Exception as e:  # the Rust side raises a bare Exception on malformed files
+            raise TokenizerError(f"{file} is not a valid tokenizer.json: {e}") from None
+    special = {name: _special_id(name, file, backend, recorded) for name in ("bos", "eos", "pad")}
     if special["eos"] is None:
         raise TokenizerError(f"cannot tell the end-of-sequence token of {file}: set \"eos_token\" in "
                              f"{folder / 'tokenizer_config.json'} (or \"eos_token_id\" in config.json)")
@@ -89,25 +99,112 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer(backend, special["bos"], special["eos"], pad, source=str(file))
 
 
-def _special_id(name: str, folder: Path, backend: BackendTokenizer) -> int | None:
+def write_tokenizer_json(source: str | Path, out: str | Path) -> Path:
+    """Write the tokenizer.json equivalent to the SentencePiece `source` (a tokenizer.model, or a folder holding
+    one; the tokenizer_config.json beside it is read too) to `out`: a `.json` path is the file itself, any other
+    path a folder to write tokenizer.json into. Returns the file written."""
+    source, out = Path(source), Path(out)
+    backend, _ = _sentencepiece_backend(source / SENTENCEPIECE_FILE if source.is_dir() else source)
+    out = out if out.suffix == ".json" else out / TOKENIZER_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    backend.save(str(out))
+    return out
+
+
+def _sentencepiece_backend(file: Path) -> tuple[BackendTokenizer, dict[str, int | None]]:
+    """transformers' LlamaTokenizer from `file` and the config files beside it; also the special ids the model
+    file records (the config files override them)."""
+    folder = file.parent
+    config = _read_json(folder / TOKEN_FILES[0])
+    try:
+        model = read_sentencepiece_model(file)
+        pieces = [p.piece for p in model.pieces]
+        named = {name: found for name in ("bos", "eos", "unk", "pad") if (found := _named_token(name, folder))}
+        for name, (token, config_file) in named.items():
+            if token not in pieces:
+                raise _unknown_token(config_file, f"{name}_token", token, file)
+        tokens = {name: token for name, (token, _) in named.items()}
+        backend = llama_tokenizer(model, legacy=_flag(config, "legacy", False, folder),
+                                  add_prefix_space=_flag(config, "add_prefix_space", None, folder),
+                                  special_tokens=[*tokens.values(), *_extra_special_tokens(file, pieces)],
+                                  bos_token=tokens.get("bos"), eos_token=tokens.get("eos"),
+                                  add_bos_token=_flag(config, "add_bos_token", False, folder),
+                                  add_eos_token=_flag(config, "add_eos_token", False, folder))
+    except SentencePieceError as e:
+        raise TokenizerError(str(e)) from None
+    return backend, recorded_special_ids(model)
+
+
+def _flag(config: dict[str, Any], key: str, default: bool | None, folder: Path) -> bool | None:
+    value = config.get(key, default)
+    if value is not None and not isinstance(value, bool):
+        raise TokenizerError(f"{folder / TOKEN_FILES[0]}: \"{key}\" must be true or false, not {value!r}")
+    return value
+
+
+def _extra_special_tokens(model_file: Path, pieces: list[str]) -> list[str]:
+    """Tokens the config files beside `model_file` mark special besides bos/eos/unk/pad. Each must already be a
+    piece (at its id): this reader adds no tokens to the SentencePiece vocabulary."""
+    folder, special = model_file.parent, []
     for file_name in TOKEN_FILES:
-        data = _read_json(folder / file_name)
-        token = data.get(f"{name}_token")
+        tokens = _read_json(folder / file_name).get("additional_special_tokens")
+        for token in tokens if isinstance(tokens, list) else []:
+            token = token.get("content") if isinstance(token, dict) else token
+            if token not in pieces:
+                raise _unknown_token(folder / file_name, "additional_special_tokens entry", token, model_file)
+            special.append(token)
+    decoder = _read_json(folder / TOKEN_FILES[0]).get("added_tokens_decoder")
+    entries = [(TOKEN_FILES[0], token_id, token) for token_id, token in
+               (decoder.items() if isinstance(decoder, dict) else ())]
+    entries += [(ADDED_TOKENS_FILE, token_id, token) for token, token_id in
+                _read_json(folder / ADDED_TOKENS_FILE).items()]
+    for file_name, token_id, token in entries:
+        content = token.get("content") if isinstance(token, dict) else token
+        index = int(token_id) if str(token_id).isdigit() else -1
+        if not 0 <= index < len(pieces) or pieces[index] != content:
+            raise TokenizerError(f"{folder / file_name} adds token {content!r} as id {token_id}, which is not the "
+                                 f"piece {model_file} holds there; convert the folder to tokenizer.json with "
+                                 f"transformers' save_pretrained")
+        if isinstance(token, dict) and token.get("special"):
+            special.append(content)
+    return special
+
+
+def _named_token(name: str, folder: Path) -> tuple[str, Path] | None:
+    """The `{name}_token` string the first of TOKEN_FILES names, with that file; None if none does."""
+    for file_name in TOKEN_FILES:
+        token = _read_json(folder / file_name).get(f"{name}_token")
         if isinstance(token, dict):  # {"content": "</s>", "lstrip": false, ...}
             token = token.get("content")
         if isinstance(token, str):
-            surrogate = lone_surrogate(token)
-            token_id = backend.token_to_id(token) if surrogate is None else None
-            if token_id is None:
-                raise TokenizerError(f"{folder / file_name} names {name}_token {token!r}, which is not in "
-                                     f"{folder / TOKENIZER_FILE}; fix the token or remove the key")
-            return token_id
+            return token, folder / file_name
+    return None
+
+
+def _unknown_token(config_file: Path, key: str, token: str, tokenizer_file: Path) -> TokenizerError:
+    return TokenizerError(f"{config_file} names {key} {token!r}, which is not in {tokenizer_file}; fix the token "
+                          f"or remove the key")
+
+
+def _special_id(name: str, file: Path, backend: BackendTokenizer, recorded: dict[str, int | None]) -> int | None:
+    """The id of the `name` token: named by a config file, else given by id, else recorded in the tokenizer file
+    (SentencePiece's trainer_spec), else found among FALLBACK_NAMES."""
+    folder = file.parent
+    named = _named_token(name, folder)
+    if named is not None:
+        token, config_file = named
+        token_id = backend.token_to_id(token) if lone_surrogate(token) is None else None
+        if token_id is None:
+            raise _unknown_token(config_file, f"{name}_token", token, file)
+        return token_id
     for file_name in ID_FILES:
         token_id = _read_json(folder / file_name).get(f"{name}_token_id")
         if isinstance(token_id, list):  # generation_config may list several stop ids: the first is the eos
             token_id = token_id[0] if token_id else None
         if isinstance(token_id, int):
             return token_id
+    if recorded:
+        return recorded.get(name)
     for token in FALLBACK_NAMES.get(name, ()):
         token_id = backend.token_to_id(token)
         if token_id is not None:

@@ -32,6 +32,29 @@ class CheckpointMismatchError(UserError, RuntimeError):
 
 # ---------------------------------------------------------------- HF config <-> LLMConfig
 
+# The values transformers gives a key that a nested config (a llava config.json's text_config / vision_config, a
+# CLIP config.json's vision_config) leaves out: transformers 4.x's save_pretrained wrote a nested config as its
+# difference from the sub-config class's defaults (llava-hf's LLaVA-1.5 folders were written so), while keys at
+# the top level of a config.json are always written. Copied from transformers 5.23's LlamaConfig
+# (models/llama/configuration_llama.py) and CLIPVisionConfig (models/clip/configuration_clip.py), the same in 4.36
+# (which had no mlp_bias); only the keys our translation reads whose default is not None. tests/test_weights.py
+# checks them against transformers.
+LLAMA_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    hidden_act="silu", max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-6, bos_token_id=1,
+    eos_token_id=2, tie_word_embeddings=False, rope_theta=10000.0, attention_bias=False, mlp_bias=False)
+CLIP_VISION_DEFAULTS: dict[str, Any] = dict(
+    hidden_size=768, intermediate_size=3072, projection_dim=512, num_hidden_layers=12, num_attention_heads=12,
+    num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+CLASS_DEFAULTS = {"llama": LLAMA_DEFAULTS, "clip_vision_model": CLIP_VISION_DEFAULTS}  # by model_type
+
+
+def with_class_defaults(nested: dict[str, Any]) -> dict[str, Any]:
+    """A nested config with the values transformers fills in for the keys it leaves out (see LLAMA_DEFAULTS);
+    one of a model_type without a table here is returned as it is."""
+    return {**CLASS_DEFAULTS.get(nested.get("model_type"), {}), **nested}
+
+
 def _require(config: dict[str, Any], key: str, where: Path) -> Any:
     if config.get(key) is None:
         raise CheckpointMismatchError(f"{where}: config.json lacks {key!r}, which a {config.get('model_type')} "
@@ -319,6 +342,7 @@ def vision_config_from_hf(config: dict[str, Any], name: str = "clip",
         vision = config.get("vision_config")
         if not isinstance(vision, dict):
             raise CheckpointMismatchError(f"{where}: a CLIP config.json needs a 'vision_config' object")
+        vision = with_class_defaults({"model_type": "clip_vision_model", **vision})
     elif model_type == "clip_vision_model":
         vision = config
     else:

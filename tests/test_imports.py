@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mllm_cl"
-INTERNAL = {"mllm_cl", "data", "tests", "bench", "train", "eval", "consolidate"}  # ours, not third-party
+INTERNAL = {"mllm_cl", "data", "tests", "bench", "train", "eval", "consolidate", "convert"}  # ours, not third-party
 
 
 def module_name(path: Path) -> str:

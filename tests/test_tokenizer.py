@@ -91,8 +91,10 @@ def test_encode_adds_nothing_and_reads_special_text_as_text(tmp_path: Path) -> N
 
 
 def test_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
-    (tmp_path / "tokenizer.model").write_bytes(b"\0")
-    with pytest.raises(TokenizerError, match=r"tokenizer\.json not found.*SentencePiece"):
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json not found.*SentencePiece tokenizer\.model"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(b"\0")  # read when there is no tokenizer.json: test_sentencepiece_model
+    with pytest.raises(TokenizerError, match=r"tokenizer\.model is not a valid SentencePiece model"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="not a valid tokenizer.json"):

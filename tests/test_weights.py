@@ -232,3 +232,39 @@ def test_a_config_asking_for_a_huge_model_is_refused_before_allocating(tmp_path,
     with pytest.raises(CheckpointMismatchError, match=rf"config.json: LLMConfig.{ours}={value} is over {bound}"):
         load_llm(folder)
     assert time.perf_counter() - start < 5  # refused from the file, not after trying to build it (it hung)
+
+
+def test_the_default_tables_are_transformers_own():
+    """LLAMA_DEFAULTS / CLIP_VISION_DEFAULTS against transformers' classes, and complete: a nested config that
+    leaves out every key translates as transformers' full default config does."""
+    from transformers import CLIPVisionConfig
+
+    from mllm_cl.weights import (CLIP_VISION_DEFAULTS, LLAMA_DEFAULTS, llm_config_from_hf, vision_config_from_hf,
+                                 with_class_defaults)
+
+    llama, clip = LlamaConfig(), CLIPVisionConfig()
+    assert LLAMA_DEFAULTS == {k: llama.rope_parameters["rope_theta"] if k == "rope_theta" else getattr(llama, k)
+                              for k in LLAMA_DEFAULTS}
+    assert CLIP_VISION_DEFAULTS == {k: getattr(clip, k) for k in CLIP_VISION_DEFAULTS}
+    assert llm_config_from_hf(with_class_defaults({"model_type": "llama"})) == llm_config_from_hf(llama.to_dict())
+    assert (vision_config_from_hf(with_class_defaults({"model_type": "clip_vision_model"}))
+            == vision_config_from_hf(clip.to_dict()))
+
+
+def test_a_clip_config_with_a_sparse_vision_config_reads_as_transformers_reads_it():
+    """transformers 4.x wrote a CLIPConfig's vision_config as its difference from CLIPVisionConfig's defaults."""
+    from transformers import CLIPConfig, CLIPVisionConfig
+
+    from mllm_cl.weights import vision_config_from_hf
+
+    defaults = CLIPVisionConfig().to_dict()
+    full = clip_vision_config().to_dict()
+    sparse = {k: v for k, v in full.items() if k == "model_type" or v != defaults.get(k)}
+    assert "hidden_act" not in sparse and "layer_norm_eps" not in sparse and "hidden_size" in sparse
+    theirs = CLIPConfig(vision_config=sparse).vision_config
+    ours = vision_config_from_hf({"model_type": "clip", "vision_config": sparse})
+    assert (ours.d_model, ours.n_layer, ours.n_head, ours.d_ff, ours.image_size, ours.patch_size, ours.norm_eps,
+            ours.num_channels, ours.projection_dim) == (
+        theirs.hidden_size, theirs.num_hidden_layers, theirs.num_attention_heads, theirs.intermediate_size,
+        theirs.image_size, theirs.patch_size, theirs.layer_norm_eps, theirs.num_channels, theirs.projection_dim)
+    assert ours == vision_config_from_hf({"model_type": "clip", "vision_config": full})
