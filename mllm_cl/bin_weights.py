@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-from mllm_cl.json_files import read_json
 from mllm_cl.model_folder import (INDEX_FILE, SINGLE_FILE, ModelFolderError, atomic_save_tensors,
-                                  check_not_an_input, staged_folder)
+                                  check_not_an_input, index_shards, staged_folder)
 
 BIN_FILE = "pytorch_model.bin"
 BIN_INDEX_FILE = "pytorch_model.bin.index.json"
@@ -29,22 +28,8 @@ TokenizerConverter = Callable[[Path, Path], None]
 
 def bin_shards(folder: Path) -> tuple[dict[str, str] | None, list[Path]]:
     """(the index's tensor -> shard map, or None for a single file; the .bin files to read), checked."""
-    index = folder / BIN_INDEX_FILE
-    if index.is_file():
-        weight_map = read_json(index, ModelFolderError, dict).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map or not all(
-                isinstance(name, str) for name in weight_map.values()):
-            raise ModelFolderError(f"{index} is not a checkpoint index: it needs \"weight_map\", an object from "
-                                   f"tensor names to shard file names, got {weight_map!r:.80}")
-        names = sorted(set(weight_map.values()))
-        escaping = [n for n in names if Path(n).name != n or n in ("", ".", "..")]
-        if escaping:
-            raise ModelFolderError(f"{index} names shard(s) {escaping} outside the folder: a shard must be a "
-                                   "file name in the folder itself")
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise ModelFolderError(f"{index} names shard(s) that do not exist: {missing}")
-        return weight_map, [folder / n for n in names]
+    if (folder / BIN_INDEX_FILE).is_file():
+        return index_shards(folder / BIN_INDEX_FILE)
     if (folder / BIN_FILE).is_file():
         return None, [folder / BIN_FILE]
     raise ModelFolderError(f"{folder} has neither {BIN_FILE} nor {BIN_INDEX_FILE}: there are no PyTorch weights to "

@@ -42,38 +42,41 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     return read_json(path, ModelFolderError, dict, "a JSON object of settings")
 
 
+def index_shards(index: Path) -> tuple[dict[str, str], list[Path]]:
+    """A checkpoint index's tensor -> shard map and its shard files (model.safetensors.index.json, or the
+    pytorch_model.bin.index.json convert.py reads), checked: every shard a file name in the index's folder."""
+    weight_map = read_json(index, ModelFolderError, dict).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelFolderError(f"{index} is not a checkpoint index: it needs \"weight_map\", an object from "
+                               f"tensor names to shard files, got {weight_map!r:.80}")
+    if not all(isinstance(name, str) for name in weight_map.values()):
+        raise ModelFolderError(f"{index}: every shard in \"weight_map\" must be a file name (a string), got "
+                               f"{sorted({repr(n) for n in weight_map.values() if not isinstance(n, str)})[:3]}")
+    names = sorted(set(weight_map.values()))
+    escaping = [n for n in names if Path(n).name != n or n in ("", ".", "..")]
+    if escaping:
+        raise ModelFolderError(f"{index} names shard(s) {escaping} outside the folder: a shard must be a "
+                               "file name in the folder itself")
+    missing = [n for n in names if not (index.parent / n).is_file()]
+    if missing:
+        raise ModelFolderError(f"{index} names shard(s) that do not exist: {missing}")
+    return weight_map, [index.parent / name for name in names]
+
+
 def weight_files(folder: str | Path) -> list[Path]:
     """The safetensors files of a folder: the single file, or every shard named by the index."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelFolderError(f"model folder {folder} does not exist")
-    index = folder / INDEX_FILE
-    if index.is_file():
-        weight_map = read_json(index, ModelFolderError, dict).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ModelFolderError(f"{index} is not a safetensors index: it needs \"weight_map\", an object from "
-                                   f"tensor names to shard files, got {weight_map!r:.80}")
-        if not all(isinstance(name, str) for name in weight_map.values()):
-            raise ModelFolderError(f"{index}: every shard in \"weight_map\" must be a file name (a string), got "
-                                   f"{sorted({repr(n) for n in weight_map.values() if not isinstance(n, str)})[:3]}")
-        names = sorted(set(weight_map.values()))
-        escaping = [n for n in names if Path(n).name != n or n in ("", ".", "..")]
-        if escaping:
-            raise ModelFolderError(f"{index} names shard(s) {escaping} outside the folder: a shard must be a "
-                                   "file name in the folder itself")
-        files = [folder / name for name in names]
-    elif (folder / SINGLE_FILE).is_file():
-        files = [folder / SINGLE_FILE]
-    else:
-        found = sorted(p.name for p in folder.iterdir())
-        pickles = [n for n in found if n.endswith((".bin", ".pt", ".pth"))]
-        hint = (f" (found pickle files {pickles}, which are never unpickled: `python convert.py {folder} OUT_DIR` "
-                "writes them as safetensors)") if pickles else ""
-        raise ModelFolderError(f"{folder} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}; it holds {found}")
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise ModelFolderError(f"{index} names shard(s) that do not exist: {missing}")
-    return files
+    if (folder / INDEX_FILE).is_file():
+        return index_shards(folder / INDEX_FILE)[1]
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE]
+    found = sorted(p.name for p in folder.iterdir())
+    pickles = [n for n in found if n.endswith((".bin", ".pt", ".pth"))]
+    hint = (f" (found pickle files {pickles}, which are never unpickled: `python convert.py {folder} OUT_DIR` "
+            "writes them as safetensors)") if pickles else ""
+    raise ModelFolderError(f"{folder} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}; it holds {found}")
 
 
 def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
