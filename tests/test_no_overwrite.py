@@ -414,8 +414,8 @@ def test_a_bad_config_file_is_one_line(tmp_path: Path, capsys, bad: str) -> None
 
 @pytest.mark.parametrize("index, message", [
     (b"[]", "must hold a JSON object, not a list"),
-    (b'{"weight_map": []}', 'is not a safetensors index: it needs "weight_map", an object from tensor names'),
-    (b'{"weight_map": {}}', 'is not a safetensors index: it needs "weight_map"'),
+    (b'{"weight_map": []}', 'is not a checkpoint index: it needs "weight_map", an object from tensor names'),
+    (b'{"weight_map": {}}', 'is not a checkpoint index: it needs "weight_map"'),
     (b"\xff\xfe{}", "is not UTF-8 text"),
 ])
 def test_a_bad_safetensors_index_is_one_error_naming_it(tmp_path: Path, index: bytes, message: str) -> None:
