@@ -199,9 +199,10 @@ def follow_up(cfg: ExperimentConfig, path: str) -> ExperimentConfig:
                    device=cfg.device, workers=cfg.workers, seeds=1, **seeds, **model)
 
 
-SEED_FIELDS = ("nl_delta", "vl_hmean", "nl_base", "general_vl_base")  # summarised over seeds, where a run has them
+SEED_FIELDS = ("nl_delta", "vl_hmean", "nl_base", "general_vl_base", "avg_acc", "mean_acc", "bwt", "fwt",
+               "mean_forgetting")  # summarised over seeds, where a run has them
 SEED_CURVES = ("nl_after_task", "nl_delta_after_task", "vl_after_task", "general_after_task",
-               "general_vl_after_task")  # per task
+               "general_vl_after_task", "zero_shot")  # per task
 
 
 def run_seeds(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -575,6 +576,7 @@ def summarise_run(run: dict[str, Any], task_names: list[str]) -> dict[str, Any]:
     base_nl = nl_accuracies(run["initial"])
     omega_base = metrics.nl_omega(base_nl)
     matrix = [[100.0 * after["vl"][t]["acc"] for t in task_names] for after in run["after_task"]]
+    zero_shot = [100.0 * run["initial"]["vl"][t]["acc"] for t in task_names]
     nl_after = [metrics.nl_omega(nl_accuracies(after)) for after in run["after_task"]]
     final = run["after_task"][-1]
     summary = {
@@ -586,6 +588,11 @@ def summarise_run(run: dict[str, Any], task_names: list[str]) -> dict[str, Any]:
         # one task has no earlier task to forget: forgetting is [], BWT null (its REPORT.md cell is "-")
         "forgetting": metrics.forgetting(matrix),
         "bwt": metrics.backward_transfer(matrix) if len(matrix) > 1 else None,
+        # the figures the CL libraries (CoIN, MCITlib) report, FWT against the starting model's zero-shot row
+        "zero_shot": zero_shot, "avg_acc": metrics.average_accuracy(matrix),
+        "mean_acc": metrics.mean_accuracy_over_sequence(matrix),
+        "mean_forgetting": float(np.mean(metrics.forgetting(matrix))) if len(matrix) > 1 else None,
+        "fwt": metrics.forward_transfer(matrix, zero_shot) if len(matrix) > 1 else None,
         "acc_matrix_ci": [[wilson(after["vl"][t]) for t in task_names] for after in run["after_task"]],
         "nl_delta_ci": delta_interval(run["initial"], final),
         "nl_delta_after_task": [metrics.nl_delta(omega_base, omega) for omega in nl_after],

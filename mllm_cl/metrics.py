@@ -53,6 +53,29 @@ def backward_transfer(a: Sequence[Sequence[float]] | np.ndarray) -> float:
     return float(np.mean([matrix[last, j] - matrix[j, j] for j in range(last)]))
 
 
+def mean_accuracy_over_sequence(a: Sequence[Sequence[float]] | np.ndarray) -> float:
+    """The mean of the accuracy matrix's lower triangle, diagonal included: 2 / (T (T+1)) * sum_{j<=k} A[k][j],
+    every task's accuracy after every task since it was learned (what CoIN and MCITlib call the mean accuracy
+    over the sequence)."""
+    matrix = accuracy_matrix(a)
+    return float(matrix[np.tril_indices(matrix.shape[0])].mean())
+
+
+def forward_transfer(a: Sequence[Sequence[float]] | np.ndarray, zero_shot: Sequence[float]) -> float:
+    """FWT = (1/(T-1)) * sum_{j>=1} (A[j-1][j] - b_j) (Lopez-Paz and Ranzato 2017, GEM), b_j the starting model's
+    zero-shot accuracy on task j: how much learning the earlier tasks helps task j before it is learned."""
+    matrix = accuracy_matrix(a)
+    size = matrix.shape[0]
+    if size < 2:
+        raise ValueError("forward transfer needs at least two tasks")
+    if len(zero_shot) != size:
+        raise ValueError(f"forward transfer needs one zero-shot accuracy per task ({size}), got {len(zero_shot)}")
+    before = [matrix[j - 1, j] for j in range(1, size)]
+    if not np.all(np.isfinite(before)):
+        raise ValueError("forward transfer needs A[j-1][j], every task's accuracy just before it was learned")
+    return float(np.mean([value - zero_shot[j] for j, value in enumerate(before, 1)]))
+
+
 def _values(accuracies: Mapping[str, float] | Sequence[float]) -> list[float]:
     return list(accuracies.values()) if isinstance(accuracies, Mapping) else list(accuracies)
 

@@ -27,7 +27,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from mllm_cl.errors import UserError
-from mllm_cl.metrics import accuracy_matrix, average_accuracy, backward_transfer, forgetting, region_width
+from mllm_cl.metrics import (accuracy_matrix, average_accuracy, backward_transfer, forgetting, forward_transfer,
+                             mean_accuracy_over_sequence, region_width)
 
 FIGURE_SIZE = (800, 520)  # every PNG, in pixels
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -104,6 +105,9 @@ def _check_method(entry: Any, where: str) -> dict[str, Any]:
     for field in ("nl_delta", "vl_hmean", "nlu_base", "nlg_base", "nl_delta_sd", "vl_hmean_sd", "general_vl_base"):
         if field in entry:
             out[field] = _number(entry[field], f"{where}, {field}")
+    for field in (*SEQUENCE_METRICS, *(f"{f}_sd" for f in SEQUENCE_METRICS)):  # null: undefined for one task
+        if entry.get(field) is not None:
+            out[field] = _number(entry[field], f"{where}, {field}")
     if entry.get("nl_delta_ci") is not None:
         out["nl_delta_ci"] = _interval(entry["nl_delta_ci"], f"{where}, nl_delta_ci")
     if "acc_matrix_ci" in entry:
@@ -113,7 +117,7 @@ def _check_method(entry: Any, where: str) -> dict[str, Any]:
             out[name] = [None if v is None else _interval(v, f"{where}, {name}[{i}]")
                          for i, v in enumerate(entry[name])]
     for field in ("nl_after_task", "vl_after_task", "nlu_after_task", "nlg_after_task", "nl_delta_after_task",
-                  "general_vl_after_task", "general_after_task", "general_after_task_sd"):
+                  "general_vl_after_task", "general_after_task", "general_after_task_sd", "zero_shot"):
         if field in entry:
             if not isinstance(entry[field], list):
                 raise ReportInputError(f"{where}, {field}: expected a list of numbers")
@@ -347,6 +351,24 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     """A Markdown table: a header row, its rule, and one row per list of cells."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+SEQUENCE_METRICS = {"avg_acc": "final avg acc", "mean_acc": "mean acc", "bwt": "BWT", "fwt": "FWT",
+                    "mean_forgetting": "mean forgetting"}  # the figures the CL libraries report (CoIN, MCITlib)
+
+
+def _sequence_metric(m: dict[str, Any], field: str) -> str:
+    """One of SEQUENCE_METRICS: the run's (with its sd over seeds), else computed from its accuracy matrix."""
+    if m.get(field) is not None:
+        return _cell(m[field]) + (f" +/- {_cell(m[field + '_sd'])}" if m.get(f"{field}_sd") is not None else "")
+    matrix = m.get("acc_matrix")
+    if matrix is None or (field != "avg_acc" and len(matrix) < 2):
+        return "-"
+    if field == "fwt":
+        return _cell(forward_transfer(matrix, m["zero_shot"])) if m.get("zero_shot") else "-"
+    compute = {"avg_acc": average_accuracy, "mean_acc": mean_accuracy_over_sequence, "bwt": backward_transfer,
+               "mean_forgetting": lambda a: float(np.mean(forgetting(a)))}[field]
+    return _cell(compute(matrix))
 
 
 def _cell(value: float | None) -> str:
@@ -665,15 +687,15 @@ def write_report(run_dirs_or_results: dict | str | Path | Sequence[str | Path], 
     md = ["# Continual-learning report", "",
           "Accuracies in percent. NL Delta = omega(base) - omega(now): positive = forgotten (paper 1). "
           "VL hmean = harmonic mean of the VL benchmarks. BWT and forgetting from the accuracy matrix.", ""]
-    rows = []
-    for name, m in methods.items():
-        matrix = m.get("acc_matrix")
-        rows.append([name, _with_interval(m.get("nl_delta"), m.get("nl_delta_ci")), _cell(m.get("vl_hmean")),
-                     _cell(average_accuracy(matrix) if matrix is not None else None),
-                     _cell(backward_transfer(matrix) if matrix is not None and len(matrix) > 1 else None),
-                     _cell(float(np.mean(forgetting(matrix))) if matrix is not None and len(matrix) > 1 else None)])
-    md += ["## Summary", "", markdown_table(["method", "NL Delta [95% CI]", "VL hmean", "final avg acc", "BWT",
-                                     "mean forgetting"], rows), "",
+    rows = [[name, _with_interval(m.get("nl_delta"), m.get("nl_delta_ci")), _cell(m.get("vl_hmean")),
+             *(_sequence_metric(m, field) for field in SEQUENCE_METRICS)] for name, m in methods.items()]
+    md += ["## Summary", "", markdown_table(["method", "NL Delta [95% CI]", "VL hmean", *SEQUENCE_METRICS.values()],
+                                            rows), "",
+           "Final avg acc: the mean over the tasks after the last one; mean acc: the mean of the accuracy matrix's "
+           "lower triangle (every task after every task since it was learned); BWT: final minus just-learned "
+           "accuracy; FWT: accuracy just before a task is learned minus the starting model's zero-shot accuracy; "
+           "forgetting: best minus final accuracy (BWT, FWT and forgetting over the tasks before the last, or after "
+           "the first). Over seeds: mean +/- sd of each seed's figure.", "",
            "NL Delta's interval is a paired bootstrap over the benchmarks' documents; accuracies below carry their "
            "95% Wilson interval.", ""]
     md += _seeds_section(methods) + _nlu_nlg_section(methods) + _learned_section(methods)

@@ -59,6 +59,15 @@ def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_pat
     assert all(lo <= v + 1e-9 and v - 1e-9 <= hi
                for v, (lo, hi) in zip(llava_c["general_vl_after_task"], llava_c["general_vl_ci_after_task"]))
     assert "finetune" in results["timing"]["shared"]
+    # the CL libraries' figures (CoIN, MCITlib), FWT against the zero-shot row
+    matrix, zero = llava_c["acc_matrix"], llava_c["zero_shot"]
+    assert zero == [pytest.approx(100.0 * json.loads((run / "methods" / "llava_c" / "results.json").read_text())
+                                  ["initial"]["vl"][t]["acc"]) for t in ("color", "size")]
+    assert llava_c["avg_acc"] == pytest.approx((matrix[1][0] + matrix[1][1]) / 2)
+    assert llava_c["mean_acc"] == pytest.approx((matrix[0][0] + matrix[1][0] + matrix[1][1]) / 3)
+    assert llava_c["fwt"] == pytest.approx(matrix[0][1] - zero[1])
+    assert llava_c["mean_forgetting"] == pytest.approx(matrix[0][0] - matrix[1][0])
+    assert "| final avg acc | mean acc | BWT | FWT | mean forgetting |" in (run / "REPORT.md").read_text()
     assert "## General VL (paper 2" in (run / "REPORT.md").read_text()
     # The starting point: general skill per skill and each task's zero-shot accuracy, chance the majority answer.
     base = json.loads((run / "results.json").read_text())["base"]
@@ -137,6 +146,8 @@ def test_then_runs_another_experiment_on_the_shared_stages(tmp_path: Path) -> No
     summary = json.loads((tmp_path / "run" / "p2" / "results.json").read_text())  # p2 over the two seeds
     lora = summary["methods"]["lora"]
     assert len(lora["nl_delta_per_seed"]) == 2 and len(lora["general_after_task_sd"]) == 2
+    assert lora["fwt_per_seed"] == [json.loads((tmp_path / "run" / f"seed_{s}" / "p2" / "results.json").read_text())
+                                    ["methods"]["lora"]["fwt"] for s in (0, 1)] and "mean_acc_sd" in lora
     assert "final general" in (tmp_path / "run" / "p2" / "REPORT.md").read_text()
     assert len(summary["joint"]["per_seed"]) == 2 and set(summary["joint"]["vl"]) == {"color", "size"}
     base = summary["base"]  # the starting point over seeds: mean, sd and each seed's value

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from mllm_cl.metrics import (accuracy_matrix, average_accuracy, backward_transfer, forgetting, harmonic_mean,
-                             nl_delta, nl_omega, vl_hmean)
+from mllm_cl.metrics import (accuracy_matrix, average_accuracy, backward_transfer, forgetting, forward_transfer,
+                             harmonic_mean, mean_accuracy_over_sequence, nl_delta, nl_omega, vl_hmean)
 
 NAN = float("nan")
 # A[k][j]: accuracy on task j after learning task k (NaN: task not learned yet)
@@ -87,3 +87,20 @@ def test_paired_bootstrap_delta_interval() -> None:
     assert bootstrap_delta_interval(base, now, seed=1) == bootstrap_delta_interval(base, now, seed=1)
     with pytest.raises(ValueError, match="same benchmarks"):
         bootstrap_delta_interval(base, {"b": [1]})
+
+
+def test_the_cl_libraries_sequence_metrics_by_hand() -> None:
+    a = [[80.0, 10.0, 20.0],
+         [60.0, 90.0, 30.0],
+         [50.0, 70.0, 95.0]]
+    assert mean_accuracy_over_sequence(a) == pytest.approx((80 + 60 + 90 + 50 + 70 + 95) / 6)
+    assert average_accuracy(a) == pytest.approx((50 + 70 + 95) / 3)
+    # FWT: A[0][1] - b_1 and A[1][2] - b_2, b the zero-shot row
+    assert forward_transfer(a, [5.0, 4.0, 25.0]) == pytest.approx(((10 - 4) + (30 - 25)) / 2)
+    assert forward_transfer(a, [0.0, 10.0, 30.0]) == 0.0  # no help before learning
+    with pytest.raises(ValueError, match="one zero-shot accuracy per task"):
+        forward_transfer(a, [1.0, 2.0])
+    with pytest.raises(ValueError, match="at least two tasks"):
+        forward_transfer([[50.0]], [10.0])
+    with pytest.raises(ValueError, match="just before it was learned"):
+        forward_transfer([[80.0, float("nan")], [60.0, 90.0]], [0.0, 0.0])

@@ -9,7 +9,7 @@ from PIL import Image
 from mllm_cl.report import FIGURE_SIZE, ReportInputError, heatmap_figure, load_results, write_report
 
 RESULTS = {"methods": {
-    "naive": {"nl_delta": 7.83, "vl_hmean": 5.29, "acc_matrix": [[80, None], [60, 90]],
+    "naive": {"nl_delta": 7.83, "vl_hmean": 5.29, "acc_matrix": [[80, 30], [60, 90]], "zero_shot": [10, 20],
               "task_names": ["easy_vqa", "colour_qa"], "nl_after_task": [30.1, 24.8], "vl_after_task": [40, 55]},
     "soft targets": {"nl_delta": -0.5, "vl_hmean": 10.57, "acc_matrix": [[78, None], [75, 88]],
                      "task_names": ["easy_vqa", "colour_qa"], "nl_after_task": [32.0, 29.8]},
@@ -19,8 +19,9 @@ RESULTS = {"methods": {
 def test_report_renders_tables_and_plots(tmp_path):
     report = write_report(RESULTS, tmp_path)
     text = report.read_text()
-    assert "| naive | 7.83 | 5.29 | 75.00 | -20.00 | 20.00 |" in text  # avg (60+90)/2, BWT 60-80, forgetting 20
-    assert "| soft targets | -0.50 | 10.57 | 81.50 | -3.00 | 3.00 |" in text
+    # final avg (60+90)/2, mean acc (80+60+90)/3, BWT 60-80, FWT 30-20, forgetting 20
+    assert "| naive | 7.83 | 5.29 | 75.00 | 76.67 | -20.00 | 10.00 | 20.00 |" in text
+    assert "| soft targets | -0.50 | 10.57 | 81.50 | 80.33 | -3.00 | - | 3.00 |" in text  # no zero-shot row: no FWT
     assert "| after colour_qa | 60.00 | 90.00 |" in text
     assert "| naive | 30.10 | 24.80 |" in text and "| soft targets | 32.00 | 29.80 |" in text
     expected = ["nl_delta.png", "vl_hmean.png", "nl_after_task.png", "vl_after_task.png", "acc_matrix_naive.png",
@@ -60,7 +61,9 @@ def test_bad_input_is_named(tmp_path):
         load_results({"methods": {"x": {"nl_delta": "high"}}})
     with pytest.raises(ReportInputError, match=r"none of the report's fields .* \['acc'\]"):
         load_results({"methods": {"x": {"acc": 1}}})
-    assert load_results({"methods": {"x": {"nl_delta": 1.0, "bwt": -3.0}}}) == {"x": {"nl_delta": 1.0}}
+    assert load_results({"methods": {"x": {"nl_delta": 1.0, "steps": 30}}}) == {"x": {"nl_delta": 1.0}}
+    assert load_results({"methods": {"x": {"nl_delta": 1.0, "bwt": -3.0, "fwt": None}}}) == \
+        {"x": {"nl_delta": 1.0, "bwt": -3.0}}  # null: undefined for one task
     with pytest.raises(ReportInputError, match="3 task_names for a 2 x 2"):
         load_results({"methods": {"x": {"acc_matrix": [[1, None], [2, 3]], "task_names": ["a", "b", "c"]}}})
     with pytest.raises(ReportInputError, match="results.json"):
