@@ -5,6 +5,9 @@
 
 The splice writes the projected patch features, flattened in order, into the placeholder positions
 (one masked_scatter for the whole batch), so text-only and image samples mix freely in one batch.
+
+An optional `PromptPool` (L2P, `mllm_cl.methods.l2p`) puts learned prompt vectors in front of each image sample's
+input embeddings; it is saved with the model (prompt_pool.safetensors), so evaluation and resumed runs see it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mllm_cl.config import IMAGE_PLACEHOLDER_ID
@@ -29,9 +33,46 @@ from mllm_cl.weights import load_llm, load_vision_tower, save_llm, save_vision_t
 
 MODEL_TYPE = "mllm_cl_llava"
 PROJECTOR_FILE = "projector.safetensors"
+PROMPT_POOL_FILE = "prompt_pool.safetensors"
 # The chat template of a model whose folder records none (one aligned here, or saved by older code): what
 # training (continual.load_init), eval.py and export.py all assume. LLaVA-1.5's own folders say vicuna_v1.
 UNRECORDED_TEMPLATE = "pythia"
+
+
+class PromptPool(nn.Module):
+    """L2P's prompt pool (Wang et al. 2022): `size` prompts of `length` LLM input vectors, each with a key in the
+    vision tower's feature space. A sample's query is the mean of its images' tower features (B, d_key); the
+    `top_n` keys of highest cosine with it pick its prompts, put in front of its input embeddings in that order."""
+
+    def __init__(self, size: int, length: int, top_n: int, d_key: int, d_model: int) -> None:
+        super().__init__()
+        if not (size >= 0 and length >= 1 and 0 <= top_n <= size):
+            raise ValueError(f"a prompt pool needs size >= 0, length >= 1 and 0 <= top_n <= size; got size={size}, "
+                             f"length={length}, top_n={top_n}")
+        self.top_n = top_n
+        self.keys = nn.Parameter(torch.zeros(size, d_key))
+        self.prompts = nn.Parameter(torch.zeros(size, length, d_model))
+
+    def queries(self, input_ids: torch.Tensor, vision_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's mean image feature (B, d_key), fp32, and whether the row has an image (B,); vision_features
+        (N, P, d_key) are the batch's images in row order, P placeholders each."""
+        images_per_row = (input_ids == IMAGE_PLACEHOLDER_ID).sum(dim=1) // vision_features.shape[1]  # (B,)
+        row_of_image = torch.repeat_interleave(torch.arange(len(input_ids), device=input_ids.device), images_per_row)
+        sums = torch.zeros(len(input_ids), vision_features.shape[-1], device=vision_features.device)
+        sums.index_add_(0, row_of_image, vision_features.float().mean(dim=1))
+        return sums / images_per_row.clamp(min=1)[:, None], images_per_row > 0
+
+    def similarity(self, queries: torch.Tensor) -> torch.Tensor:
+        """Cosine of every query with every key: (B, d_key) -> (B, size)."""
+        return F.cosine_similarity(queries[:, None, :], self.keys.float()[None], dim=-1)
+
+    def forward(self, input_ids: torch.Tensor, vision_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selected prompts (B, top_n * length, d_model) and their attention mask (B, top_n * length): 0 for
+        rows without an image, which so get no prompt."""
+        queries, has_image = self.queries(input_ids, vision_features)
+        chosen = self.similarity(queries).topk(self.top_n, dim=1).indices  # (B, top_n), most similar first
+        prompts = self.prompts[chosen].flatten(1, 2)
+        return prompts, has_image[:, None].expand(-1, prompts.shape[1]).long()
 
 
 class LlavaModel(nn.Module):
@@ -49,6 +90,7 @@ class LlavaModel(nn.Module):
         self.projector = projector
         self.llm = llm
         self.template = template
+        self.prompt_pool: PromptPool | None = None  # set by L2P
 
     @property
     def num_image_tokens(self) -> int:
@@ -87,17 +129,41 @@ class LlavaModel(nn.Module):
         features = self.encode_images(pixel_values, vision_features).to(embeds.dtype)  # (N, P, D)
         return embeds.masked_scatter(is_image.unsqueeze(-1), features)  # row-major: image n fills the n-th block
 
+    def prompted_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """`embed_inputs` with the prompt pool's n vectors in front: embeddings (B, n + T, D), attention mask and
+        positions (B, n + T), and n. A row's positions count its real tokens only, so a row without prompts (no
+        image) sees exactly what it would see without the pool."""
+        if vision_features is None:
+            with torch.no_grad():
+                vision_features = self.vision(pixel_values)  # (N, P, d_vision), shared by the splice and the query
+        embeds = self.embed_inputs(input_ids, vision_features=vision_features)
+        prompts, prompt_mask = self.prompt_pool(input_ids, vision_features)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        mask = torch.cat([prompt_mask.to(mask.dtype), mask], dim=1)
+        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        return torch.cat([prompts.to(embeds.dtype), embeds], dim=1), mask, positions, prompts.shape[1]
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, return_hidden: bool = False,
                 compute_logits: bool = True) -> LMOutput:
-        return self.llm(inputs_embeds=self.embed_inputs(input_ids, pixel_values), attention_mask=attention_mask,
-                        return_hidden=return_hidden, compute_logits=compute_logits)
+        if self.prompt_pool is None or pixel_values is None:
+            return self.llm(inputs_embeds=self.embed_inputs(input_ids, pixel_values), attention_mask=attention_mask,
+                            return_hidden=return_hidden, compute_logits=compute_logits)
+        embeds, mask, positions, n = self.prompted_inputs(input_ids, attention_mask, pixel_values)
+        hidden = self.llm.hidden_states(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)[:, n:]
+        logits = self.llm.lm_head(hidden) if compute_logits else None  # (B, T, V): the prompts' positions dropped
+        return LMOutput(logits, hidden if return_hidden or not compute_logits else None, None)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
                  **gen_kwargs: Any) -> GenerationOutput:
         """Continue each (left- or right-padded) prompt; `gen_kwargs` go to `mllm_cl.generation.generate`."""
+        if self.prompt_pool is not None and (pixel_values is not None or vision_features is not None):
+            embeds, mask, _, _ = self.prompted_inputs(input_ids, attention_mask, pixel_values, vision_features)
+            return generate(self.llm, inputs_embeds=embeds, attention_mask=mask, **gen_kwargs)
         return generate(self.llm, inputs_embeds=self.embed_inputs(input_ids, pixel_values, vision_features),
                         attention_mask=attention_mask, **gen_kwargs)
 
@@ -117,6 +183,8 @@ def save_llava(model: LlavaModel, folder: str | Path, tokenizer_from: str | Path
     """
     template = template or model.template
     if layout == "hf":
+        if model.prompt_pool is not None:
+            raise ModelFolderError("a model with an L2P prompt pool saves only in our layout (layout='ours')")
         if tokenizer_from is None:
             raise ModelFolderError("the transformers layout needs the tokenizer (tokenizer_from)")
         return write_hf_llava(model.llm, model.vision, model.projector, folder, tokenizer_from,
@@ -129,6 +197,9 @@ def save_llava(model: LlavaModel, folder: str | Path, tokenizer_from: str | Path
         atomic_save_tensors(staging / PROJECTOR_FILE, model.projector.state_dict(), metadata={"format": "pt"})
         config = dict(model_type=MODEL_TYPE, projector=model.projector.kind, d_vision=model.vision.config.d_model,
                       d_llm=model.llm.config.d_model, num_image_tokens=model.num_image_tokens)
+        if model.prompt_pool is not None:
+            atomic_save_tensors(staging / PROMPT_POOL_FILE, model.prompt_pool.state_dict(), metadata={"format": "pt"})
+            config["prompt_pool_top_n"] = model.prompt_pool.top_n
         if template:
             config["template"] = template
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -178,4 +249,15 @@ def load_llava(folder: str | Path, device: torch.device | str | None = None,
     path = folder / PROJECTOR_FILE
     tensors = read_safetensors(path, device or "cpu")
     projector = load_projector(config["projector"], vision, llm, tensors, path, f"{folder / CONFIG_FILE}: projector")
-    return LlavaModel(vision, projector.to(device=device, dtype=dtype), llm, config.get("template"))
+    model = LlavaModel(vision, projector.to(device=device, dtype=dtype), llm, config.get("template"))
+    if "prompt_pool_top_n" in config:
+        path = folder / PROMPT_POOL_FILE
+        tensors = read_safetensors(path, device or "cpu")
+        if set(tensors) != {"keys", "prompts"} or tensors["prompts"].dim() != 3:
+            raise ModelFolderError(f"{path} must hold exactly 'keys' (size, d_vision) and 'prompts' "
+                                   f"(size, length, d_llm); it holds {sorted(tensors)}: save the model again")
+        (size, length, d_model), d_key = tensors["prompts"].shape, tensors["keys"].shape[-1]
+        model.prompt_pool = PromptPool(size, length, config["prompt_pool_top_n"], d_key, d_model)
+        model.prompt_pool.load_state_dict(tensors)  # strict: every shape must match the pool just built
+        model.prompt_pool.to(device=device, dtype=dtype)
+    return model

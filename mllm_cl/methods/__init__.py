@@ -16,13 +16,17 @@ from mllm_cl.config import ConfigError, coerce_value
 from mllm_cl.methods.base import Method, TaskContext
 from mllm_cl.methods.consolidation_methods import ModelMixMethod, SACMethod
 from mllm_cl.methods.ewc import EWC
+from mllm_cl.methods.l2p import L2P
 from mllm_cl.methods.lora import LoRA
 from mllm_cl.methods.lwf import LwF
+from mllm_cl.methods.olora import OLoRA
 from mllm_cl.methods.rehearsal import Rehearsal
 from mllm_cl.methods.soft_targets import SoftTargets
 from mllm_cl.methods.uir import UIR
+from mllm_cl.methods.uir_variants import UIRForwardKL, UIRReplay
 
-_METHODS: tuple[type[Method], ...] = (Method, LoRA, SoftTargets, Rehearsal, UIR, EWC, LwF, ModelMixMethod, SACMethod)
+_METHODS: tuple[type[Method], ...] = (Method, LoRA, SoftTargets, Rehearsal, UIR, EWC, LwF, ModelMixMethod, SACMethod,
+                                      OLoRA, L2P, UIRReplay, UIRForwardKL)
 REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in _METHODS}
 
 # mSGM (paper 1) is SGM without its weight-init and output-layer-freezing parts: LoRA + Soft Targets.

@@ -11,6 +11,7 @@ merged, W <- W + scale * B A, and the layer becomes a plain `nn.Linear` again.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -79,3 +80,19 @@ def merge_lora(module: nn.Module) -> int:
 
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for m in module.modules() if isinstance(m, LoRALinear) for p in (m.lora_a, m.lora_b)]
+
+
+def wrap_linears(module: nn.Module, wrap: Callable[[str, nn.Linear], nn.Module],
+                 exclude: tuple[str, ...] = ("lm_head",)) -> list[str]:
+    """Replace every `nn.Linear` below `module` (except names ending in `exclude`) by `wrap(name, layer)` in place,
+    as `add_lora` does for plain adapters; return their names. Layers the wrappers create are not visited."""
+    wrapped = []
+    for name, child in list(module.named_modules()):
+        for child_name, layer in list(child.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(layer, nn.Linear) and not full.endswith(exclude):
+                setattr(child, child_name, wrap(full, layer))
+                wrapped.append(full)
+    if not wrapped:
+        raise ValueError(f"no nn.Linear layer found to adapt in {type(module).__name__}")
+    return wrapped
