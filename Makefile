@@ -7,7 +7,7 @@ MODEL ?=
 VISION ?=
 EXPERIMENT_OVERRIDES = $(if $(MODEL),llm=$(MODEL) template=$(or $(TEMPLATE),pythia)) $(if $(VISION),vision=$(VISION))
 
-.PHONY: setup test smoke demo paper2 data experiment bench clean
+.PHONY: setup test smoke demo paper2 compare data experiment bench clean
 
 setup: $(ENV_STAMP)
 
@@ -32,6 +32,11 @@ demo: $(ENV_STAMP)
 # Paper 2's (LLaVA-c's) protocol on the synthetic world: instruction-tune first, its grid on LoRA, the alpha curves.
 paper2: $(ENV_STAMP)
 	$(PYTHON) train.py experiment --config configs/experiments/paper2.json
+
+# Paper 2's comparison (continual fine-tuning): every method of its tables on the demo's model, sharing the
+# stages `make demo` trained (runs/demo); `make compare SEEDS=3` for mean +/- sd.
+compare: $(ENV_STAMP)
+	$(PYTHON) train.py experiment --config configs/experiments/compare.json $(if $(SEEDS),seeds=$(SEEDS))
 
 # Real offline assets (SmolLM2-135M-Instruct, NL benchmarks, easy-vqa) into data/offline/.
 data: $(ENV_STAMP)

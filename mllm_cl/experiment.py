@@ -207,13 +207,16 @@ SEED_CURVES = ("nl_after_task", "nl_delta_after_task", "vl_after_task", "general
 
 def run_seeds(cfg: ExperimentConfig) -> dict[str, Any]:
     """The experiment once per seed s = 0..seeds-1 (every stage's train.seed set to s, the world shared), in
-    out_dir/seed_<s>/; then per method the mean and the sample standard deviation of each figure over seeds, for
-    the experiment and for each one it runs `then` (out_dir/<its name>/)."""
+    out_dir/seed_<s>/, its shared stages from shared_dir/seed_<s>/ where a run over seeds left them; then per
+    method the mean and the sample standard deviation of each figure over seeds, for the experiment and for each
+    one it runs `then` (out_dir/<its name>/)."""
     out = Path(cfg.out_dir)
     for seed in range(cfg.seeds):
         trains = {name: replace(getattr(cfg, name), seed=seed) for name in TRAIN_FIELDS}
         print(f"\n##### seed {seed} of {cfg.seeds} #####", flush=True)
-        run_experiment(replace(cfg, seeds=1, out_dir=str(out / f"seed_{seed}"), **trains))
+        shared = Path(cfg.shared_dir) / f"seed_{seed}" if cfg.shared_dir else None  # a finished run's same seed
+        run_experiment(replace(cfg, seeds=1, out_dir=str(out / f"seed_{seed}"), **trains,
+                               shared_dir=str(shared) if shared is not None and shared.is_dir() else cfg.shared_dir))
     folders = {seed: out / f"seed_{seed}" for seed in range(cfg.seeds)}
     then = {}
     for path in cfg.then:
