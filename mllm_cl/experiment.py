@@ -590,12 +590,7 @@ def summarise_run(run: dict[str, Any], task_names: list[str]) -> dict[str, Any]:
         "vl_hmean": metrics.vl_hmean(matrix[-1]),
         # one task has no earlier task to forget: forgetting is [], BWT null (its REPORT.md cell is "-")
         "forgetting": metrics.forgetting(matrix),
-        "bwt": metrics.backward_transfer(matrix) if len(matrix) > 1 else None,
-        # the figures the CL libraries (CoIN, MCITlib) report, FWT against the starting model's zero-shot row
-        "zero_shot": zero_shot, "avg_acc": metrics.average_accuracy(matrix),
-        "mean_acc": metrics.mean_accuracy_over_sequence(matrix),
-        "mean_forgetting": float(np.mean(metrics.forgetting(matrix))) if len(matrix) > 1 else None,
-        "fwt": metrics.forward_transfer(matrix, zero_shot) if len(matrix) > 1 else None,
+        "zero_shot": zero_shot, **metrics.sequence_metrics(matrix, zero_shot),  # the CL libraries' figures
         "acc_matrix_ci": [[wilson(after["vl"][t]) for t in task_names] for after in run["after_task"]],
         "nl_delta_ci": delta_interval(run["initial"], final),
         "nl_delta_after_task": [metrics.nl_delta(omega_base, omega) for omega in nl_after],

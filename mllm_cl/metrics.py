@@ -76,6 +76,18 @@ def forward_transfer(a: Sequence[Sequence[float]] | np.ndarray, zero_shot: Seque
     return float(np.mean([value - zero_shot[j] for j, value in enumerate(before, 1)]))
 
 
+def sequence_metrics(a: Sequence[Sequence[float]] | np.ndarray,
+                     zero_shot: Sequence[float] | None = None) -> dict[str, float | None]:
+    """The figures the CL libraries (CoIN, MCITlib) report for one accuracy matrix: avg_acc (final average),
+    mean_acc (over the sequence), bwt, fwt (against `zero_shot`, the starting model's accuracy per task) and
+    mean_forgetting; None where a figure is undefined (one task; no zero-shot row for fwt)."""
+    several = accuracy_matrix(a).shape[0] > 1
+    return {"avg_acc": average_accuracy(a), "mean_acc": mean_accuracy_over_sequence(a),
+            "bwt": backward_transfer(a) if several else None,
+            "fwt": forward_transfer(a, zero_shot) if several and zero_shot else None,
+            "mean_forgetting": float(np.mean(forgetting(a))) if several else None}
+
+
 def _values(accuracies: Mapping[str, float] | Sequence[float]) -> list[float]:
     return list(accuracies.values()) if isinstance(accuracies, Mapping) else list(accuracies)
 

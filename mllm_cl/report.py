@@ -27,8 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from mllm_cl.errors import UserError
-from mllm_cl.metrics import (accuracy_matrix, average_accuracy, backward_transfer, forgetting, forward_transfer,
-                             mean_accuracy_over_sequence, region_width)
+from mllm_cl.metrics import accuracy_matrix, forgetting, region_width, sequence_metrics
 
 FIGURE_SIZE = (800, 520)  # every PNG, in pixels
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -362,13 +361,7 @@ def _sequence_metric(m: dict[str, Any], field: str) -> str:
     if m.get(field) is not None:
         return _cell(m[field]) + (f" +/- {_cell(m[field + '_sd'])}" if m.get(f"{field}_sd") is not None else "")
     matrix = m.get("acc_matrix")
-    if matrix is None or (field != "avg_acc" and len(matrix) < 2):
-        return "-"
-    if field == "fwt":
-        return _cell(forward_transfer(matrix, m["zero_shot"])) if m.get("zero_shot") else "-"
-    compute = {"avg_acc": average_accuracy, "mean_acc": mean_accuracy_over_sequence, "bwt": backward_transfer,
-               "mean_forgetting": lambda a: float(np.mean(forgetting(a)))}[field]
-    return _cell(compute(matrix))
+    return "-" if matrix is None else _cell(sequence_metrics(matrix, m.get("zero_shot"))[field])
 
 
 def _cell(value: float | None) -> str:

@@ -5,7 +5,8 @@ import math
 import pytest
 
 from mllm_cl.metrics import (accuracy_matrix, average_accuracy, backward_transfer, forgetting, forward_transfer,
-                             harmonic_mean, mean_accuracy_over_sequence, nl_delta, nl_omega, vl_hmean)
+                             harmonic_mean, mean_accuracy_over_sequence, nl_delta, nl_omega, sequence_metrics,
+                             vl_hmean)
 
 NAN = float("nan")
 # A[k][j]: accuracy on task j after learning task k (NaN: task not learned yet)
@@ -104,3 +105,12 @@ def test_the_cl_libraries_sequence_metrics_by_hand() -> None:
         forward_transfer([[50.0]], [10.0])
     with pytest.raises(ValueError, match="just before it was learned"):
         forward_transfer([[80.0, float("nan")], [60.0, 90.0]], [0.0, 0.0])
+
+
+def test_sequence_metrics_gather_the_figures_and_leave_undefined_ones_none() -> None:
+    a = [[80.0, 30.0], [60.0, 90.0]]
+    assert sequence_metrics(a, [10.0, 20.0]) == {"avg_acc": 75.0, "mean_acc": pytest.approx(230 / 3), "bwt": -20.0,
+                                                  "fwt": 10.0, "mean_forgetting": 20.0}
+    assert sequence_metrics(a)["fwt"] is None  # no zero-shot row
+    assert sequence_metrics([[50.0]], [10.0]) == {"avg_acc": 50.0, "mean_acc": 50.0, "bwt": None, "fwt": None,
+                                                  "mean_forgetting": None}
