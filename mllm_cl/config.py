@@ -322,7 +322,8 @@ STAGES = ("pretrain-text", "pretrain-vision", "align", "finetune", "continual")
 
 @dataclass
 class TaskSpec:
-    """One continual task: its LLaVA JSON train and test files and their image folder."""
+    """One continual task: its LLaVA JSON train and test files and their image folder (no test: the task is
+    scored by the evaluation's other measures, as paper 2's continual pretraining is)."""
 
     name: str = ""
     train: str = ""
@@ -422,7 +423,9 @@ class ExperimentConfig:
     inquiries: str = ""  # default: <world>/inquiries.json
     # "paper1": the tasks start from the aligned model. "paper2" (LLaVA-c): a shared `finetune` stage first
     # instruction-tunes it on a general mix (general_file), and its held-out VL part (general_test) is measured
-    # beside NL after every task.
+    # beside NL after every task. "paper2-pretrain" (LLaVA-c's continual pretraining): from the aligned model,
+    # the general mix's parts are the tasks, beside `finetune` as the mix learned at once
+    # (mllm_cl.continual_pretraining).
     protocol: str = "paper1"
     general_file: str = ""  # default: <world>/general/train.json
     general_test: str = ""  # default: one test per skill of the mix, <world>/general/<skill>/test.json

@@ -217,9 +217,9 @@ def evaluate_nl(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig) -> di
 @torch.no_grad()
 def evaluate_model(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig,
                    cache: VLEvalCache | None = None) -> dict[str, dict[str, dict]]:
-    """NL skill of the LLM alone on every NL file, VL accuracy on every task's test split (and on the general VL
-    tests, when the evaluation names any). A `cache` kept across the evaluations of one model (or of models
-    sharing its tower) saves reading the test files and encoding their images again."""
+    """NL skill of the LLM alone on every NL file, VL accuracy on the test split of every task that has one (and
+    on the general VL tests, when the evaluation names any). A `cache` kept across the evaluations of one model
+    (or of models sharing its tower) saves reading the test files and encoding their images again."""
     was_training = model.training
     model.eval()
     nl = evaluate_nl(model, tokenizer, cfg)
@@ -235,7 +235,7 @@ def evaluate_model(model: LlavaModel, tokenizer: Tokenizer, cfg: StageConfig,
                                                      max_new_tokens=cfg.eval.max_new_tokens, cache=cache)
         return scores
 
-    results = {"nl": nl, "vl": vl_scores(cfg.tasks)}
+    results = {"nl": nl, "vl": vl_scores([task for task in cfg.tasks if task.test])}  # test-less: scored elsewhere
     if cfg.eval.general_vl:
         results["general_vl"] = vl_scores(cfg.eval.general_vl)
     model.train(was_training)

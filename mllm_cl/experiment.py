@@ -37,6 +37,7 @@ from mllm_cl.alpha_curves import (combine_curves, curve_jobs, curves_over_seeds,
 from mllm_cl.config import (LLM_PRESETS, VISION_PRESETS, ExperimentConfig, StageConfig, StageError, TaskSpec,
                             TrainConfig, from_dict, load_json, to_dict)
 from mllm_cl.continual import evaluate_model, evaluate_nl, load_init
+from mllm_cl.continual_pretraining import LANGUAGE, PROTOCOL as PRETRAIN, skill_metrics, skill_score, split_mix
 from mllm_cl.device import resolve_device
 from mllm_cl.evaluation_vl import majority_share, read_vl_test_set
 from mllm_cl.methods import build_methods, expand_methods
@@ -48,7 +49,10 @@ from mllm_cl.synthetic import WORLD_SIZES, WORLD_VERSION, build_world
 from mllm_cl.workers import Job, run_jobs
 
 
-PROTOCOLS = ("paper1", "paper2")  # where the continual tasks start: the aligned model, or an instruction-tuned one
+# where the continual tasks start and what they are: the aligned model, or an instruction-tuned one, learning the
+# world's tasks; or the aligned model learning the general mix part by part (mllm_cl.continual_pretraining)
+PROTOCOLS = ("paper1", "paper2", PRETRAIN)
+PAPER2 = ("paper2", PRETRAIN)  # the protocols with a finetune stage and the general score
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -63,6 +67,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         raise StageError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
     if cfg.alpha_curves and cfg.protocol != "paper2":
         raise StageError("alpha_curves measure the general score, which protocol paper2 defines: set protocol=paper2")
+    if cfg.protocol == PRETRAIN and (cfg.joint_run or cfg.world_tasks):
+        raise StageError(f"protocol {PRETRAIN} learns the general mix's parts, and its joint reference is the finetune "
+                         "stage (the whole mix at once): leave joint_run and world_tasks empty")
     for field_name, named in (("alpha_curves", cfg.alpha_curves.values()), ("ablation", cfg.ablation),
                               ("joint_run", [cfg.joint_run] if cfg.joint_run else [])):
         unknown = sorted(set(named) - set(cfg.methods))
@@ -88,7 +95,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     with clock.part("world"):
         world = ensure_world(cfg)
     check_same_world(out, world)
-    cfg = with_world_defaults(cfg, world)
+    cfg = with_world_defaults(cfg, world, out)
     with clock.part("pretrain-text"):
         llm = shared_stage(cfg, "pretrain-text", out / "pretrain_text", cfg.pretrain_text, llm=cfg.llm,
                            train_file=cfg.text_corpus, skip=cfg.llm not in LLM_PRESETS, given=cfg.llm)
@@ -100,11 +107,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         start = shared_stage(cfg, "align", out / "align", cfg.align, llm=str(llm), vision=str(vision),
                              tokenizer=cfg.tokenizer or str(llm), train_file=cfg.align_file, image_folder=str(world))
     aligned = start
-    if cfg.protocol == "paper2":  # LLaVA-c's start: an instruction-tuned model (its LLaVA-1.5)
+    if cfg.protocol in PAPER2:  # LLaVA-c's start (its LLaVA-1.5), or the mix learned at once
         with clock.part("finetune"):
-            start = shared_stage(cfg, "finetune", out / "finetune", cfg.finetune, init=str(start),
+            tuned = shared_stage(cfg, "finetune", out / "finetune", cfg.finetune, init=str(start),
                                  train_file=cfg.general_file, image_folder=str(world))
-            aligned_omega = aligned_nl_omega(cfg, Path(aligned), out)
+            if cfg.protocol == "paper2":
+                start, aligned_omega = tuned, aligned_nl_omega(cfg, Path(aligned), out)
     methods = {name: Job(f"method run {name!r}", method_run, (method_stage(cfg, out, name, start), name),
                          out / "methods" / name / "output.log") for name in cfg.methods}
     curves = cached_alpha_curves(out) if cfg.alpha_curves else None
@@ -137,8 +145,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     if curves is None and cfg.alpha_curves:
         curves = save_alpha_curves(cfg, out, curve_parts)
     results = summarise(cfg, runs, wall_seconds=clock.seconds())
+    initial = next(iter(runs.values()))["initial"]
     if cfg.protocol == "paper2":
-        results["base"] = base_record(cfg, next(iter(runs.values()))["initial"]) | {"aligned_nl_omega": aligned_omega}
+        results["base"] = base_record(cfg, initial) | {"aligned_nl_omega": aligned_omega}
+    elif cfg.protocol == PRETRAIN:
+        results["base"] = base_record(cfg, initial, pretraining=True)
+        joint = mix_at_once(cfg, out, tuned)
     if joint is not None:
         results["joint"] = joint
     if cfg.ablation:
@@ -169,6 +181,7 @@ def publish(results: dict[str, Any], out: Path, curves: dict[str, Any] | None) -
 
 
 TRAIN_FIELDS = ("pretrain_text", "pretrain_vision", "align", "finetune", "task_train")
+REUSED_FILE = "reused.json"  # in a shared stage's folder: the folder of the stage it reused (shared_stage)
 SHARED_FOLDERS = ("pretrain_text", "pretrain_vision", "align", "finetune", "methods", "joint", "alpha_curves")
 MODEL_FIELDS = ("llm", "vision", "projector", "tokenizer", "template", "max_len")  # the model both experiments study
 
@@ -249,7 +262,8 @@ def over_seeds(name: str, folders: dict[int, Path], out: Path, then: dict[str, A
                 curves = np.array([run[field] for run in runs])  # (seeds, T)
                 summary |= {field: curves.mean(axis=0).tolist(), f"{field}_sd": curves.std(axis=0, ddof=1).tolist()}
         methods[method] = summary
-    results = {"name": name, "seeds": list(per_seed), "tasks": runs_of[0]["tasks"],
+    results = {"name": name, "protocol": runs_of[0].get("protocol"), "seeds": list(per_seed),
+               "tasks": runs_of[0]["tasks"],
                "wall_seconds": sum(r["wall_seconds"] for r in runs_of),
                "date": datetime.now(timezone.utc).isoformat(), "methods": methods}
     if "ablation" in runs_of[0]:
@@ -357,24 +371,30 @@ def check_same_world(out: Path, world: Path) -> None:
     distributed.on_main(lambda: atomic_write_text(record, digest + "\n"))
 
 
-def with_world_defaults(cfg: ExperimentConfig, world: Path) -> ExperimentConfig:
-    """Fill every data path left empty from the world's manifest."""
+def with_world_defaults(cfg: ExperimentConfig, world: Path, out: Path) -> ExperimentConfig:
+    """Fill every data path left empty from the world's manifest (continual pretraining's tasks: the general mix
+    split into out/mix_parts/)."""
     manifest = json.loads((world / "world.json").read_text())
     unknown = sorted(set(cfg.world_tasks) - set(manifest["tasks"]))
     if unknown:
         raise StageError(f"world_tasks names {unknown}, which {world} does not have; it has {manifest['tasks']}")
-    tasks = cfg.tasks or [TaskSpec(name=t, train=str(world / f"tasks/{t}/train.json"),
-                                   test=str(world / f"tasks/{t}/test.json"), image_folder=str(world))
-                          for t in cfg.world_tasks or manifest["tasks"]]
+    general_file = cfg.general_file or str(world / "general/train.json")
+    if cfg.tasks:
+        tasks = cfg.tasks
+    elif cfg.protocol == PRETRAIN:
+        tasks = split_mix(general_file, manifest["general_skills"], str(world), out / "mix_parts")
+    else:
+        tasks = [TaskSpec(name=t, train=str(world / f"tasks/{t}/train.json"), test=str(world / f"tasks/{t}/test.json"),
+                          image_folder=str(world)) for t in cfg.world_tasks or manifest["tasks"]]
     nl_files = cfg.nl_files or [str(p) for p in sorted((world / "nl").glob("*.jsonl"))]
     tokenizer = cfg.tokenizer or (str(world / "tokenizer.json") if cfg.llm in LLM_PRESETS else "")
     general_vl = cfg.eval.general_vl
-    if not general_vl and cfg.protocol == "paper2":  # one test per skill of the mix, or the one test given
+    if not general_vl and cfg.protocol in PAPER2:  # one test per skill of the mix, or the one test given
         general_vl = ([TaskSpec(name="general", test=cfg.general_test, image_folder=str(world))] if cfg.general_test
                       else [TaskSpec(name=f"general_{skill}", test=str(world / f"general/{skill}/test.json"),
                                      image_folder=str(world)) for skill in manifest["general_skills"]])
     return replace(cfg, tasks=tasks, eval=replace(cfg.eval, nl_files=nl_files, general_vl=general_vl),
-                   tokenizer=tokenizer, general_file=cfg.general_file or str(world / "general/train.json"),
+                   tokenizer=tokenizer, general_file=general_file,
                    text_corpus=cfg.text_corpus or str(world / "text/train.txt"),
                    align_file=cfg.align_file or str(world / "align.json"),
                    inquiries=cfg.inquiries or str(world / "inquiries.json"))
@@ -405,8 +425,9 @@ def base_stage(cfg: ExperimentConfig, stage: str, out: Path, train: TrainConfig,
 
 def shared_stage(cfg: ExperimentConfig, stage: str, out: Path, train: TrainConfig, skip: bool = False,
                  given: str = "", **fields: Any) -> Path:
-    """Run a stage shared by every method, unless its model exists already, here or in `shared_dir` with the same
-    settings (or a given folder replaces it)."""
+    """Run a stage shared by every method, unless its model exists already, here or with the same settings in
+    `shared_dir` or in an experiment it ran with `then` (shared_dir/<name>/), or a given folder replaces it. A
+    stage reused from elsewhere leaves REUSED_FILE naming it, which experiments sharing this one's stages follow."""
     if skip:
         print(f"{stage}: using the given model {given}")
         return Path(given)
@@ -415,13 +436,21 @@ def shared_stage(cfg: ExperimentConfig, stage: str, out: Path, train: TrainConfi
         print(f"{stage}: reusing {model}")
         return model
     settings = base_stage(cfg, stage, out, train, **fields)
-    theirs = Path(cfg.shared_dir) / out.name if cfg.shared_dir else None
-    if theirs is not None and (theirs / "model").is_dir() and (theirs / SETTINGS_FILE).is_file():
+    shared = Path(cfg.shared_dir) if cfg.shared_dir else None
+    found = [] if shared is None else [shared / out.name, *sorted(shared.glob(f"*/{out.name}"))]
+    found = [folder for t in found for folder in [t] + ([Path(json.loads((t / REUSED_FILE).read_text())["stage"])]
+                                                       if (t / REUSED_FILE).is_file() else [])]
+    differences = []
+    for theirs in [t for t in found if (t / "model").is_dir() and (t / SETTINGS_FILE).is_file()]:
         changed = changed_settings(theirs, settings, ignore=("eval",))  # only continual stages evaluate
         if not changed:
             print(f"{stage}: reusing {theirs / 'model'} (the same settings)")
+            distributed.on_main(lambda: (out.mkdir(parents=True, exist_ok=True), atomic_write_text(
+                out / REUSED_FILE, json.dumps({"stage": str(theirs)}) + "\n")))
             return theirs / "model"
-        print(f"{stage}: {theirs} was trained with other settings (saved, now): {changed}; training it here")
+        differences.append(f"{theirs} was trained with other settings (saved, now): {changed}")
+    if differences:
+        print(f"{stage}: {'; '.join(differences)}; training it here")
     print(f"\n=== {stage} ===", flush=True)
     return run_stage(settings)
 
@@ -476,15 +505,32 @@ def run_joint(cfg: ExperimentConfig, out: Path, start: Path) -> dict[str, Any]:
     model = run_stage(base_stage(cfg, "continual", out / "joint" / "run", train, init=str(start), tasks=[joint_task],
                                  inquiries=cfg.inquiries, methods=cfg.methods[cfg.joint_run],
                                  method_options=run_options(cfg, cfg.joint_run)))
-    stage = base_stage(cfg, "continual", out / "joint", train, init=str(model), tasks=cfg.tasks)
+    return score_reference(cfg, out, model, {"run": cfg.joint_run, "methods": cfg.methods[cfg.joint_run],
+                                             "steps": train.steps})
+
+
+def mix_at_once(cfg: ExperimentConfig, out: Path, tuned: Path) -> dict[str, Any]:
+    """Continual pretraining's reference (paper 2's multitask rows of Tables 2-3): the finetune stage's model,
+    the whole general mix learned at once from the same aligned model; cached in joint/scores.json."""
+    path = out / "joint" / "scores.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    return score_reference(cfg, out, tuned, {"run": "finetune", "methods": [], "epochs": cfg.finetune.epochs})
+
+
+def score_reference(cfg: ExperimentConfig, out: Path, model: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """`record` with the reference model's scores, as the runs' are read (`task_accuracy`): every task, NL omega,
+    the general score; written to out/joint/scores.json."""
+    path = out / "joint" / "scores.json"
+    stage = base_stage(cfg, "continual", out / "joint", cfg.task_train, init=str(model), tasks=cfg.tasks)
     trained, tokenizer, stage = load_init(stage, resolve_device(cfg.device))
     scores = evaluate_model(trained, tokenizer, stage)
-    summary = {"run": cfg.joint_run, "methods": cfg.methods[cfg.joint_run], "steps": train.steps,
-               "vl": {t: 100.0 * m["acc"] for t, m in scores["vl"].items()},
+    summary = {**record, "vl": {t.name: task_accuracy(scores, t.name, cfg.protocol) for t in cfg.tasks},
                "nl": metrics.nl_omega(nl_accuracies(scores))}
     if "general_vl" in scores:
         summary["general"], _, summary["general_vl"] = general_score(scores)
-    distributed.on_main(lambda: atomic_write_text(path, json.dumps(summary, indent=2) + "\n"))
+    distributed.on_main(lambda: (path.parent.mkdir(parents=True, exist_ok=True),
+                                 atomic_write_text(path, json.dumps(summary, indent=2) + "\n")))
     return summary
 
 
@@ -519,7 +565,7 @@ def summarise(cfg: ExperimentConfig, runs: dict[str, dict], wall_seconds: float)
             "date": datetime.now(timezone.utc).isoformat(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "tasks": task_names,
             "nl_files": cfg.eval.nl_files,
-            "methods": {run_name: summarise_run(run, task_names) for run_name, run in runs.items()}}
+            "methods": {run_name: summarise_run(run, task_names, cfg.protocol) for run_name, run in runs.items()}}
 
 
 def aligned_nl_omega(cfg: ExperimentConfig, aligned: Path, out: Path) -> float:
@@ -535,20 +581,24 @@ def aligned_nl_omega(cfg: ExperimentConfig, aligned: Path, out: Path) -> float:
     return omega
 
 
-def base_record(cfg: ExperimentConfig, initial: dict[str, Any]) -> dict[str, Any]:
+def base_record(cfg: ExperimentConfig, initial: dict[str, Any], pretraining: bool = False) -> dict[str, Any]:
     """Paper 2's starting point, the instruction-tuned model, from a method run's initial evaluation (every run
     starts from it): NL omega, the pooled general-VL accuracy, each general-VL skill, and each continual task's
     zero-shot accuracy (paper 2's Table 8, first row), in percent. A test's chance is the share of its most common
-    answer (`majority_share`) over the questions scored; `ci` is the 95% Wilson interval."""
+    answer (`majority_share`) over the questions scored; `ci` is the 95% Wilson interval. `pretraining`: the
+    aligned model of continual pretraining, whose general-VL skills are the tasks to learn (its zero-shot rows)."""
     def measured(test: TaskSpec, scores: dict[str, Any]) -> dict[str, Any]:
         n = int(scores["n"])
         examples = read_vl_test_set(test.test, test.image_folder or None, n)
         return {"acc": 100.0 * scores["acc"], "chance": majority_share(examples), "n": n, "ci": wilson(scores)}
 
-    return {"nl_omega": metrics.nl_omega(nl_accuracies(initial)), "general_vl": general_vl_accuracy(initial),
-            "general_vl_by_skill": {test.name.removeprefix("general_"): measured(test, initial["general_vl"][test.name])
-                                    for test in cfg.eval.general_vl},
-            "zero_shot": {test.name: measured(test, initial["vl"][test.name]) for test in cfg.tasks}}
+    skills = {test.name.removeprefix("general_"): measured(test, initial["general_vl"][test.name])
+              for test in cfg.eval.general_vl}
+    record = {"nl_omega": metrics.nl_omega(nl_accuracies(initial)), "general_vl": general_vl_accuracy(initial)}
+    if pretraining:
+        return record | {"start": "aligned", "general_vl_by_skill": {}, "zero_shot": skills}
+    return record | {"start": "instruction-tuned", "general_vl_by_skill": skills,
+                     "zero_shot": {test.name: measured(test, initial["vl"][test.name]) for test in cfg.tasks}}
 
 
 def base_over_seeds(bases: list[dict[str, Any]]) -> dict[str, Any]:
@@ -557,7 +607,7 @@ def base_over_seeds(bases: list[dict[str, Any]]) -> dict[str, Any]:
     def spread(values: list[float], key: str) -> dict[str, Any]:
         return {key: float(np.mean(values)), f"{key}_sd": float(np.std(values, ddof=1)), f"{key}_per_seed": values}
 
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"start": bases[0].get("start", "instruction-tuned")}
     for key in ("nl_omega", "general_vl", "aligned_nl_omega"):
         if all(key in b for b in bases):
             out |= spread([b[key] for b in bases], key)
@@ -572,14 +622,15 @@ def base_over_seeds(bases: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def summarise_run(run: dict[str, Any], task_names: list[str]) -> dict[str, Any]:
+def summarise_run(run: dict[str, Any], task_names: list[str], protocol: str = "paper1") -> dict[str, Any]:
     """One continual run's results.json (what `train.py continual` writes) as the report's figures: the accuracy
-    matrix, NL omega after each task (also split into paper 1's NLU and NLG), NL Delta and VL harmonic mean
-    (percent), with 95% intervals: Wilson for every accuracy, a paired bootstrap over documents for NL Delta."""
+    matrix (`task_accuracy`), NL omega after each task (also split into paper 1's NLU and NLG), NL Delta and VL
+    harmonic mean (percent), with 95% intervals: Wilson for every accuracy, a paired bootstrap over documents for
+    NL Delta."""
     base_nl = nl_accuracies(run["initial"])
     omega_base = metrics.nl_omega(base_nl)
-    matrix = [[100.0 * after["vl"][t]["acc"] for t in task_names] for after in run["after_task"]]
-    zero_shot = [100.0 * run["initial"]["vl"][t]["acc"] for t in task_names]
+    matrix = [[task_accuracy(after, t, protocol) for t in task_names] for after in run["after_task"]]
+    zero_shot = [task_accuracy(run["initial"], t, protocol) for t in task_names]
     nl_after = [metrics.nl_omega(nl_accuracies(after)) for after in run["after_task"]]
     final = run["after_task"][-1]
     summary = {
@@ -591,7 +642,7 @@ def summarise_run(run: dict[str, Any], task_names: list[str]) -> dict[str, Any]:
         # one task has no earlier task to forget: forgetting is [], BWT null (its REPORT.md cell is "-")
         "forgetting": metrics.forgetting(matrix),
         "zero_shot": zero_shot, **metrics.sequence_metrics(matrix, zero_shot),  # the CL libraries' figures
-        "acc_matrix_ci": [[wilson(after["vl"][t]) for t in task_names] for after in run["after_task"]],
+        "acc_matrix_ci": [[task_interval(after, t, protocol) for t in task_names] for after in run["after_task"]],
         "nl_delta_ci": delta_interval(run["initial"], final),
         "nl_delta_after_task": [metrics.nl_delta(omega_base, omega) for omega in nl_after],
         "nl_delta_ci_after_task": [delta_interval(run["initial"], after) for after in run["after_task"]],
@@ -607,6 +658,19 @@ def summarise_run(run: dict[str, Any], task_names: list[str]) -> dict[str, Any]:
         summary["general_after_task"] = [general_of(nl, vl) for nl, vl in zip(nl_after,
                                                                               summary["general_vl_after_task"])]
     return summary
+
+
+def task_accuracy(scores: dict[str, Any], task: str, protocol: str) -> float:
+    """A task's accuracy in one evaluation, in percent: on its VL test, or (continual pretraining) the sub-skill
+    it teaches (`continual_pretraining.skill_score`)."""
+    return skill_score(scores, task) if protocol == PRETRAIN else 100.0 * scores["vl"][task]["acc"]
+
+
+def task_interval(scores: dict[str, Any], task: str, protocol: str) -> list[float] | None:
+    """The 95% Wilson interval of `task_accuracy` (None for NL omega, a mean of several benchmarks)."""
+    if protocol != PRETRAIN:
+        return wilson(scores["vl"][task])
+    return None if task == LANGUAGE else wilson(skill_metrics(scores, task))
 
 
 def wilson(task_metrics: dict[str, Any]) -> list[float]:

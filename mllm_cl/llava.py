@@ -8,11 +8,14 @@ The splice writes the projected patch features, flattened in order, into the pla
 
 An optional `PromptPool` (L2P, `mllm_cl.methods.l2p`) puts learned prompt vectors in front of each image sample's
 input embeddings; it is saved with the model (prompt_pool.safetensors), so evaluation and resumed runs see it.
+So are MoELoRA's experts (`MoELoRALinear`, `mllm_cl.methods.moelora`), beside the plain LLM (moelora.safetensors).
+Both are defined here, where the methods and the loader can import them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +28,8 @@ from mllm_cl.generation import GenerationOutput, generate
 from mllm_cl.llava_layouts import (is_hf_llava, is_original_llava, load_projector, read_hf_llava,
                                    read_original_llava, write_hf_llava)
 from mllm_cl.llm import LanguageModel, LMOutput
-from mllm_cl.model_folder import (CONFIG_FILE, ModelFolderError, atomic_save_tensors, read_config, read_safetensors,
-                                  staged_folder)
+from mllm_cl.model_folder import (CONFIG_FILE, ModelFolderError, atomic_save_tensors, check_float_weights,
+                                  read_config, read_safetensors, staged_folder)
 from mllm_cl.projector import Projector
 from mllm_cl.vision import VisionTower
 from mllm_cl.weights import load_llm, load_vision_tower, save_llm, save_vision_tower
@@ -34,6 +37,8 @@ from mllm_cl.weights import load_llm, load_vision_tower, save_llm, save_vision_t
 MODEL_TYPE = "mllm_cl_llava"
 PROJECTOR_FILE = "projector.safetensors"
 PROMPT_POOL_FILE = "prompt_pool.safetensors"
+MOELORA_FILE = "moelora.safetensors"
+EXPERT_PARTS = ("lora_a", "lora_b", "gate")  # a MoELoRA layer's tensors in MOELORA_FILE
 # The chat template of a model whose folder records none (one aligned here, or saved by older code): what
 # training (continual.load_init), eval.py and export.py all assume. LLaVA-1.5's own folders say vicuna_v1.
 UNRECORDED_TEMPLATE = "pythia"
@@ -73,6 +78,74 @@ class PromptPool(nn.Module):
         chosen = self.similarity(queries).topk(self.top_n, dim=1).indices  # (B, top_n), most similar first
         prompts = self.prompts[chosen].flatten(1, 2)
         return prompts, has_image[:, None].expand(-1, prompts.shape[1]).long()
+
+
+class MoELoRALinear(nn.Module):
+    """MoELoRA's layer (`mllm_cl.methods.moelora`): a frozen `nn.Linear` plus E gated LoRA experts (A, B stacked
+    along the rank) and their gate."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, experts: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if not (rank >= 1 and experts >= 1) or rank % experts:
+            raise ValueError(f"MoELoRA needs rank >= 1 and a number of experts >= 1 that divides it, got {rank} and "
+                             f"{experts}")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.rank, self.alpha, self.experts, self.scale = rank, alpha, experts, alpha / rank
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, **factory).normal_(0.0, 0.01))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
+        self.gate = nn.Parameter(torch.empty(experts, base.in_features, **factory))
+        nn.init.kaiming_uniform_(self.gate, a=math.sqrt(5))  # nn.Linear's default, as CoIN's router
+        self.dropout = nn.Dropout(dropout)
+        self.train(base.training)
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """g(x) = softmax(W_g x) per token: (..., E), summing to 1."""
+        return torch.softmax(x @ self.gate.t(), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = self.dropout(x) @ self.lora_a.t()  # (..., r): every expert's A_e x, side by side
+        low = low * self.gates(x).repeat_interleave(self.rank // self.experts, dim=-1)
+        return self.base(x) + self.scale * (low @ self.lora_b.t())
+
+
+def moelora_layers(module: nn.Module) -> list[MoELoRALinear]:
+    """The MoELoRA layers below `module`, in module order."""
+    return [m for m in module.modules() if isinstance(m, MoELoRALinear)]
+
+
+def moelora_settings(llm: nn.Module) -> dict[str, float] | None:
+    """{"rank", "alpha", "experts"} of `llm`'s MoELoRA layers (all alike: the method made them), as a saved folder's
+    config.json records them; None when it has none."""
+    layers = moelora_layers(llm)
+    return dict(rank=layers[0].rank, alpha=layers[0].alpha, experts=layers[0].experts) if layers else None
+
+
+def expert_parameters(llm: nn.Module) -> dict[str, nn.Parameter]:
+    """Every MoELoRA layer's lora_a, lora_b and gate, keyed by the layer's path in `llm` ("blocks.0.attn.qkv.gate")."""
+    return {f"{name}.{part}": getattr(layer, part) for name, layer in llm.named_modules()
+            if isinstance(layer, MoELoRALinear) for part in EXPERT_PARTS}
+
+
+def plain_llm(llm: LanguageModel) -> LanguageModel:
+    """`llm` without its experts, for saving: a `LanguageModel` sharing its tensors, each MoELoRA layer's base weights
+    under the layer's own names (blocks.0.attn.qkv.weight, not ...qkv.base.weight). `llm` itself is left as it is;
+    without MoELoRA layers it is returned."""
+    wrapped = [name for name, module in llm.named_modules() if isinstance(module, MoELoRALinear)]
+    if not wrapped:
+        return llm
+    state = llm.state_dict()
+    for name in wrapped:
+        for part in EXPERT_PARTS:
+            del state[f"{name}.{part}"]
+        base = f"{name}.base."
+        for key in [k for k in state if k.startswith(base)]:
+            state[f"{name}.{key.removeprefix(base)}"] = state.pop(key)
+    with torch.device("meta"):
+        plain = LanguageModel(llm.config)
+    plain.load_state_dict(state, strict=True, assign=True)
+    return plain
 
 
 class LlavaModel(nn.Module):
@@ -180,11 +253,20 @@ def save_llava(model: LlavaModel, folder: str | Path, tokenizer_from: str | Path
     settings (see `mllm_cl.llava_layouts`); it needs `tokenizer_from`. `template`: the chat template the model
     was trained with (default: the one it was loaded with), recorded in the folder. `keep_from` ("hf" only): the
     transformers-layout folder the model came from, whose chat template and processor settings are kept.
+
+    MoELoRA layers in the LLM ("ours" only): `llm/` holds the plain LLM (each layer's base weights under its own
+    names, so other tools read it as the base model), `moelora.safetensors` each layer's lora_a, lora_b and gate
+    keyed by its path in the LLM, and config.json {"moelora": {"rank", "alpha", "experts"}}. The model in memory
+    is left as it is.
     """
     template = template or model.template
+    moelora = moelora_settings(model.llm)
     if layout == "hf":
         if model.prompt_pool is not None:
             raise ModelFolderError("a model with an L2P prompt pool saves only in our layout (layout='ours')")
+        if moelora is not None:
+            raise ModelFolderError("a model with MoELoRA experts saves only in our layout (layout='ours'): "
+                                   "transformers' LLaVA has no place for them")
         if tokenizer_from is None:
             raise ModelFolderError("the transformers layout needs the tokenizer (tokenizer_from)")
         return write_hf_llava(model.llm, model.vision, model.projector, folder, tokenizer_from,
@@ -192,7 +274,7 @@ def save_llava(model: LlavaModel, folder: str | Path, tokenizer_from: str | Path
     if layout != "ours":
         raise ModelFolderError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     with staged_folder(folder) as staging:
-        save_llm(model.llm, staging / "llm", tokenizer_from=tokenizer_from)
+        save_llm(plain_llm(model.llm), staging / "llm", tokenizer_from=tokenizer_from)
         save_vision_tower(model.vision, staging / "vision")
         atomic_save_tensors(staging / PROJECTOR_FILE, model.projector.state_dict(), metadata={"format": "pt"})
         config = dict(model_type=MODEL_TYPE, projector=model.projector.kind, d_vision=model.vision.config.d_model,
@@ -200,6 +282,9 @@ def save_llava(model: LlavaModel, folder: str | Path, tokenizer_from: str | Path
         if model.prompt_pool is not None:
             atomic_save_tensors(staging / PROMPT_POOL_FILE, model.prompt_pool.state_dict(), metadata={"format": "pt"})
             config["prompt_pool_top_n"] = model.prompt_pool.top_n
+        if moelora is not None:
+            atomic_save_tensors(staging / MOELORA_FILE, expert_parameters(model.llm), metadata={"format": "pt"})
+            config["moelora"] = moelora
         if template:
             config["template"] = template
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -232,7 +317,8 @@ def load_llava(folder: str | Path, device: torch.device | str | None = None,
                dtype: torch.dtype | None = None, vision: str | Path | None = None) -> LlavaModel:
     """A `LlavaModel` from a folder in our layout, transformers' or the original LLaVA repository's (whose
     separate CLIP folder is `vision`); every part is loaded strictly. `.template` is the chat template the
-    checkpoint was trained with, when the folder says so (LLaVA-1.5: vicuna_v1)."""
+    checkpoint was trained with, when the folder says so (LLaVA-1.5: vicuna_v1). MoELoRA experts (see `save_llava`)
+    come back on the layers they were saved on, with dropout 0: the method sets its own when training goes on."""
     folder = Path(folder)
     config = read_config(folder)
     layout = llava_layout(config)
@@ -260,4 +346,42 @@ def load_llava(folder: str | Path, device: torch.device | str | None = None,
         model.prompt_pool = PromptPool(size, length, config["prompt_pool_top_n"], d_key, d_model)
         model.prompt_pool.load_state_dict(tensors)  # strict: every shape must match the pool just built
         model.prompt_pool.to(device=device, dtype=dtype)
+    if "moelora" in config:
+        _load_experts(llm, config["moelora"], folder, device)
     return model
+
+
+def _load_experts(llm: LanguageModel, settings: Any, folder: Path, device: torch.device | str | None) -> None:
+    """Put MoELoRA layers with config.json's `settings` on the layers the folder's MOELORA_FILE names and load their
+    experts, strictly: each layer's lora_a, lora_b and gate, every shape as `settings` make it."""
+    path = folder / MOELORA_FILE
+    tensors = read_safetensors(path, device or "cpu")
+    modules = dict(llm.named_modules())
+    names = sorted({key.rpartition(".")[0] for key in tensors})
+    not_linear = [name for name in names if not isinstance(modules.get(name), nn.Linear)]
+    if not names or not_linear:
+        problem = f"{not_linear[:3]} are not linear layers of the LLM" if names else "it holds no tensor"
+        raise ModelFolderError(f"{path} must hold lora_a, lora_b and gate of linear layers of the LLM, keyed by their "
+                               f"paths (blocks.0.attn.qkv.gate); {problem}: save the model again")
+    try:
+        for name in names:
+            layer = MoELoRALinear(modules[name], settings["rank"], settings["alpha"], settings["experts"])
+            llm.set_submodule(name, layer)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFolderError(f"{folder / CONFIG_FILE}: \"moelora\" must be {{\"rank\": r, \"alpha\": a, "
+                               f"\"experts\": E}} with E dividing r, got {settings!r} ({e!r}): save the model again"
+                               ) from None
+    parameters = expert_parameters(llm)
+    expected = {k: tuple(p.shape) for k, p in parameters.items()}
+    found = {k: tuple(t.shape) for k, t in tensors.items()}
+    wrong = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+    if wrong:
+        shown = "; ".join(f"{k} is {found.get(k, 'missing')}, expected {expected.get(k, 'no such key')}"
+                          for k in wrong[:3])
+        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise ModelFolderError(f"{path} does not hold the experts that {folder / CONFIG_FILE} describes (moelora "
+                               f"{settings}): {shown}{more}; save the model again")
+    check_float_weights(tensors, path)
+    with torch.no_grad():
+        for key, parameter in parameters.items():
+            parameter.copy_(tensors[key])

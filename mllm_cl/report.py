@@ -110,7 +110,8 @@ def _check_method(entry: Any, where: str) -> dict[str, Any]:
     if entry.get("nl_delta_ci") is not None:
         out["nl_delta_ci"] = _interval(entry["nl_delta_ci"], f"{where}, nl_delta_ci")
     if "acc_matrix_ci" in entry:
-        out["acc_matrix_ci"] = _rows(entry, "acc_matrix_ci", _interval, where)
+        out["acc_matrix_ci"] = _rows(entry, "acc_matrix_ci",  # null: a score without one (NL omega)
+                                     lambda v, w: None if v is None else _interval(v, w), where)
     for name in ("nl_delta_ci_after_task", "general_vl_ci_after_task"):
         if isinstance(entry.get(name), list):
             out[name] = [None if v is None else _interval(v, f"{where}, {name}[{i}]")
@@ -505,12 +506,40 @@ def _base_section(base: dict[str, Any] | None) -> list[str]:
              if "nl_omega_sd" in base else " [95% Wilson interval]")
     aligned = (f" (the aligned model's: {figure('aligned_nl_omega')}; instruction tuning should cost at most "
                f"{NL_COST_MARGIN:.0f} points)" if "aligned_nl_omega" in base else "")
-    return ["## The starting point: the instruction-tuned model (paper 2)", "",
+    start = ("the aligned model (paper 2's continual pretraining: the general mix's parts are its tasks)"
+             if base.get("start") == "aligned" else "the instruction-tuned model (paper 2)")
+    return [f"## The starting point: {start}", "",
             f"NL omega {figure('nl_omega')}{aligned}, general VL {figure('general_vl')} (pooled over its skills). "
             f"Accuracy in percent{seeds}; chance is the share of a test's most common answer. A general skill is "
             f"there to keep when it is at least {GENERAL_MARGIN:.0f} points above chance; a continual task is new "
             f"when its zero-shot accuracy is at most {ZERO_SHOT_MARGIN:.0f} above.", "",
             markdown_table(["test", "accuracy", "chance", "n", "bar", "meets it"], rows), ""]
+
+
+def _pretraining_section(methods: dict[str, dict[str, Any]], joint: dict[str, Any] | None) -> list[str]:
+    """Paper 2's continual pretraining (Tables 2-3), along the sequence: after each part of the mix, the general
+    score and each sub-skill (the accuracy matrix's rows, unlearned parts included), beside the mix at once."""
+    rows, names = [], []
+    for name, m in methods.items():
+        if "acc_matrix" not in m or not m.get("general_after_task"):
+            continue
+        names, sd = m["task_names"], m.get("acc_matrix_sd")
+        for k, after in enumerate(names):
+            cells = [_cell(v) + (f" +/- {_cell(sd[k][j])}" if sd else "") for j, v in enumerate(m["acc_matrix"][k])]
+            general = _cell(m["general_after_task"][k]) + (
+                f" +/- {_cell(m['general_after_task_sd'][k])}" if m.get("general_after_task_sd") else "")
+            rows.append([name if k == 0 else "", f"after {after}", general, *cells])
+    if joint is not None and names:
+        spread = {t: f" +/- {_cell(float(np.std([j['vl'][t] for j in joint['per_seed']], ddof=1)))}"
+                  for t in names} if len(joint.get("per_seed", [])) > 1 else {}
+        rows.append([f"the mix at once ({joint['run']})", "all parts", _cell(joint.get("general")),
+                     *(_cell(joint["vl"].get(t)) + spread.get(t, "") for t in names)])
+    if not rows:
+        return []
+    return ["## Continual pretraining (paper 2's Tables 2-3): general score and sub-skills after each part", "",
+            "Each part's column is the sub-skill it teaches: NL omega for language, the general-VL test for a VL "
+            "skill; a part's column before it is learned shows what the earlier parts gave it.", "",
+            markdown_table(["method", "after", "general", *names], rows), ""]
 
 
 def _ablation_section(methods: dict[str, dict[str, Any]], ablation: list[str], joint: dict[str, Any] | None) -> list[str]:
@@ -726,6 +755,8 @@ def write_report(run_dirs_or_results: dict | str | Path | Sequence[str | Path], 
             table_rows.append(["forgetting"] + [_cell(f) for f in forgetting(matrix)] + ["-"])
         md += [f"## Accuracy matrix: {name}", "", markdown_table(["after task \\ task"] + names, table_rows), "",
                f"![accuracy matrix of {name}]({file})", ""]
+    if isinstance(run_dirs_or_results, dict) and run_dirs_or_results.get("protocol") == "paper2-pretrain":
+        md += _pretraining_section(methods, run_dirs_or_results.get("joint"))
     if isinstance(run_dirs_or_results, dict) and run_dirs_or_results.get("ablation"):
         md += _ablation_section(methods, run_dirs_or_results["ablation"], run_dirs_or_results.get("joint"))
     md += _alpha_curves_section(alpha_curves, out)

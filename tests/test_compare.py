@@ -18,7 +18,7 @@ def test_the_compare_config_holds_paper_2s_comparison() -> None:
     demo = load_json(ExperimentConfig, ROOT / "configs/experiments/paper2-demo.json")
     assert cfg.protocol == "paper2" and cfg.shared_dir == "runs/demo"
     used = {m.name for run in cfg.methods for m in build_methods(cfg.methods[run], run_options(cfg, run))}
-    assert {"lora", "ewc", "lwf", "modelmix", "sac", "olora", "l2p", "uir", "uir_replay", "uir_fkl"} <= used
+    assert {"lora", "ewc", "lwf", "modelmix", "sac", "olora", "moelora", "l2p", "uir", "uir_replay", "uir_fkl"} <= used
     for field in ("world", "llm", "vision", "template", "max_len", "pretrain_text", "pretrain_vision", "align",
                   "finetune", "task_train", "eval", "inquiries"):  # the demo's paper-2 model and training
         assert getattr(cfg, field) == getattr(demo, field), field
@@ -42,6 +42,47 @@ def test_a_tiny_compare_writes_every_methods_row_and_the_new_figures(tmp_path: P
     report = (tmp_path / "compare" / "REPORT.md").read_text()
     assert all(f"| {name} |" in report for name in full.methods)
     assert "| final avg acc | mean acc | BWT | FWT | mean forgetting |" in report
-    assert not (tmp_path / "compare" / "align").exists()  # shared, not trained again
+    assert not (tmp_path / "compare" / "align" / "model").exists()  # shared, not trained again
+    reused = json.loads((tmp_path / "compare" / "align" / "reused.json").read_text())  # for experiments sharing these
+    assert Path(reused["stage"]) == tmp_path / "first" / "align"
     saved = json.loads((tmp_path / "compare" / "methods" / "l2p" / "task_2_size" / "model" / "config.json").read_text())
     assert saved["prompt_pool_top_n"] == 2  # L2P's pool is saved with each task's model
+
+
+def test_the_pretraining_config_learns_the_mix_the_finetune_stage_learns_at_once() -> None:
+    cfg = load_json(ExperimentConfig, ROOT / "configs/experiments/compare-pretrain.json")
+    compare = load_json(ExperimentConfig, ROOT / "configs/experiments/compare.json")
+    assert cfg.protocol == "paper2-pretrain" and compare.then == ["configs/experiments/compare-pretrain.json"]
+    assert cfg.task_train == cfg.finetune == compare.finetune  # the same epochs per record, task by task or at once
+    used = {m.name for run in cfg.methods for m in build_methods(cfg.methods[run], run_options(cfg, run))}
+    assert {"naive", "lwf", "ewc", "l2p", "olora", "moelora", "modelmix", "sac", "uir"} <= used
+
+
+def test_a_tiny_continual_pretraining_scores_each_part_and_the_mix_at_once(tmp_path: Path) -> None:
+    full = load_json(ExperimentConfig, ROOT / "configs/experiments/compare-pretrain.json")
+    smoke = load_json(ExperimentConfig, ROOT / "configs/experiments/smoke.json")
+    options = {**full.method_options, "lora": {"rank": 2, "alpha": 4.0, "rslora": False}, "olora": {"rank": 2},
+               "l2p": {"pool_size": 4, "prompt_length": 2, "top_n": 2}}
+    cfg = replace(smoke, name="pretrain", out_dir=str(tmp_path / "pretrain"), world=str(tmp_path / "world"),
+                  protocol="paper2-pretrain", methods=full.methods, method_options=options, ablation=full.ablation,
+                  inquiries=str(tmp_path / "world" / "text_inquiries.json"), world_tasks=[], run_train={},
+                  task_train=replace(smoke.finetune, epochs=1), workers=2)
+    results = run_experiment(cfg)
+    assert results["tasks"] == ["language", "describe", "pair"]  # the text-only part first, as paper 2's tqa
+    world = json.loads((tmp_path / "world" / "general" / "train.json").read_text())
+    parts = {task: json.loads((tmp_path / "pretrain" / "mix_parts" / task / "train.json").read_text())
+             for task in results["tasks"]}
+    assert sorted(r["id"] for part in parts.values() for r in part) == sorted(r["id"] for r in world)
+    assert all("image" in r for task in ("describe", "pair") for r in parts[task])
+    assert not any("image" in r for r in parts["language"])
+    initial = json.loads((tmp_path / "pretrain" / "initial_eval.json").read_text())
+    assert initial["vl"] == {}  # no task has a test of its own: the general evaluation scores the parts
+    for name, run in results["methods"].items():
+        assert all(run.get(figure) is not None for figure in FIGURES), name
+        assert run["zero_shot"][1] == 100.0 * initial["general_vl"]["general_describe"]["acc"]
+    joint = results["joint"]
+    assert joint["run"] == "finetune" and set(joint["vl"]) == set(results["tasks"]) and "general" in joint
+    assert results["base"]["start"] == "aligned" and set(results["base"]["zero_shot"]) == {"describe", "pair"}
+    report = (tmp_path / "pretrain" / "REPORT.md").read_text()
+    assert "## Continual pretraining (paper 2's Tables 2-3)" in report
+    assert "the mix at once (finetune)" in report and "## The starting point: the aligned model" in report

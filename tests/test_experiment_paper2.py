@@ -71,7 +71,8 @@ def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_pat
     assert "## General VL (paper 2" in (run / "REPORT.md").read_text()
     # The starting point: general skill per skill and each task's zero-shot accuracy, chance the majority answer.
     base = json.loads((run / "results.json").read_text())["base"]
-    assert set(base) == {"nl_omega", "general_vl", "general_vl_by_skill", "zero_shot", "aligned_nl_omega"}
+    assert set(base) == {"start", "nl_omega", "general_vl", "general_vl_by_skill", "zero_shot", "aligned_nl_omega"}
+    assert base["start"] == "instruction-tuned"
     assert 0.0 <= base["aligned_nl_omega"] <= 100.0 and (run / "aligned_nl.json").is_file()
     assert base["nl_omega"] == pytest.approx(llava_c["nl_base"])
     assert base["general_vl"] == pytest.approx(llava_c["general_vl_base"])
@@ -132,7 +133,8 @@ def test_then_runs_another_experiment_on_the_shared_stages(tmp_path: Path) -> No
     results = run_experiment(cfg)
 
     seed = tmp_path / "run" / "seed_1"
-    assert not (seed / "p2" / "align").exists() and not (seed / "p2" / "pretrain_text").exists()
+    assert not (seed / "p2" / "align" / "model").exists() and not (seed / "p2" / "pretrain_text" / "model").exists()
+    assert Path(json.loads((seed / "p2" / "align" / "reused.json").read_text())["stage"]) == seed / "align"
     finetune = json.loads((seed / "p2" / "finetune" / "stage_config.json").read_text())
     assert Path(finetune["init"]) == seed / "align" / "model"  # paper 2 starts from paper 1's aligned model
     assert finetune["train"]["seed"] == 1  # with the seed of the run that started it

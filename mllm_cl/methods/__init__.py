@@ -19,6 +19,7 @@ from mllm_cl.methods.ewc import EWC
 from mllm_cl.methods.l2p import L2P
 from mllm_cl.methods.lora import LoRA
 from mllm_cl.methods.lwf import LwF
+from mllm_cl.methods.moelora import MoELoRA
 from mllm_cl.methods.olora import OLoRA
 from mllm_cl.methods.rehearsal import Rehearsal
 from mllm_cl.methods.soft_targets import SoftTargets
@@ -26,7 +27,7 @@ from mllm_cl.methods.uir import UIR
 from mllm_cl.methods.uir_variants import UIRForwardKL, UIRReplay
 
 _METHODS: tuple[type[Method], ...] = (Method, LoRA, SoftTargets, Rehearsal, UIR, EWC, LwF, ModelMixMethod, SACMethod,
-                                      OLoRA, L2P, UIRReplay, UIRForwardKL)
+                                      OLoRA, L2P, UIRReplay, UIRForwardKL, MoELoRA)
 REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in _METHODS}
 
 # mSGM (paper 1) is SGM without its weight-init and output-layer-freezing parts: LoRA + Soft Targets.

@@ -5,7 +5,8 @@ Only a pool of M prompts is learned (L_p vectors of the LLM's width each, with a
 width); the LLM, the projector and the tower stay frozen. An image sample's query q is the tower's mean image
 feature; the N keys of highest cosine with q select the prompts, which go in front of its input embeddings
 (`llava.PromptPool`). Selection reads the image only, never a task id, in training and at test time alike; a
-text-only sample has no query and gets no prompt. L2P's surrogate loss pulls the selected keys towards the query:
+text-only sample has no query and gets no prompt, so a text-only task (continual pretraining's language part)
+leaves the model as it was. L2P's surrogate loss pulls the selected keys towards the query:
 
     L = CE - key_weight * mean_{image samples} mean_{N selected keys k} cos(q, k)
 
@@ -58,9 +59,9 @@ class L2P(Method):
 
     def loss(self, ctx: TaskContext, batch: dict, output: Any, loss: torch.Tensor) -> torch.Tensor:
         pixel_values = batch.get("pixel_values")
-        if pixel_values is None:  # no image sample, no query: CE alone
-            return loss
         pool = ctx.model.prompt_pool
+        if pixel_values is None:  # no image sample, no query, no prompt: nothing to learn (a zero gradient)
+            return loss + 0.0 * pool.prompts.sum()
         with torch.no_grad():
             features = ctx.model.vision(pixel_values)  # (N, P, d_vision)
         queries, has_image = pool.queries(batch["input_ids"], features)

@@ -10,9 +10,10 @@ e r/E .. (e+1) r/E, so with one expert the layer is plain LoRA of rank r.
 
 Between tasks CoIN keeps training the same experts and gate (each task's run loads the previous task's adapter
 and goes on): nothing is merged (the gate depends on x, so no single W equals the layer), and `before_task`
-adds the layers only once. The stage evaluates the model in memory, experts included; its saved folders cannot
-hold them (an LLM folder has plain linear layers), so saving one and resuming from it needs the experts written
-beside the folder; a task that starts without them (a resumed run) is an error rather than a silent restart.
+adds the layers only once. The layer (`llava.MoELoRALinear`) is a part of the model, like L2P's prompt pool: a
+saved folder holds the LLM's plain weights in llm/ and the experts beside it (moelora.safetensors), and
+`load_llava` puts them back on the same layers, so evaluation and a resumed run see them; a later task that
+starts without them is an error rather than a silent restart.
 
 Defaults: CoIN's r 128, alpha 256, E 8 on Vicuna-7B's width 4096 is r/d = 1/32, alpha/r = 2, rank 16 per expert,
 the same r/d and alpha/r as paper 2's LoRA; here rank = hidden_size / 32 and alpha = 2 rank (4 and 8 on the
@@ -22,12 +23,10 @@ rank 1 on the demo). Dropout 0.05, LLaVA-1.5's and CoIN's.
 
 from __future__ import annotations
 
-import math
-
-import torch
 import torch.nn as nn
 
 from mllm_cl.errors import UserError
+from mllm_cl.llava import MOELORA_FILE, MoELoRALinear, moelora_layers, moelora_settings
 from mllm_cl.methods.base import Method, TaskContext
 from mllm_cl.methods.lora_layers import wrap_linears
 
@@ -35,39 +34,13 @@ MOST_EXPERTS = 8  # CoIN's expert_num
 
 
 class MoELoRAResumeError(UserError, RuntimeError):
-    """A later task started from a model without its experts: the stage reloaded a saved folder."""
+    """A later task started from a model without MoELoRA experts (one saved by a run without them)."""
 
 
-class MoELoRALinear(nn.Module):
-    """A frozen `nn.Linear` plus E gated LoRA experts (A, B stacked along the rank) and their gate."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, experts: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        if rank % experts:
-            raise ValueError(f"MoELoRA needs a rank divisible by the number of experts, got {rank} and {experts}")
-        self.base = base
-        self.base.requires_grad_(False)
-        self.rank, self.experts, self.scale = rank, experts, alpha / rank
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, **factory).normal_(0.0, 0.01))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
-        self.gate = nn.Parameter(torch.empty(experts, base.in_features, **factory))
-        nn.init.kaiming_uniform_(self.gate, a=math.sqrt(5))  # nn.Linear's default, as CoIN's router
-        self.dropout = nn.Dropout(dropout)
-        self.train(base.training)
-
-    def gates(self, x: torch.Tensor) -> torch.Tensor:
-        """g(x) = softmax(W_g x) per token: (..., E), summing to 1."""
-        return torch.softmax(x @ self.gate.t(), dim=-1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low = self.dropout(x) @ self.lora_a.t()  # (..., r): every expert's A_e x, side by side
-        low = low * self.gates(x).repeat_interleave(self.rank // self.experts, dim=-1)
-        return self.base(x) + self.scale * (low @ self.lora_b.t())
-
-
-def moelora_layers(module: nn.Module) -> list[MoELoRALinear]:
-    return [m for m in module.modules() if isinstance(m, MoELoRALinear)]
+def add_moelora(llm: nn.Module, rank: int, alpha: float, experts: int, dropout: float = 0.0) -> list[MoELoRALinear]:
+    """Wrap every linear layer of `llm` but the head in a `MoELoRALinear` with fresh experts; return the layers."""
+    wrap_linears(llm, lambda name, layer: MoELoRALinear(layer, rank, alpha, experts, dropout))
+    return moelora_layers(llm)
 
 
 def default_experts(rank: int) -> int:
@@ -90,22 +63,29 @@ class MoELoRA(Method):
                              f"{alpha} and {dropout}")
         self.rank, self.alpha, self.experts, self.dropout = rank, alpha, experts, dropout
 
+    def settings(self, d_model: int) -> dict[str, float]:
+        """The experts' rank, alpha and number for an LLM of width `d_model`, defaults resolved."""
+        rank = self.rank or max(1, d_model // 32)
+        return dict(rank=rank, alpha=self.alpha or 2.0 * rank, experts=self.experts or default_experts(rank))
+
     def before_task(self, ctx: TaskContext) -> None:
         llm = ctx.model.llm
         layers = moelora_layers(llm)
         if not layers and ctx.task_index > 0:
             raise MoELoRAResumeError(
-                f"moelora: task {ctx.task_index + 1} ({ctx.task_name}) starts from a model without its MoELoRA "
-                "experts: a resumed run reloads the saved model folders, which hold only the plain weights; run it "
+                f"moelora: task {ctx.task_index + 1} ({ctx.task_name}) starts from a model without MoELoRA experts "
+                f"(its folder has no {MOELORA_FILE}: was it saved by a run without moelora?); run the sequence "
                 "again from the start in a new out_dir")
         llm.requires_grad_(False)
+        wanted = self.settings(llm.config.d_model)
         if not layers:
-            rank = self.rank or max(1, llm.config.d_model // 32)
-            alpha = self.alpha or 2.0 * rank
-            experts = self.experts or default_experts(rank)
-            wrap_linears(llm, lambda name, layer: MoELoRALinear(layer, rank, alpha, experts, self.dropout))
-            layers = moelora_layers(llm)
+            layers = add_moelora(llm, **wanted, dropout=self.dropout)
+        found = moelora_settings(llm)
+        if found != wanted:
+            raise ValueError(f"the model's MoELoRA experts have {found}, but moelora is set to {wanted}: set "
+                             "moelora's options to the experts'")
         for layer in layers:  # the same experts and gate go on training, task after task
+            layer.dropout.p = self.dropout  # a loaded model's layers have none: dropout is not saved
             for p in (layer.lora_a, layer.lora_b, layer.gate):
                 p.requires_grad_(True)
         ctx.log["moelora_rank"] = layers[0].rank

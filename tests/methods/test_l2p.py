@@ -141,14 +141,19 @@ def test_a_task_through_the_hooks_trains_the_pool_alone_and_saves_it(tmp_path: P
         _started(loaded, pool_size=6, prompt_length=2, top_n=2)
 
 
-def test_a_batch_without_images_is_plain_cross_entropy() -> None:
+def test_a_batch_without_images_is_plain_cross_entropy_with_a_zero_gradient_for_the_pool() -> None:
     model = tiny_llava()
     ctx, method = _started(model)
     batch = image_batch()
     text = {"input_ids": batch["input_ids"][:1], "attention_mask": batch["attention_mask"][:1],
             "labels": batch["labels"][:1], "pixel_values": None}
     task_loss = batch_loss(model, text)
-    assert method.loss(ctx, text, None, task_loss) is task_loss
+    assert not task_loss.requires_grad  # everything it reads is frozen
+    loss = method.loss(ctx, text, None, task_loss)
+    assert torch.equal(loss.detach(), task_loss)
+    loss.backward()  # a text-only task trains without error, and changes nothing
+    pool = model.prompt_pool
+    assert torch.equal(pool.prompts.grad, torch.zeros_like(pool.prompts)) and pool.keys.grad is None
     assert P == model.num_image_tokens
 
 
