@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
                                                      ("experiment", 32, "inquiries/sciq.json")])
 def test_the_paper2_grid_runs_after_paper1_on_its_stages(parent: str, rank: int, inquiries: str) -> None:
     first = load_json(ExperimentConfig, ROOT / f"configs/experiments/{parent}.json")
-    (path,) = first.then
+    path = first.then[0]
     cfg = follow_up(first, path)  # as `make demo` / `make experiment` run it
     assert cfg.protocol == "paper2" and cfg.inquiries.endswith(inquiries)
     assert cfg.out_dir == str(Path(first.out_dir) / "paper2") and cfg.shared_dir == first.out_dir
@@ -29,12 +29,19 @@ def test_the_paper2_grid_runs_after_paper1_on_its_stages(parent: str, rank: int,
     for run_name, methods in cfg.methods.items():
         built = build_methods(methods, run_options(cfg, run_name))
         lora = [m for m in built if m.name == "lora"]
+        if run_name in ("olora", "moelora", "l2p"):  # the comparison's methods with adapters of their own
+            assert not lora and built[0].name == run_name
+            continue
         wanted = 32 if run_name == "lora_r32" else rank  # the demo's rank experiment: d/4 of the tiny LLM's 128
         assert lora and (lora[0].rank, lora[0].rslora) == (wanted, False), run_name  # every run fine-tunes with LoRA
     assert set(cfg.ablation) <= set(cfg.methods) and set(cfg.alpha_curves.values()) <= set(cfg.methods)
     own = replace(first, llm="path/to/pythia-160m", template="pythia", workers=3)  # `make experiment MODEL=...`
     assert (follow_up(own, path).llm, follow_up(own, path).template, follow_up(own, path).workers) == \
         ("path/to/pythia-160m", "pythia", 3)  # both parts study the model the user named
+    for later in first.then[1:]:  # `make experiment`'s continual pretraining, on the same instruction tuning
+        pretraining = follow_up(first, later)
+        assert pretraining.protocol == "paper2-pretrain" and pretraining.finetune == cfg.finetune
+        assert pretraining.task_train.steps * 3 == cfg.finetune.steps  # three parts: the mix at once's steps in all
 
 
 def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_path: Path) -> None:
