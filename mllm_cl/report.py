@@ -385,16 +385,13 @@ def _seeds_section(methods: dict[str, dict[str, Any]]) -> list[str]:
     names = next(iter(over.values())).get("task_names", [])
     learned = all("acc_matrix_sd" in m for m in over.values()) and bool(names)
 
-    def spread(mean: float, sd: float) -> str:
-        return f"{_cell(mean)} +/- {_cell(sd)}"
-
     rows = []
     for name, m in over.items():
-        row = [name, spread(m["nl_delta"], m["nl_delta_sd"]), spread(m["vl_hmean"], m["vl_hmean_sd"])]
+        row = [name, _mean_sd(m["nl_delta"], m["nl_delta_sd"]), _mean_sd(m["vl_hmean"], m["vl_hmean_sd"])]
         if general:
-            row.append(spread(m["general_after_task"][-1], m["general_after_task_sd"][-1]))
+            row.append(_mean_sd(m["general_after_task"][-1], m["general_after_task_sd"][-1]))
         if learned:
-            row += [spread(m["acc_matrix"][k][k], m["acc_matrix_sd"][k][k]) for k in range(len(names))]
+            row += [_mean_sd(m["acc_matrix"][k][k], m["acc_matrix_sd"][k][k]) for k in range(len(names))]
         rows.append(row)
     headers = ["method", "NL Delta", "VL hmean"] + (["final general"] if general else []) + \
         ([f"{task} right after learning" for task in names] if learned else [])
@@ -523,17 +520,15 @@ def _pretraining_section(methods: dict[str, dict[str, Any]], joint: dict[str, An
     for name, m in methods.items():
         if "acc_matrix" not in m or not m.get("general_after_task"):
             continue
-        names, sd = m["task_names"], m.get("acc_matrix_sd")
+        names, sd, general_sd = m["task_names"], m.get("acc_matrix_sd"), m.get("general_after_task_sd")
         for k, after in enumerate(names):
-            cells = [_cell(v) + (f" +/- {_cell(sd[k][j])}" if sd else "") for j, v in enumerate(m["acc_matrix"][k])]
-            general = _cell(m["general_after_task"][k]) + (
-                f" +/- {_cell(m['general_after_task_sd'][k])}" if m.get("general_after_task_sd") else "")
+            cells = [_mean_sd(v, sd[k][j] if sd else None) for j, v in enumerate(m["acc_matrix"][k])]
+            general = _mean_sd(m["general_after_task"][k], general_sd[k] if general_sd else None)
             rows.append([name if k == 0 else "", f"after {after}", general, *cells])
     if joint is not None and names:
-        spread = {t: f" +/- {_cell(float(np.std([j['vl'][t] for j in joint['per_seed']], ddof=1)))}"
-                  for t in names} if len(joint.get("per_seed", [])) > 1 else {}
-        rows.append([f"the mix at once ({joint['run']})", "all parts", _cell(joint.get("general")),
-                     *(_cell(joint["vl"].get(t)) + spread.get(t, "") for t in names)])
+        rows.append([f"the mix at once ({joint['run']})", "all parts",
+                     _mean_sd(joint.get("general"), _joint_sd(joint, lambda j: j.get("general"))),
+                     *(_mean_sd(joint["vl"].get(t), _joint_sd(joint, lambda j, t=t: j["vl"].get(t))) for t in names)])
     if not rows:
         return []
     return ["## Continual pretraining (paper 2's Tables 2-3): general score and sub-skills after each part", "",
@@ -542,23 +537,37 @@ def _pretraining_section(methods: dict[str, dict[str, Any]], joint: dict[str, An
             markdown_table(["method", "after", "general", *names], rows), ""]
 
 
+def _mean_sd(mean: float | None, sd: float | None) -> str:
+    """A figure, with its sd over seeds when there is one."""
+    return _cell(mean) + ("" if sd is None else f" +/- {_cell(sd)}")
+
+
+def _joint_sd(joint: dict[str, Any], figure: Callable[[dict[str, Any]], float | None]) -> float | None:
+    """The sd over seeds of one figure of the joint reference (None for one seed)."""
+    seeds = [figure(j) for j in joint.get("per_seed", [])]
+    return float(np.std(seeds, ddof=1)) if len(seeds) > 1 and None not in seeds else None
+
+
 def _ablation_section(methods: dict[str, dict[str, Any]], ablation: list[str], joint: dict[str, Any] | None) -> list[str]:
-    """Paper 2's Table 4 layout: the ablation's runs and the joint multitask run, final general score and every
-    task's final accuracy."""
+    """Paper 2's Tables 2-4 and 8 layout: the named runs and the joint multitask run, final general score and
+    every task's final accuracy (mean +/- sd over seeds, when there are several)."""
     rows, names = [], []
     for name in ablation:
         m = methods.get(name, {})
         if "acc_matrix" not in m or not m.get("general_after_task"):
             continue
-        names = m["task_names"]
-        rows.append([name, _cell(m["general_after_task"][-1])] + [_cell(v) for v in m["acc_matrix"][-1]])
+        names, sd = m["task_names"], m.get("acc_matrix_sd")
+        general_sd = m["general_after_task_sd"][-1] if m.get("general_after_task_sd") else None
+        rows.append([name, _mean_sd(m["general_after_task"][-1], general_sd)]
+                    + [_mean_sd(v, sd[-1][j] if sd else None) for j, v in enumerate(m["acc_matrix"][-1])])
     if joint is not None and names:
-        rows.append([f"joint ({joint['run']}, all tasks at once)", _cell(joint.get("general"))]
-                    + [_cell(joint["vl"].get(t)) for t in names])
+        rows.append([f"joint ({joint['run']}, all tasks at once)",
+                     _mean_sd(joint.get("general"), _joint_sd(joint, lambda j: j.get("general")))]
+                    + [_mean_sd(joint["vl"].get(t), _joint_sd(joint, lambda j, t=t: j["vl"].get(t))) for t in names])
     if not rows:
         return []
-    return ["## Ablation and the joint reference (paper 2's Table 4 layout, after the last task)", "",
-            markdown_table(["run", "general score"] + [f"{t} acc" for t in names], rows), ""]
+    return ["## After the last task: general score and every task, beside the joint reference (paper 2's Tables "
+            "2-4 and 8 layout)", "", markdown_table(["run", "general score"] + [f"{t} acc" for t in names], rows), ""]
 
 
 def _alpha_label(alpha: float | None) -> str:

@@ -112,7 +112,7 @@ def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_pat
     mixed = json.loads((run / "joint" / "train.json").read_text())
     assert len(mixed) == sum(len(json.loads(Path(t).read_text())) for t in
                              (tmp_path / "world/tasks/color/train.json", tmp_path / "world/tasks/size/train.json"))
-    assert 0.0 <= joint["general"] <= 100.0 and "Ablation and the joint reference" in report
+    assert 0.0 <= joint["general"] <= 100.0 and "After the last task: general score and every task, beside the joint reference" in report
     assert llava_c["general_after_task"][-1] == pytest.approx(
         2 / (1 / max(llava_c["nl_after_task"][-1], 0.1) + 1 / max(llava_c["general_vl_after_task"][-1], 0.1)))
     with pytest.raises(StageError, match="protocol must be one of paper1, paper2"):

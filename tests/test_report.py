@@ -100,3 +100,21 @@ def test_the_starting_point_is_read_against_chance(tmp_path) -> None:
     text = write_report({**RESULTS, "base": over}, tmp_path).read_text()
     assert "NL omega 90.00 +/- 1.00 (the aligned model's: 86.00 +/- 0.50;" in text
     assert "| zero-shot: size | 65.00 +/- 1.50 (64.00, 66.00) [58.20" in text
+
+
+def test_the_final_table_and_continual_pretraining_carry_the_seeds_spread(tmp_path) -> None:
+    run = {"nl_delta": 1.0, "vl_hmean": 50.0, "task_names": ["language", "describe"],
+           "acc_matrix": [[90.0, 0.0], [80.0, 70.0]], "acc_matrix_sd": [[1.0, 0.0], [2.0, 3.0]],
+           "general_after_task": [0.2, 74.0], "general_after_task_sd": [0.0, 4.0]}
+    joint = {"run": "finetune", "vl": {"language": 92.0, "describe": 86.0}, "general": 88.0,
+             "per_seed": [{"vl": {"language": 91.0, "describe": 85.0}, "general": 87.0},
+                          {"vl": {"language": 93.0, "describe": 87.0}, "general": 89.0}]}
+    results = {"methods": {"uir": run}, "ablation": ["uir"], "joint": joint, "protocol": "paper2-pretrain"}
+    text = write_report(results, tmp_path).read_text()
+    sd = f"{np.std([91.0, 93.0], ddof=1):.2f}"  # 1.41
+    assert "| uir | 74.00 +/- 4.00 | 80.00 +/- 2.00 | 70.00 +/- 3.00 |" in text  # the final table
+    assert f"| joint (finetune, all tasks at once) | 88.00 +/- {sd} | 92.00 +/- {sd} | 86.00 +/- {sd} |" in text
+    assert "| uir | after language | 0.20 +/- 0.00 | 90.00 +/- 1.00 | 0.00 +/- 0.00 |" in text  # part by part
+    assert "|  | after describe | 74.00 +/- 4.00 | 80.00 +/- 2.00 | 70.00 +/- 3.00 |" in text
+    assert f"| the mix at once (finetune) | all parts | 88.00 +/- {sd} |" in text
+    assert "## Continual pretraining" not in write_report({**results, "protocol": "paper2"}, tmp_path).read_text()
