@@ -85,9 +85,17 @@ def is_ours(folder: Path) -> bool:
     return read_config(folder).get("model_type") == LLAVA_TYPE
 
 
+# config.json keys of the LLaVA parts that live beside the weights (mllm_cl.llava)
+UNMIXABLE_PARTS = {"prompt_pool_top_n": "an L2P prompt pool", "moelora": "MoELoRA experts, gated per token,"}
+
+
 def read_model(folder: Path, vision: Path | None = None) -> dict[str, torch.Tensor]:
     """Every consolidated tensor of a folder; a LLaVA folder's keys are prefixed `llm/` (the LLM's Hugging Face
     names) and `projector/`, whatever its layout."""
+    unmixable = [part for key, part in UNMIXABLE_PARTS.items() if key in read_config(folder)]
+    if unmixable:
+        raise ConsolidateError(f"{folder} holds {unmixable[0]}, which ModelMix and SAC cannot mix (they mix weights, "
+                               "and these are not in the weights): consolidate models without them")
     if not is_llava_folder(folder):
         tensors = read_tensors(folder)
         check_float_weights(tensors, folder, [k for k in tensors if not k.endswith(IGNORED_SUFFIXES)])

@@ -67,6 +67,11 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         raise StageError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
     if cfg.alpha_curves and cfg.protocol != "paper2":
         raise StageError("alpha_curves measure the general score, which protocol paper2 defines: set protocol=paper2")
+    beside = {name: run for name, run in cfg.alpha_curves.items()
+              if run in cfg.methods and {"l2p", "moelora"} & set(expand_methods(cfg.methods[run]))}
+    if beside:
+        raise StageError(f"alpha_curves {beside}: an L2P or MoELoRA model keeps parts beside its weights, which "
+                         "ModelMix and SAC cannot mix; draw the curves of a run without them")
     if cfg.protocol == PRETRAIN and (cfg.joint_run or cfg.world_tasks):
         raise StageError(f"protocol {PRETRAIN} learns the general mix's parts, and its joint reference is the finetune "
                          "stage (the whole mix at once): leave joint_run and world_tasks empty")

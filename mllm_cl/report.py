@@ -548,7 +548,8 @@ def _joint_sd(joint: dict[str, Any], figure: Callable[[dict[str, Any]], float | 
     return float(np.std(seeds, ddof=1)) if len(seeds) > 1 and None not in seeds else None
 
 
-def _ablation_section(methods: dict[str, dict[str, Any]], ablation: list[str], joint: dict[str, Any] | None) -> list[str]:
+def _ablation_section(methods: dict[str, dict[str, Any]], ablation: list[str],
+                      joint: dict[str, Any] | None) -> list[str]:
     """Paper 2's Tables 2-4 and 8 layout: the named runs and the joint multitask run, final general score and
     every task's final accuracy (mean +/- sd over seeds, when there are several)."""
     rows, names = [], []

@@ -158,3 +158,13 @@ def test_nan_or_integer_weights_are_refused(tmp_path, capsys):
     refused(capsys, [str(tmp_path / "old"), str(tmp_path / "nan"), "--out", str(tmp_path / "x")],
             r"nan/model.safetensors: tensor 'w' holds NaN or inf values")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("key, part", [("prompt_pool_top_n", "an L2P prompt pool"), ("moelora", "MoELoRA experts")])
+def test_a_model_with_parts_beside_its_weights_is_refused(tmp_path, capsys, key, part):
+    tiny_pair(tmp_path)
+    config = json.loads((tmp_path / "new" / "config.json").read_text())
+    (tmp_path / "new" / "config.json").write_text(json.dumps({**config, key: {"rank": 4}}))
+    refused(capsys, [str(tmp_path / "old"), str(tmp_path / "new"), "--out", str(tmp_path / "x")],
+            f"new holds {part}.*ModelMix and SAC cannot mix")
+    assert not (tmp_path / "x").exists()

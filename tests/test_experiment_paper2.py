@@ -112,7 +112,8 @@ def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_pat
     mixed = json.loads((run / "joint" / "train.json").read_text())
     assert len(mixed) == sum(len(json.loads(Path(t).read_text())) for t in
                              (tmp_path / "world/tasks/color/train.json", tmp_path / "world/tasks/size/train.json"))
-    assert 0.0 <= joint["general"] <= 100.0 and "After the last task: general score and every task, beside the joint reference" in report
+    assert 0.0 <= joint["general"] <= 100.0
+    assert "After the last task: general score and every task, beside the joint reference" in report
     assert llava_c["general_after_task"][-1] == pytest.approx(
         2 / (1 / max(llava_c["nl_after_task"][-1], 0.1) + 1 / max(llava_c["general_vl_after_task"][-1], 0.1)))
     with pytest.raises(StageError, match="protocol must be one of paper1, paper2"):
@@ -121,6 +122,10 @@ def test_paper2_protocol_instruction_tunes_first_and_measures_general_vl(tmp_pat
         run_experiment(replace(cfg, protocol="paper1"))
     with pytest.raises(StageError, match=r"alpha_curves names runs \['lroa'\]"):
         run_experiment(replace(cfg, alpha_curves={"vanilla": "lroa"}))
+    with pytest.raises(StageError, match="L2P or MoELoRA model keeps parts beside its weights"):
+        run_experiment(replace(cfg, methods={**cfg.methods, "l2p": ["l2p"]}, alpha_curves={"vanilla": "l2p"}))
+    with pytest.raises(StageError, match="leave joint_run and world_tasks empty"):
+        run_experiment(replace(cfg, protocol="paper2-pretrain", alpha_curves={}))
 
 
 def test_then_runs_another_experiment_on_the_shared_stages(tmp_path: Path) -> None:
