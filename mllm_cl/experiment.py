@@ -441,12 +441,8 @@ def shared_stage(cfg: ExperimentConfig, stage: str, out: Path, train: TrainConfi
         print(f"{stage}: reusing {model}")
         return model
     settings = base_stage(cfg, stage, out, train, **fields)
-    shared = Path(cfg.shared_dir) if cfg.shared_dir else None
-    found = [] if shared is None else [shared / out.name, *sorted(shared.glob(f"*/{out.name}"))]
-    found = [folder for t in found for folder in [t] + ([Path(json.loads((t / REUSED_FILE).read_text())["stage"])]
-                                                       if (t / REUSED_FILE).is_file() else [])]
     differences = []
-    for theirs in [t for t in found if (t / "model").is_dir() and (t / SETTINGS_FILE).is_file()]:
+    for theirs in shared_candidates(cfg.shared_dir, out.name):
         changed = changed_settings(theirs, settings, ignore=("eval",))  # only continual stages evaluate
         if not changed:
             print(f"{stage}: reusing {theirs / 'model'} (the same settings)")
@@ -458,6 +454,19 @@ def shared_stage(cfg: ExperimentConfig, stage: str, out: Path, train: TrainConfi
         print(f"{stage}: {'; '.join(differences)}; training it here")
     print(f"\n=== {stage} ===", flush=True)
     return run_stage(settings)
+
+
+def shared_candidates(shared_dir: str, name: str) -> list[Path]:
+    """The finished stage folders called `name` in `shared_dir` and in the experiments it ran with `then`
+    (shared_dir/*/name), each followed by the folder its REUSED_FILE names when it reused one."""
+    if not shared_dir:
+        return []
+    found = []
+    for folder in [Path(shared_dir) / name, *sorted(Path(shared_dir).glob(f"*/{name}"))]:
+        found.append(folder)
+        if (folder / REUSED_FILE).is_file():
+            found.append(Path(json.loads((folder / REUSED_FILE).read_text())["stage"]))
+    return [folder for folder in found if (folder / "model").is_dir() and (folder / SETTINGS_FILE).is_file()]
 
 
 def method_stage(cfg: ExperimentConfig, out: Path, run_name: str, start: Path) -> StageConfig:

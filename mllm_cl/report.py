@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from mllm_cl.continual_pretraining import PROTOCOL as PRETRAIN
 from mllm_cl.errors import UserError
 from mllm_cl.metrics import accuracy_matrix, forgetting, region_width, sequence_metrics
 
@@ -520,15 +521,10 @@ def _pretraining_section(methods: dict[str, dict[str, Any]], joint: dict[str, An
     for name, m in methods.items():
         if "acc_matrix" not in m or not m.get("general_after_task"):
             continue
-        names, sd, general_sd = m["task_names"], m.get("acc_matrix_sd"), m.get("general_after_task_sd")
-        for k, after in enumerate(names):
-            cells = [_mean_sd(v, sd[k][j] if sd else None) for j, v in enumerate(m["acc_matrix"][k])]
-            general = _mean_sd(m["general_after_task"][k], general_sd[k] if general_sd else None)
-            rows.append([name if k == 0 else "", f"after {after}", general, *cells])
+        names = m["task_names"]
+        rows += [[name if k == 0 else "", f"after {after}", *_after_task_cells(m, k)] for k, after in enumerate(names)]
     if joint is not None and names:
-        rows.append([f"the mix at once ({joint['run']})", "all parts",
-                     _mean_sd(joint.get("general"), _joint_sd(joint, lambda j: j.get("general"))),
-                     *(_mean_sd(joint["vl"].get(t), _joint_sd(joint, lambda j, t=t: j["vl"].get(t))) for t in names)])
+        rows.append([f"the mix at once ({joint['run']})", "all parts", *_joint_cells(joint, names)])
     if not rows:
         return []
     return ["## Continual pretraining (paper 2's Tables 2-3): general score and sub-skills after each part", "",
@@ -542,10 +538,21 @@ def _mean_sd(mean: float | None, sd: float | None) -> str:
     return _cell(mean) + ("" if sd is None else f" +/- {_cell(sd)}")
 
 
-def _joint_sd(joint: dict[str, Any], figure: Callable[[dict[str, Any]], float | None]) -> float | None:
-    """The sd over seeds of one figure of the joint reference (None for one seed)."""
-    seeds = [figure(j) for j in joint.get("per_seed", [])]
-    return float(np.std(seeds, ddof=1)) if len(seeds) > 1 and None not in seeds else None
+def _after_task_cells(m: dict[str, Any], k: int) -> list[str]:
+    """A run's general score and every task's accuracy after task k, each with its sd over seeds if any."""
+    sd, general_sd = m.get("acc_matrix_sd"), m.get("general_after_task_sd")
+    return [_mean_sd(m["general_after_task"][k], general_sd[k] if general_sd else None)] + \
+        [_mean_sd(v, sd[k][j] if sd else None) for j, v in enumerate(m["acc_matrix"][k])]
+
+
+def _joint_cells(joint: dict[str, Any], names: list[str]) -> list[str]:
+    """The joint reference's general score and every task's accuracy, each with its sd over seeds if any."""
+    def sd(figure: Callable[[dict[str, Any]], float | None]) -> float | None:
+        seeds = [figure(j) for j in joint.get("per_seed", [])]
+        return float(np.std(seeds, ddof=1)) if len(seeds) > 1 and None not in seeds else None
+
+    return [_mean_sd(joint.get("general"), sd(lambda j: j.get("general")))] + \
+        [_mean_sd(joint["vl"].get(t), sd(lambda j, t=t: j["vl"].get(t))) for t in names]
 
 
 def _ablation_section(methods: dict[str, dict[str, Any]], ablation: list[str],
@@ -557,14 +564,10 @@ def _ablation_section(methods: dict[str, dict[str, Any]], ablation: list[str],
         m = methods.get(name, {})
         if "acc_matrix" not in m or not m.get("general_after_task"):
             continue
-        names, sd = m["task_names"], m.get("acc_matrix_sd")
-        general_sd = m["general_after_task_sd"][-1] if m.get("general_after_task_sd") else None
-        rows.append([name, _mean_sd(m["general_after_task"][-1], general_sd)]
-                    + [_mean_sd(v, sd[-1][j] if sd else None) for j, v in enumerate(m["acc_matrix"][-1])])
+        names = m["task_names"]
+        rows.append([name, *_after_task_cells(m, len(names) - 1)])
     if joint is not None and names:
-        rows.append([f"joint ({joint['run']}, all tasks at once)",
-                     _mean_sd(joint.get("general"), _joint_sd(joint, lambda j: j.get("general")))]
-                    + [_mean_sd(joint["vl"].get(t), _joint_sd(joint, lambda j, t=t: j["vl"].get(t))) for t in names])
+        rows.append([f"joint ({joint['run']}, all tasks at once)", *_joint_cells(joint, names)])
     if not rows:
         return []
     return ["## After the last task: general score and every task, beside the joint reference (paper 2's Tables "
@@ -765,7 +768,7 @@ def write_report(run_dirs_or_results: dict | str | Path | Sequence[str | Path], 
             table_rows.append(["forgetting"] + [_cell(f) for f in forgetting(matrix)] + ["-"])
         md += [f"## Accuracy matrix: {name}", "", markdown_table(["after task \\ task"] + names, table_rows), "",
                f"![accuracy matrix of {name}]({file})", ""]
-    if isinstance(run_dirs_or_results, dict) and run_dirs_or_results.get("protocol") == "paper2-pretrain":
+    if isinstance(run_dirs_or_results, dict) and run_dirs_or_results.get("protocol") == PRETRAIN:
         md += _pretraining_section(methods, run_dirs_or_results.get("joint"))
     if isinstance(run_dirs_or_results, dict) and run_dirs_or_results.get("ablation"):
         md += _ablation_section(methods, run_dirs_or_results["ablation"], run_dirs_or_results.get("joint"))
